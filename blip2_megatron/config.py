@@ -1,0 +1,265 @@
+"""Model configuration: one dataclass per component, composed into :class:`Blip2Config`.
+
+Every field has a default (the defaults describe the real BLIP-2 sizes), one comment line
+says what it is, and ``__post_init__`` validates it with an error naming the key.
+Named flavours (``tiny``, ``blip2_opt2.7b`` ...) live in :data:`FLAVOURS`; job-level
+configs (data, training) compose these in ``blip2_megatron.training.config``.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+from blip2_megatron.config_utils import ConfigError, check_choice, check_positive, from_dict, merge_dicts
+
+DTYPES = ("fp32", "fp16", "bf16")
+
+
+@dataclass
+class VisionConfig:
+    """The image encoder: EVA ViT-g/14 (BLIP-2's default) or CLIP ViT-L/14."""
+
+    arch: str = "eva_vit_g"  # "eva_vit_g" or "clip_vit_l"
+    image_size: int = 224  # input resolution in pixels (364 for COCO caption fine-tuning)
+    patch_size: int = 14  # square patch size of the patch-embedding convolution
+    hidden_size: int = 1408  # transformer width
+    num_layers: int = 39  # blocks used (EVA-CLIP has 40; BLIP-2 drops the last one)
+    num_heads: int = 16  # attention heads
+    intermediate_size: int = 6144  # MLP hidden size (mlp_ratio 4.3637 for ViT-g)
+    layer_norm_eps: float = 1e-6  # epsilon of the blocks' LayerNorms
+    ln_vision_eps: float = 1e-5  # epsilon of ln_vision, applied to the output tokens in fp32
+    qkv_bias: bool = True  # q and v biases (k has none), stored as one qkv.bias like HF
+    pre_layernorm: bool = False  # LayerNorm before the blocks (CLIP ViT-L has one)
+    hidden_act: str = "gelu"  # "gelu" (EVA) or "quick_gelu" (CLIP)
+    drop_path_rate: float = 0.0  # stochastic depth, increasing linearly with depth
+    grad_checkpointing: bool = False  # activation checkpointing per block (caption FT)
+    freeze: bool = True  # frozen: eval mode, no grads, not in training checkpoints
+    frozen_dtype: str = "fp16"  # dtype of a frozen ViT's Linear/Conv weights on GPU/NPU
+
+    def __post_init__(self) -> None:
+        check_choice("vision.arch", self.arch, ("eva_vit_g", "clip_vit_l"))
+        check_choice("vision.hidden_act", self.hidden_act, ("gelu", "quick_gelu"))
+        check_choice("vision.frozen_dtype", self.frozen_dtype, DTYPES)
+        for name in ("image_size", "patch_size", "hidden_size", "num_layers", "num_heads", "intermediate_size"):
+            check_positive(f"vision.{name}", getattr(self, name))
+        if self.image_size % self.patch_size:
+            raise ConfigError(
+                f"vision.image_size={self.image_size} must be a multiple of vision.patch_size={self.patch_size}"
+            )
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(
+                f"vision.hidden_size={self.hidden_size} must divide by vision.num_heads={self.num_heads}"
+            )
+        if not 0.0 <= self.drop_path_rate < 1.0:
+            raise ConfigError(f"vision.drop_path_rate={self.drop_path_rate} must be in [0, 1)")
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def num_positions(self) -> int:
+        """Tokens out of the encoder: patches plus CLS (257 at 224 px, 677 at 364 px)."""
+        return self.num_patches + 1
+
+
+@dataclass
+class QFormerConfig:
+    """The Q-Former: a BERT-base encoder with learned queries and periodic cross-attention."""
+
+    hidden_size: int = 768  # width
+    num_layers: int = 12  # transformer layers
+    num_heads: int = 12  # attention heads
+    intermediate_size: int = 3072  # FFN hidden size (text and query FFNs)
+    vocab_size: int = 30523  # bert-base-uncased plus the [DEC] bos token
+    max_position_embeddings: int = 512  # learned absolute positions for text tokens
+    cross_attention_frequency: int = 2  # layers 0, f, 2f, ... cross-attend to the image
+    encoder_hidden_size: int = 1408  # image feature width (set from vision.hidden_size)
+    num_query_tokens: int = 32  # learned query tokens
+    embed_dim: int = 256  # ITC projection width (stage 1)
+    hidden_dropout_prob: float = 0.1  # dropout after attention/FFN outputs and embeddings
+    attention_dropout_prob: float = 0.1  # dropout on attention probabilities
+    layer_norm_eps: float = 1e-12  # LayerNorm epsilon (BERT)
+    pad_token_id: int = 0  # [PAD]
+    bos_token_id: int = 30522  # [DEC], used in place of [CLS] for ITG
+    max_txt_len: int = 32  # text tokens per caption for stage-1 losses
+    tokenizer: str = "bert-base-uncased"  # local path of a BERT tokenizer, or "builtin:tiny"
+    grad_checkpointing: bool = False  # activation checkpointing per layer
+
+    def __post_init__(self) -> None:
+        for name in ("hidden_size", "num_layers", "num_heads", "intermediate_size", "vocab_size"):
+            check_positive(f"qformer.{name}", getattr(self, name))
+        check_positive("qformer.cross_attention_frequency", self.cross_attention_frequency)
+        check_positive("qformer.num_query_tokens", self.num_query_tokens)
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(
+                f"qformer.hidden_size={self.hidden_size} must divide by qformer.num_heads={self.num_heads}"
+            )
+        if not 0 <= self.bos_token_id < self.vocab_size:
+            raise ConfigError(f"qformer.bos_token_id={self.bos_token_id} is outside the vocabulary")
+
+    def has_cross_attention(self, layer_idx: int) -> bool:
+        return layer_idx % self.cross_attention_frequency == 0
+
+
+@dataclass
+class LLMConfig:
+    """A decoder-only language model, run as tensor- and pipeline-parallel layers."""
+
+    arch: str = "opt"  # "opt" (learned positions, ReLU, LayerNorm) or "llama" (RoPE, RMSNorm, SwiGLU)
+    vocab_size: int = 50272  # embedding rows (HF config vocab_size)
+    hidden_size: int = 2560  # model width
+    num_layers: int = 32  # decoder layers
+    num_heads: int = 32  # attention heads
+    num_kv_heads: int | None = None  # key/value heads for grouped-query attention (None = num_heads)
+    intermediate_size: int = 10240  # FFN hidden size
+    max_position_embeddings: int = 2048  # longest sequence
+    norm_eps: float = 1e-5  # LayerNorm / RMSNorm epsilon
+    rope_theta: float = 10000.0  # RoPE base (llama)
+    tie_word_embeddings: bool = True  # lm_head shares the token embedding (OPT)
+    attention_bias: bool = True  # q/k/v/o biases (OPT: true, LLaMA: false)
+    bos_token_id: int = 2  # OPT: 2 ("</s>"), LLaMA: 1
+    eos_token_id: int = 50118  # token that ends a BLIP-2 caption (OPT: "\n"); LLaMA: 2
+    pad_token_id: int = 1  # padding id
+    tokenizer: str = ""  # local path of the tokenizer (defaults to weights), or "builtin:tiny"
+    weights: str = ""  # local Hugging Face directory with the pretrained weights ("" = random init)
+    tp: int = 1  # tensor-parallel degree (divides num_heads and num_kv_heads)
+    pp: int = 1  # pipeline-parallel degree (stages over the decoder layers)
+    freeze: bool = True  # frozen LLM: no grads, no optimizer state, not checkpointed
+    dtype: str = "fp16"  # dtype of the frozen LLM weights on GPU/NPU (fp32 on CPU)
+    grad_checkpointing: bool = False  # activation checkpointing per decoder layer
+
+    def __post_init__(self) -> None:
+        check_choice("llm.arch", self.arch, ("opt", "llama"))
+        check_choice("llm.dtype", self.dtype, DTYPES)
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size", "tp", "pp"):
+            check_positive(f"llm.{name}", getattr(self, name))
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(f"llm.hidden_size={self.hidden_size} must divide by llm.num_heads={self.num_heads}")
+        if self.num_heads % self.kv_heads:
+            raise ConfigError(f"llm.num_heads={self.num_heads} must divide by llm.num_kv_heads={self.kv_heads}")
+        if self.num_heads % self.tp or self.kv_heads % self.tp:
+            raise ConfigError(
+                f"llm.tp={self.tp} must divide llm.num_heads={self.num_heads} and the key/value heads "
+                f"({self.kv_heads}); allowed tp values: "
+                f"{[d for d in range(1, self.kv_heads + 1) if self.kv_heads % d == 0 and self.num_heads % d == 0]}"
+            )
+        if self.pp > self.num_layers:
+            raise ConfigError(f"llm.pp={self.pp} exceeds llm.num_layers={self.num_layers}")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+@dataclass
+class Blip2Config:
+    """A whole BLIP-2 model: vision encoder + Q-Former (+ projection + LLM)."""
+
+    kind: str = "llm"  # "stage1" (Q-Former pretraining), "llm" (stage 2 / caption FT), "minigpt4"
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    qformer: QFormerConfig = field(default_factory=QFormerConfig)
+    llm: LLMConfig | None = field(default_factory=LLMConfig)
+    freeze_qformer: bool = False  # MiniGPT-4: Q-Former and queries frozen, only the projection trains
+    prompt: str = ""  # text prefix before the caption; its tokens get label -100
+    max_txt_len: int = 32  # LLM text tokens (prompt + caption) per sample (MiniGPT-4: 160)
+    end_sym: str = "\n"  # appended to each target text (OPT captions: "\n"; MiniGPT-4: "###")
+    prompt_template: str = ""  # MiniGPT-4: "###Human: <Img><ImageHere></Img> {} ###Assistant: "
+
+    def __post_init__(self) -> None:
+        check_choice("model.kind", self.kind, ("stage1", "llm", "minigpt4"))
+        # The Q-Former's cross-attention reads the vision tokens: keep the widths wired together.
+        self.qformer.encoder_hidden_size = self.vision.hidden_size
+        if self.kind == "stage1":
+            self.llm = None
+        elif self.llm is None:
+            raise ConfigError(f"model.llm is required for model.kind={self.kind!r}")
+        if self.kind == "minigpt4" and "<ImageHere>" not in self.prompt_template:
+            raise ConfigError("model.prompt_template must contain <ImageHere> for model.kind='minigpt4'")
+        check_positive("model.max_txt_len", self.max_txt_len)
+
+
+_TINY_VISION = dict(
+    image_size=32, patch_size=8, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=256, frozen_dtype="fp32"
+)
+_TINY_QFORMER = dict(
+    hidden_size=64,
+    num_layers=2,
+    num_heads=4,
+    intermediate_size=256,
+    vocab_size=512,
+    bos_token_id=511,
+    max_position_embeddings=64,
+    cross_attention_frequency=1,
+    num_query_tokens=8,
+    embed_dim=32,
+    tokenizer="builtin:tiny",
+)
+_TINY_LLM = dict(
+    arch="opt",
+    vocab_size=512,
+    hidden_size=64,
+    num_layers=4,
+    num_heads=4,
+    intermediate_size=256,
+    max_position_embeddings=128,
+    bos_token_id=2,
+    eos_token_id=3,
+    pad_token_id=1,
+    tokenizer="builtin:tiny",
+    dtype="fp32",
+)
+_EVA_VIT_G: dict[str, Any] = {}  # VisionConfig defaults are EVA ViT-g/14
+_OPT_2_7B = dict(arch="opt", hidden_size=2560, num_layers=32, num_heads=32, intermediate_size=10240)
+_OPT_6_7B = dict(arch="opt", hidden_size=4096, num_layers=32, num_heads=32, intermediate_size=16384)
+_LLAMA_COMMON = dict(
+    arch="llama",
+    vocab_size=32001,  # Vicuna adds "[PAD]" to LLaMA's 32000
+    tie_word_embeddings=False,
+    attention_bias=False,
+    norm_eps=1e-6,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=32000,
+)
+_VICUNA_7B = dict(_LLAMA_COMMON, hidden_size=4096, num_layers=32, num_heads=32, intermediate_size=11008)
+_VICUNA_13B = dict(_LLAMA_COMMON, hidden_size=5120, num_layers=40, num_heads=40, intermediate_size=13824)
+
+# Named model flavours. Each is a partial Blip2Config dict; the defaults fill the rest.
+FLAVOURS: dict[str, dict[str, Any]] = {
+    "tiny": dict(kind="llm", vision=_TINY_VISION, qformer=_TINY_QFORMER, llm=_TINY_LLM, prompt="a photo of"),
+    "tiny_stage1": dict(kind="stage1", vision=_TINY_VISION, qformer=_TINY_QFORMER),
+    "blip2_stage1_vitg": dict(kind="stage1", vision=_EVA_VIT_G),
+    "blip2_opt2.7b": dict(kind="llm", vision=_EVA_VIT_G, llm=_OPT_2_7B, prompt="a photo of"),
+    "blip2_opt6.7b": dict(kind="llm", vision=_EVA_VIT_G, llm=_OPT_6_7B, prompt="a photo of"),
+    "blip2_vicuna7b": dict(kind="llm", vision=_EVA_VIT_G, llm=_VICUNA_7B, prompt="", end_sym="</s>"),
+    "blip2_vicuna13b": dict(kind="llm", vision=_EVA_VIT_G, llm=_VICUNA_13B, prompt="", end_sym="</s>"),
+    "minigpt4_vicuna7b": dict(
+        kind="minigpt4",
+        vision=_EVA_VIT_G,
+        llm=_VICUNA_7B,
+        freeze_qformer=True,
+        max_txt_len=160,
+        end_sym="###",
+        prompt_template="###Human: <Img><ImageHere></Img> {} ###Assistant: ",
+    ),
+}
+
+
+def flavour_dict(name: str) -> dict[str, Any]:
+    """The partial config dict of a named flavour (a deep copy, safe to modify)."""
+    if name not in FLAVOURS:
+        raise ConfigError(f"unknown model flavour {name!r}; known flavours: {sorted(FLAVOURS)}")
+    return copy.deepcopy(FLAVOURS[name])
+
+
+def build_model_config(flavour: str = "tiny", overrides: dict[str, Any] | None = None) -> Blip2Config:
+    """A validated Blip2Config from a flavour name plus nested overrides (prefix ``model``)."""
+    data = merge_dicts(flavour_dict(flavour), overrides or {})
+    return from_dict(Blip2Config, data, prefix="model")

@@ -1,0 +1,149 @@
+"""Process groups: torch.distributed start-up and megatron-core's parallel_state.
+
+megatron-core's ``parallel_state`` is the single source of truth for the TP / PP / DP
+groups (ranks ordered tensor-fastest, then data, then pipeline). This module starts
+torch.distributed from the launcher's environment (deepspeed, torchrun or srun) or, for a
+plain single-process run, from a private TCP store on 127.0.0.1, and exposes the few
+questions the rest of the package asks: ranks, sizes and groups.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import socket
+from dataclasses import dataclass
+
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from blip2_megatron import accelerator
+from blip2_megatron.config_utils import ConfigError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LaunchEnv:
+    """Rank information handed over by the launcher."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+
+
+def launch_env() -> LaunchEnv:
+    """Read RANK / WORLD_SIZE / LOCAL_RANK (or SLURM's equivalents); defaults to one process."""
+    env = os.environ
+    rank = int(env.get("RANK", env.get("SLURM_PROCID", 0)))
+    world_size = int(env.get("WORLD_SIZE", env.get("SLURM_NTASKS", 1)))
+    local_rank = int(env.get("LOCAL_RANK", env.get("SLURM_LOCALID", 0)))
+    return LaunchEnv(rank=rank, world_size=world_size, local_rank=local_rank)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def validate_layout(world_size: int, tp: int, pp: int) -> int:
+    """Check that TP x PP divides the world size; return the data-parallel degree."""
+    if tp < 1 or pp < 1:
+        raise ConfigError(f"tensor/pipeline parallel sizes must be >= 1 (tp={tp}, pp={pp})")
+    if world_size % (tp * pp):
+        raise ConfigError(
+            f"world size {world_size} is not divisible by tp x pp = {tp} x {pp}; "
+            f"launch a multiple of {tp * pp} processes or change model.llm.tp / model.llm.pp"
+        )
+    return world_size // (tp * pp)
+
+
+def init_distributed(timeout_minutes: int = 30) -> LaunchEnv:
+    """Start torch.distributed (once) with the accelerator's backend."""
+    env = launch_env()
+    if dist.is_initialized():
+        return env
+    accelerator.set_device(env.local_rank)
+    backend = accelerator.communication_backend()
+    timeout = datetime.timedelta(minutes=timeout_minutes)
+    if "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ:
+        dist.init_process_group(backend, rank=env.rank, world_size=env.world_size, timeout=timeout)
+    elif env.world_size == 1:
+        # A plain `python script.py`: a private rendezvous on loopback.
+        dist.init_process_group(
+            backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1, timeout=timeout
+        )
+    else:
+        raise RuntimeError(
+            f"WORLD_SIZE={env.world_size} but MASTER_ADDR/MASTER_PORT are not set; "
+            "start the job with deepspeed, torchrun or srun"
+        )
+    logger.info("torch.distributed up: rank %d/%d, backend %s", env.rank, env.world_size, backend)
+    return env
+
+
+def initialize_model_parallel(tp: int = 1, pp: int = 1) -> None:
+    """Build megatron-core's TP/PP/DP groups over the running world (tensor fastest)."""
+    if not dist.is_initialized():
+        init_distributed()
+    world = dist.get_world_size()
+    validate_layout(world, tp, pp)
+    if parallel_state.model_parallel_is_initialized():
+        if (
+            parallel_state.get_tensor_model_parallel_world_size() == tp
+            and parallel_state.get_pipeline_model_parallel_world_size() == pp
+        ):
+            return
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        order="tp-dp-pp",
+        create_gloo_process_groups=False,
+    )
+
+
+def destroy() -> None:
+    """Tear down the model-parallel groups and torch.distributed (tests, end of a job)."""
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def tp_rank() -> int:
+    return parallel_state.get_tensor_model_parallel_rank()
+
+
+def tp_size() -> int:
+    return parallel_state.get_tensor_model_parallel_world_size()
+
+
+def tp_group() -> dist.ProcessGroup:
+    return parallel_state.get_tensor_model_parallel_group()
+
+
+def pp_rank() -> int:
+    return parallel_state.get_pipeline_model_parallel_rank()
+
+
+def pp_size() -> int:
+    return parallel_state.get_pipeline_model_parallel_world_size()
+
+
+def dp_rank() -> int:
+    return parallel_state.get_data_parallel_rank()
+
+
+def dp_size() -> int:
+    return parallel_state.get_data_parallel_world_size()
+
+
+def dp_group() -> dist.ProcessGroup:
+    return parallel_state.get_data_parallel_group()
+
+
+def is_initialized() -> bool:
+    return parallel_state.model_parallel_is_initialized()

@@ -1,0 +1,204 @@
+"""Job configuration: model flavour + overrides, data, training, evaluation.
+
+A job YAML looks like::
+
+    name: stage2_opt2.7b
+    model: {flavour: blip2_opt2.7b, llm: {weights: /models/opt-2.7b, tp: 2}}
+    data: {...}        # blip2_megatron.data.config.DataConfig
+    train: {...}       # TrainConfig below
+    eval: {...}        # EvalConfig below
+
+:func:`load_job_config` reads it (or the embedded default), applies ``a.b=c`` overrides
+from the command line and validates everything before any process group starts.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from blip2_megatron.config import Blip2Config, build_model_config
+from blip2_megatron.config_utils import (
+    ConfigError,
+    check_choice,
+    check_positive,
+    from_dict,
+    load_yaml,
+    merge_dicts,
+    parse_overrides,
+    to_dict,
+)
+from blip2_megatron.data.config import DataConfig
+
+DEFAULT_JOB = "tiny_stage2"
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, schedule, checkpointing and logging of a training job."""
+
+    output_dir: str = ""  # run directory (log.jsonl, checkpoints/, config.yaml); "" = runs/<name>
+    epochs: int = 1  # passes over the data (an epoch = data.samples_per_epoch or the dataset size)
+    max_steps: int = 0  # optimizer steps to run; 0 = epochs x steps per epoch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 1e-4  # peak learning rate (after warm-up)
+    min_lr: float = 1e-5  # cosine floor
+    warmup_lr: float = 1e-6  # learning rate at step 0
+    warmup_steps: int = 0  # linear warm-up steps
+    schedule: str = "cosine"  # "cosine" (per step), "cosine_epoch" (LAVIS: per epoch), "constant"
+    weight_decay: float = 0.05  # AdamW decay; never on biases and 1-D parameters
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW betas (paper: 0.98)
+    eps: float = 1e-8  # AdamW epsilon
+    grad_clip: float = 0.0  # max global grad norm; 0 = no clipping (LAVIS)
+    precision: str = "fp32"  # "fp32", "bf16" or "fp16" (fp16 uses DeepSpeed loss scaling)
+    seed: int = 42  # base seed; each data-parallel rank adds its rank
+    log_interval: int = 10  # steps between log lines / JSONL records
+    save_interval: int = 0  # steps between checkpoints; 0 = only at the end
+    keep_last: int = 2  # checkpoints kept (older ones are deleted)
+    resume: str = "auto"  # "auto" (latest in output_dir if any), "none", or a checkpoint directory
+    warmup_log_steps: int = 2  # steps left out of the summary's mean FPS
+    eval_interval: int = 0  # steps between evaluations during training; 0 = at the end only if eval.enabled
+    max_signal_wait_steps: int = 1  # a SIGTERM/SIGUSR1 is acted on at the next step boundary
+
+    def __post_init__(self) -> None:
+        check_choice("train.schedule", self.schedule, ("cosine", "cosine_epoch", "constant"))
+        check_choice("train.precision", self.precision, ("fp32", "bf16", "fp16"))
+        check_positive("train.epochs", self.epochs)
+        check_positive("train.grad_accum", self.grad_accum)
+        check_positive("train.max_steps", self.max_steps, allow_zero=True)
+        check_positive("train.lr", self.lr)
+        check_positive("train.log_interval", self.log_interval)
+        check_positive("train.keep_last", self.keep_last)
+        check_positive("train.warmup_steps", self.warmup_steps, allow_zero=True)
+        check_positive("train.save_interval", self.save_interval, allow_zero=True)
+        check_positive("train.grad_clip", self.grad_clip, allow_zero=True)
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"train.betas={self.betas} must be two numbers in [0, 1)")
+        if self.min_lr > self.lr:
+            raise ConfigError(f"train.min_lr={self.min_lr} is above train.lr={self.lr}")
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation run after (or during) training, and by launch/evaluate.py."""
+
+    enabled: bool = False  # evaluate at the end of training (and every train.eval_interval steps)
+    task: str = "caption"  # "caption" (pycocoevalcap), "vqa" (VQAv2 accuracy), "retrieval" (stage 1)
+    split: str = "val"  # annotation split to evaluate
+    max_samples: int = 0  # evaluate the first N samples only; 0 = all
+    batch_size: int = 8  # images per device per generation batch
+    num_beams: int = 5  # beam width (LAVIS caption/VQA: 5)
+    max_new_tokens: int = 30  # caption: 30, VQA: 10
+    min_new_tokens: int = 8  # caption: 8, VQA: 1
+    prompt: str = ""  # caption prompt ("" = model.prompt); VQA: "Question: {} Short answer:"
+    length_penalty: float = 1.0  # beam length penalty (VQA: -1 in LAVIS)
+    repetition_penalty: float = 1.0  # > 1 discourages repeats
+    k_test: int = 128  # retrieval: ITC candidates re-ranked by ITM
+
+    def __post_init__(self) -> None:
+        check_choice("eval.task", self.task, ("caption", "vqa", "retrieval"))
+        check_positive("eval.batch_size", self.batch_size)
+        check_positive("eval.num_beams", self.num_beams)
+        check_positive("eval.max_new_tokens", self.max_new_tokens)
+        check_positive("eval.min_new_tokens", self.min_new_tokens, allow_zero=True)
+        if self.min_new_tokens > self.max_new_tokens:
+            raise ConfigError(
+                f"eval.min_new_tokens={self.min_new_tokens} exceeds eval.max_new_tokens={self.max_new_tokens}"
+            )
+
+
+@dataclass
+class JobConfig:
+    """A whole job: what to build, what to feed it, how to train and evaluate it."""
+
+    name: str = DEFAULT_JOB  # job name (run directory name by default)
+    flavour: str = "tiny"  # model flavour the model section overrides (see blip2_megatron.config.FLAVOURS)
+    model: Blip2Config = field(default_factory=lambda: build_model_config("tiny"))
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        if not self.train.output_dir:
+            self.train.output_dir = str(Path("runs") / self.name)
+
+    @property
+    def tp(self) -> int:
+        return self.model.llm.tp if self.model.llm is not None else 1
+
+    @property
+    def pp(self) -> int:
+        return self.model.llm.pp if self.model.llm is not None else 1
+
+
+def shipped_job_names() -> list[str]:
+    """Job YAMLs shipped inside the package (blip2_megatron/configs/*.yaml)."""
+    folder = resources.files("blip2_megatron") / "configs"
+    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def _shipped_job_path(name: str) -> Path:
+    return Path(str(resources.files("blip2_megatron") / "configs" / f"{name}.yaml"))
+
+
+def _read_job_dict(config: str | None) -> dict[str, Any]:
+    """The raw job dict from a path, a shipped job name, or the embedded default."""
+    if config is None:
+        config = DEFAULT_JOB
+    path = Path(config)
+    if not path.is_file():
+        if config in shipped_job_names():
+            path = _shipped_job_path(config)
+        else:
+            raise ConfigError(
+                f"job config {config!r} is neither a file nor a shipped job; shipped jobs: {shipped_job_names()}"
+            )
+    data = load_yaml(path)
+    base = data.pop("base", None)  # a job may extend another shipped job
+    if base is not None:
+        data = merge_dicts(_read_job_dict(base), data)
+    return data
+
+
+def job_config_from_dict(data: dict[str, Any]) -> JobConfig:
+    """Validate a job dict (model given as flavour + overrides) into a JobConfig."""
+    data = copy.deepcopy(data)
+    unknown = sorted(set(data) - {"name", "flavour", "model", "data", "train", "eval"})
+    if unknown:
+        raise ConfigError(f"unknown top-level config key(s) {unknown}; allowed: name, model, data, train, eval")
+    model = data.pop("model", {}) or {}
+    if not isinstance(model, dict):
+        raise ConfigError("model must be a mapping (flavour plus overrides)")
+    flavour = model.pop("flavour", data.pop("flavour", "tiny"))
+    job = from_dict(JobConfig, {k: v for k, v in data.items()}, prefix="")
+    job.flavour = flavour
+    job.model = build_model_config(flavour, model)
+    return job
+
+
+def load_job_config(config: str | None = None, overrides: list[str] | None = None) -> JobConfig:
+    """Read a job (path, shipped name, or the default), apply ``a.b=c`` overrides, validate."""
+    data = _read_job_dict(config)
+    data = merge_dicts(data, parse_overrides(overrides or []))
+    return job_config_from_dict(data)
+
+
+def job_config_to_dict(job: JobConfig) -> dict[str, Any]:
+    """The resolved job as a plain dict: the full model section, so it stands alone."""
+    out = to_dict(job)
+    out["model"] = {"flavour": job.flavour, **out["model"]}
+    out.pop("flavour", None)
+    return out
+
+
+def save_job_config(job: JobConfig, path: Path) -> None:
+    """Write the resolved config (atomically: temp file then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(yaml.safe_dump(job_config_to_dict(job), sort_keys=False))
+    tmp.replace(path)

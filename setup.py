@@ -1,0 +1,37 @@
+"""Install blip2-megatron: `pip install -c constraints.txt -e .`."""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+# torch is capped at the build we test with: an open range would pull a newer CUDA build.
+REQUIREMENTS = [
+    "torch>=2.4,<=2.13.0",
+    "deepspeed>=0.16,<0.20",
+    "megatron-core>=0.12,<0.17",
+    "transformers>=4.45",
+    "safetensors>=0.4",
+    "webdataset>=0.2.86,<0.3",
+    "img2dataset>=1.45",
+    "pycocoevalcap>=1.2",
+    "pycocotools>=2.0",
+    "pillow>=10",
+    "numpy>=1.24",
+    "pyyaml>=6",
+    "tqdm>=4.60",
+    "matplotlib>=3.7",
+    "tokenizers>=0.19",
+]
+
+setup(
+    name="blip2-megatron",
+    version="0.1.0",
+    description="BLIP-2 family training with tensor/pipeline-parallel LLMs (megatron-core) and DeepSpeed ZeRO",
+    long_description=Path(__file__).with_name("README.md").read_text() if Path("README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["blip2_megatron", "blip2_megatron.*"]),
+    package_data={"blip2_megatron": ["configs/*.yaml"]},
+    python_requires=">=3.10",
+    install_requires=REQUIREMENTS,
+    extras_require={"dev": ["pytest>=8", "ruff>=0.5"], "apex": ["apex"]},
+)

@@ -1,0 +1,17 @@
+import os
+import warnings
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+warnings.filterwarnings("ignore", module="megatron")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def single_process_group():
+    """torch.distributed + megatron-core groups with one process (TP = PP = DP = 1)."""
+    from blip2_megatron.parallel import state
+
+    state.initialize_model_parallel(1, 1)
+    yield
+    state.destroy()
