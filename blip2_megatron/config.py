@@ -171,6 +171,7 @@ class Blip2Config:
     max_txt_len: int = 32  # LLM text tokens (prompt + caption) per sample (MiniGPT-4: 160)
     end_sym: str = "\n"  # appended to each target text (OPT captions: "\n"; MiniGPT-4: "###")
     prompt_template: str = ""  # MiniGPT-4: "###Human: <Img><ImageHere></Img> {} ###Assistant: "
+    init_checkpoint: str = ""  # initial weights: a HF Blip2 directory or LAVIS .pth files, comma-separated
 
     def __post_init__(self) -> None:
         check_choice("model.kind", self.kind, ("stage1", "llm", "minigpt4"))
@@ -245,6 +246,7 @@ FLAVOURS: dict[str, dict[str, Any]] = {
         vision=_EVA_VIT_G,
         llm=_VICUNA_7B,
         freeze_qformer=True,
+        prompt="Describe this image in detail.",
         max_txt_len=160,
         end_sym="###",
         prompt_template="###Human: <Img><ImageHere></Img> {} ###Assistant: ",

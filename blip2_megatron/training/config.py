@@ -175,9 +175,17 @@ def job_config_from_dict(data: dict[str, Any]) -> JobConfig:
     if not isinstance(model, dict):
         raise ConfigError("model must be a mapping (flavour plus overrides)")
     flavour = model.pop("flavour", data.pop("flavour", "tiny"))
-    job = from_dict(JobConfig, {k: v for k, v in data.items()}, prefix="")
+    data_image_size = (data.get("data") or {}).get("image_size")
+    job = from_dict(JobConfig, data, prefix="")
     job.flavour = flavour
     job.model = build_model_config(flavour, model)
+    # The model's input size is the truth; a data section that names another one is an error.
+    if data_image_size is not None and int(data_image_size) != job.model.vision.image_size:
+        raise ConfigError(
+            f"data.image_size={data_image_size} differs from model.vision.image_size="
+            f"{job.model.vision.image_size}; set them equal (or leave data.image_size out)"
+        )
+    job.data.image_size = job.model.vision.image_size
     return job
 
 

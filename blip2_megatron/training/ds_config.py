@@ -1,0 +1,99 @@
+"""DeepSpeed JSON configs: read, fill the "auto" values from the job, check the layout.
+
+``ds_configs/*.json`` leave batch sizes, accumulation, precision and clipping as "auto";
+the job config is the one place those are set. The layout checks run before any process
+group starts, so a bad combination fails at once with a plain message.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+from blip2_megatron.config_utils import ConfigError
+from blip2_megatron.training.config import JobConfig
+
+
+def read_ds_config(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"DeepSpeed config not found: {path}")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"DeepSpeed config {path} is not valid JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"DeepSpeed config {path} must hold a JSON object")
+    return data
+
+
+def zero_stage(ds_config: dict[str, Any]) -> int:
+    return int(ds_config.get("zero_optimization", {}).get("stage", 0))
+
+
+def check_layout(job: JobConfig, ds_config: dict[str, Any], world_size: int) -> int:
+    """Validate TP x PP x DP against the world and ZeRO; return the data-parallel degree."""
+    tp, pp = job.tp, job.pp
+    if world_size % (tp * pp):
+        raise ConfigError(
+            f"world size {world_size} is not divisible by model.llm.tp x model.llm.pp = {tp} x {pp}"
+        )
+    stage = zero_stage(ds_config)
+    if pp > 1 and stage > 1:
+        raise ConfigError(
+            f"ZeRO stage {stage} cannot be combined with pipeline parallelism (model.llm.pp={pp}): "
+            "DeepSpeed's pipeline engine supports ZeRO 0 and 1 only; use ds_configs/zero1.json"
+        )
+    if stage == 3 and tp > 1:
+        raise ConfigError(
+            f"ZeRO stage 3 with tensor parallelism (model.llm.tp={tp}) is not supported: ZeRO-3 would "
+            "partition the already-sharded tensor-parallel weights; use ZeRO-1/2 with TP, or TP=1 with ZeRO-3"
+        )
+    if job.train.precision == "fp16" and "bf16" in str(ds_config.get("bf16", {}).get("enabled", "")).lower():
+        raise ConfigError("ds_config enables bf16 while train.precision=fp16")
+    return world_size // (tp * pp)
+
+
+def _fill(node: Any, key: str, value: Any) -> None:
+    if isinstance(node, dict) and node.get(key, "auto") == "auto":
+        node[key] = value
+
+
+def fill_ds_config(job: JobConfig, ds_config: dict[str, Any], dp_size: int) -> dict[str, Any]:
+    """A copy of ``ds_config`` with every "auto" replaced by the job's value."""
+    cfg = copy.deepcopy(ds_config)
+    micro = job.data.batch_size
+    accum = job.train.grad_accum
+    _fill(cfg, "train_micro_batch_size_per_gpu", micro)
+    _fill(cfg, "gradient_accumulation_steps", accum)
+    _fill(cfg, "train_batch_size", micro * accum * dp_size)
+    _fill(cfg, "gradient_clipping", job.train.grad_clip)
+    expected = micro * accum * dp_size
+    if cfg["train_batch_size"] != expected:
+        raise ConfigError(
+            f"ds_config train_batch_size={cfg['train_batch_size']} differs from data.batch_size x "
+            f"train.grad_accum x DP = {micro} x {accum} x {dp_size} = {expected}; set it to \"auto\""
+        )
+    cfg.setdefault("bf16", {})
+    cfg.setdefault("fp16", {})
+    _fill(cfg["bf16"], "enabled", job.train.precision == "bf16")
+    _fill(cfg["fp16"], "enabled", job.train.precision == "fp16")
+    zero = cfg.setdefault("zero_optimization", {"stage": 0})
+    hidden = job.model.llm.hidden_size if job.model.llm is not None else job.model.qformer.hidden_size
+    _fill(zero, "reduce_bucket_size", hidden * hidden)
+    _fill(zero, "stage3_prefetch_bucket_size", int(0.9 * hidden * hidden))
+    _fill(zero, "stage3_param_persistence_threshold", 10 * hidden)
+    leftover = [k for k, v in _walk(cfg) if v == "auto"]
+    if leftover:
+        raise ConfigError(f"ds_config keys left as \"auto\" that the job cannot fill: {leftover}")
+    return cfg
+
+
+def _walk(node: Any, prefix: str = ""):
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield from _walk(value, f"{prefix}.{key}" if prefix else key)
+    else:
+        yield prefix, node

@@ -1,0 +1,119 @@
+"""Job and model configs: shipped YAMLs load, errors name the bad key, overrides apply."""
+
+import pytest
+
+from blip2_megatron.config import FLAVOURS, build_model_config
+from blip2_megatron.config_utils import ConfigError
+from blip2_megatron.training.config import (
+    job_config_to_dict,
+    job_config_from_dict,
+    load_job_config,
+    save_job_config,
+    shipped_job_names,
+)
+from blip2_megatron.training.ds_config import check_layout, fill_ds_config, read_ds_config
+
+
+@pytest.mark.parametrize("name", shipped_job_names())
+def test_every_shipped_job_loads(name):
+    job = load_job_config(name)
+    assert job.name == name
+    assert job.data.image_size == job.model.vision.image_size
+
+
+def test_shipped_jobs_cover_the_issue_list():
+    expected = {"stage1", "stage2_opt2.7b", "stage2_vicuna7b", "caption_coco_opt2.7b", "tiny_stage1", "tiny_stage2"}
+    assert expected <= set(shipped_job_names())
+
+
+@pytest.mark.parametrize("flavour", sorted(FLAVOURS))
+def test_every_flavour_validates(flavour):
+    cfg = build_model_config(flavour)
+    assert cfg.qformer.encoder_hidden_size == cfg.vision.hidden_size
+
+
+def test_lavis_hyperparameters_in_shipped_jobs():
+    stage1 = load_job_config("stage1")
+    assert (stage1.train.lr, stage1.train.min_lr, stage1.train.warmup_lr) == (1e-4, 1e-5, 1e-6)
+    assert stage1.train.warmup_steps == 5000 and stage1.data.batch_size == 100
+    caption = load_job_config("caption_coco_opt2.7b")
+    assert caption.model.vision.image_size == 364 and not caption.model.vision.freeze
+    assert caption.model.vision.grad_checkpointing and caption.model.llm.freeze
+    assert (caption.train.lr, caption.train.warmup_steps, caption.data.batch_size) == (1e-5, 1000, 16)
+
+
+def test_overrides_apply_and_unknown_keys_are_named():
+    job = load_job_config(None, ["train.max_steps=7", "model.llm.tp=2", "data.batch_size=3"])
+    assert (job.train.max_steps, job.model.llm.tp, job.data.batch_size) == (7, 2, 3)
+    with pytest.raises(ConfigError, match=r"model\.llm\.tpx"):
+        load_job_config(None, ["model.llm.tpx=2"])
+    with pytest.raises(ConfigError, match=r"train\.bogus"):
+        load_job_config(None, ["train.bogus=1"])
+    with pytest.raises(ConfigError, match=r"train\.max_steps"):
+        load_job_config(None, ["train.max_steps=many"])
+    with pytest.raises(ConfigError, match=r"train\.schedule.*cosine"):
+        load_job_config(None, ["train.schedule=linear"])
+
+
+def test_heads_not_divisible_by_tp_is_a_clear_error():
+    with pytest.raises(ConfigError, match=r"llm\.tp=3 must divide llm\.num_heads=4.*allowed tp values: \[1, 2, 4\]"):
+        load_job_config(None, ["model.llm.tp=3"])
+
+
+def test_unknown_flavour_lists_known_ones():
+    with pytest.raises(ConfigError, match="known flavours"):
+        load_job_config(None, ["model.flavour=opt-9000"])
+
+
+def test_image_size_mismatch_is_an_error():
+    with pytest.raises(ConfigError, match="data.image_size=64 differs"):
+        load_job_config(None, ["data.image_size=64"])
+
+
+def test_malformed_yaml_names_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: {max_steps: [1,\n")
+    with pytest.raises(ConfigError, match="bad.yaml is not valid YAML"):
+        load_job_config(str(bad))
+    with pytest.raises(ConfigError, match="neither a file nor a shipped job"):
+        load_job_config(str(tmp_path / "missing.yaml"))
+
+
+def test_resolved_config_round_trips(tmp_path):
+    job = load_job_config("stage2_vicuna7b", ["train.max_steps=11"])
+    save_job_config(job, tmp_path / "config.yaml")
+    again = load_job_config(str(tmp_path / "config.yaml"))
+    assert job_config_to_dict(again) == job_config_to_dict(job)
+    stage1 = load_job_config("tiny_stage1")
+    assert job_config_from_dict(job_config_to_dict(stage1)).model.llm is None
+
+
+@pytest.mark.parametrize(
+    ("world", "overrides", "ds", "message"),
+    [
+        (3, ["model.llm.tp=2"], "zero1.json", "world size 3 is not divisible"),
+        (4, ["model.llm.pp=2"], "zero2.json", "ZeRO stage 2 cannot be combined with pipeline"),
+        (4, ["model.llm.tp=2"], "zero3.json", "ZeRO stage 3 with tensor parallelism"),
+    ],
+)
+def test_parallel_layout_errors(world, overrides, ds, message):
+    job = load_job_config(None, overrides)
+    with pytest.raises(ConfigError, match=message):
+        check_layout(job, read_ds_config(f"ds_configs/{ds}"), world)
+
+
+@pytest.mark.parametrize("name", ["zero0", "zero1", "zero2", "zero3", "zero2_offload"])
+def test_ds_configs_fill_every_auto(name):
+    job = load_job_config(None, ["data.batch_size=4", "train.grad_accum=2", "train.precision=bf16"])
+    cfg = fill_ds_config(job, read_ds_config(f"ds_configs/{name}.json"), dp_size=3)
+    assert cfg["train_batch_size"] == 24 and cfg["train_micro_batch_size_per_gpu"] == 4
+    assert cfg["gradient_accumulation_steps"] == 2
+    assert cfg["bf16"]["enabled"] is True and cfg["fp16"]["enabled"] is False
+    assert "auto" not in str(cfg)
+
+
+def test_malformed_ds_config(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text("{not json")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        read_ds_config(path)
