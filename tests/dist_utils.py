@@ -50,7 +50,10 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any) -> list
     with tempfile.TemporaryDirectory() as out_dir:
         try:
             mp.start_processes(
-                _worker, args=(world_size, free_port(), fn, args, out_dir), nprocs=world_size, start_method="spawn"
+                _worker,
+                args=(world_size, free_port(), fn, args, out_dir),
+                nprocs=world_size,
+                start_method="spawn",
             )
         except mp.ProcessRaisedException:
             pass  # the per-rank traceback below is more useful

@@ -22,7 +22,14 @@ def test_every_shipped_job_loads(name):
 
 
 def test_shipped_jobs_cover_the_issue_list():
-    expected = {"stage1", "stage2_opt2.7b", "stage2_vicuna7b", "caption_coco_opt2.7b", "tiny_stage1", "tiny_stage2"}
+    expected = {
+        "stage1",
+        "stage2_opt2.7b",
+        "stage2_vicuna7b",
+        "caption_coco_opt2.7b",
+        "tiny_stage1",
+        "tiny_stage2",
+    }
     assert expected <= set(shipped_job_names())
 
 
@@ -56,7 +63,9 @@ def test_overrides_apply_and_unknown_keys_are_named():
 
 
 def test_heads_not_divisible_by_tp_is_a_clear_error():
-    with pytest.raises(ConfigError, match=r"llm\.tp=3 must divide llm\.num_heads=4.*allowed tp values: \[1, 2, 4\]"):
+    with pytest.raises(
+        ConfigError, match=r"llm\.tp=3 must divide llm\.num_heads=4.*allowed tp values: \[1, 2, 4\]"
+    ):
         load_job_config(None, ["model.llm.tp=3"])
 
 
