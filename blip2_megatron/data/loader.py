@@ -1,0 +1,537 @@
+"""Train loader (streaming, resumable, equal batch counts per DP rank) and eval loaders.
+
+Data is split by the DP rank and DP size the caller passes in, never by the global rank
+or anything read from the environment: the TP (and PP) ranks of one DP rank build the
+same loader and get identical batches.
+
+How a rank's epoch is laid out
+------------------------------
+Every rank yields exactly ``batches_per_epoch = samples_per_epoch // (dp_size *
+batch_size)`` batches per epoch (unequal counts would hang the collective ops of
+training). The work is split into ``S = max(1, num_workers)`` *logical streams*; batch
+``b`` of the epoch (0-based) is batch ``b // S`` of stream ``b % S``, which is the order
+torch's DataLoader returns when worker k plays stream k. Stream ``s`` of rank ``r``:
+
+1. takes its units (shards, or annotation entries) for pass 0, 1, 2, ... from
+   :func:`wds.assign_units` (a permutation seeded by (seed, epoch, pass) sliced by
+   ``[r::dp_size][s::S]``, or draws with replacement when resampling); a stream that
+   runs out before the epoch's batch count simply starts the next pass,
+2. reads raw samples of each pass through a shuffle buffer (drained at the end of the
+   pass), then draws each sample from source i with probability ``mix_weights[i]``,
+3. decodes and processes sample ``i`` of the stream with a generator keyed by (seed,
+   epoch, rank, stream, i); bad samples are skipped and counted by reason,
+4. groups them into batches of ``batch_size``.
+
+Every random choice is keyed by (seed, epoch, ...), so the epoch is a pure function of
+(seed, epoch, dp_rank, dp_size, num_workers, data).
+
+Resume rule
+-----------
+``state_dict()`` holds (epoch, position = batches consumed this epoch, skip counts).
+After ``load_state_dict()`` the loader replays the epoch's streams and drops the first
+``position`` batches, so the next batch equals the one an uninterrupted run would have
+produced. With workers, DataLoader worker k then plays stream ``(position + k) % S``,
+which keeps the round-robin order of an uninterrupted run. This holds when seed, DP size,
+batch size, num_workers and the data are unchanged (a change is logged and the loader
+continues from the same epoch and position, with different batches). Replayed batches are
+not decoded: only validated with a 1/8-scale JPEG decode, so resuming late in an epoch
+costs a fraction of the epoch's decode time. The state of any DP rank restores every rank
+(epoch and position are the same on all ranks).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import random
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset, get_worker_info
+
+from blip2_megatron.data.annotations import (
+    AnnotationSource,
+    CaptionEvalDataset,
+    ImagePathResolver,
+    VQADataset,
+    load_caption_records,
+    load_vqa_records,
+)
+from blip2_megatron.data.config import ANNOTATION_KINDS, DataConfig
+from blip2_megatron.data.processors import (
+    CaptionProcessor,
+    ImageEvalProcessor,
+    ImageTrainProcessor,
+    QuestionProcessor,
+    SampleError,
+    check_decodable,
+)
+from blip2_megatron.data.sample_dataset import ensure_sample_dataset, load_sample_dataset
+from blip2_megatron.data.wds import (
+    ShardSource,
+    SkipCounter,
+    assign_units,
+    check_shards_exist,
+    expand_shard_patterns,
+    make_rng,
+    mix_sources,
+    shuffle_samples,
+    unpack_sample,
+)
+
+logger = logging.getLogger(__name__)
+
+#: Batch key carrying skip counts from a worker to :class:`TrainLoader` (removed before the caller sees the batch).
+SKIPPED_KEY = "__skipped__"
+#: A stream that has produced no usable sample after this many in a row gives up (wrong data, not bad luck).
+_MAX_LEADING_FAILURES = 1000
+
+
+class DataSource(Protocol):
+    """What the stream needs from a source: units to assign, and how to read one."""
+
+    name: str
+    units: Sequence[Any]
+
+    @property
+    def num_samples(self) -> int: ...
+
+    def read(self, unit: Any, on_error: Any) -> Iterator[dict[str, Any]]: ...
+
+
+@dataclass
+class StreamSpec:
+    """Everything a worker needs to produce its part of an epoch (pickled into workers)."""
+
+    sources: list[DataSource]
+    weights: list[float]
+    resampled: bool
+    seed: int
+    dp_rank: int
+    dp_size: int
+    num_streams: int
+    batch_size: int
+    batches_per_epoch: int
+    shuffle_buffer: int
+    image_processor: ImageTrainProcessor | ImageEvalProcessor
+    text_processor: CaptionProcessor
+
+
+# ----------------------------------------------------------------------------- stream stages
+
+
+def _source_samples(spec: StreamSpec, source_index: int, epoch: int, stream_id: int, skips: SkipCounter):
+    """Endless raw samples of one source for one stream: pass after pass over its units.
+
+    The shuffle buffer is drained at the end of each pass, so the samples of pass p all
+    come before those of pass p+1: a rank that needs exactly its share of the epoch never
+    pulls in samples of the next pass (which belong to other ranks' shards).
+    """
+    source = spec.sources[source_index]
+    for pass_index in itertools.count():
+        units = assign_units(
+            len(source.units),
+            resampled=spec.resampled,
+            seed=spec.seed,
+            epoch=epoch,
+            pass_index=pass_index,
+            source_index=source_index,
+            dp_rank=spec.dp_rank,
+            dp_size=spec.dp_size,
+            stream_id=stream_id,
+            num_streams=spec.num_streams,
+        )
+        raw_samples = (
+            raw for unit in units for raw in source.read(source.units[unit], skips.shard_error_handler)
+        )
+        shuffle_rng = make_rng(spec.seed, epoch, spec.dp_rank, stream_id, "shuffle", source_index, pass_index)
+        produced = 0
+        for raw in shuffle_samples(raw_samples, spec.shuffle_buffer, shuffle_rng):
+            produced += 1
+            yield raw
+        if produced == 0:
+            raise RuntimeError(
+                f"source {source.name!r} gave no sample in a whole pass over {len(units)} unit(s) "
+                f"(e.g. {source.units[units[0]]!r}); are the shards empty or unreadable?"
+            )
+
+
+def _process_sample(
+    spec: StreamSpec, raw: dict[str, Any], rng: random.Random, validate_only: bool
+) -> dict[str, Any] | None:
+    """Raw sample -> {"image", "text_output", "image_id"}; raises SampleError with a reason."""
+    image_bytes, caption, image_id = unpack_sample(raw, rng)
+    text = spec.text_processor.clean(caption)
+    if not text:
+        raise SampleError("missing_caption", f"{raw.get('__key__')}: caption empty after cleaning")
+    if validate_only:
+        check_decodable(image_bytes)
+        return None
+    return {"image": spec.image_processor(image_bytes, rng), "text_output": text, "image_id": image_id}
+
+
+def collate_train(samples: list[dict[str, Any]], prompt: str) -> dict[str, Any]:
+    """Stack processed samples into the train batch layout.
+
+    ``text_input`` is prompt + caption (what the LLM models read, as LAVIS's caption
+    processor builds it); with a prompt the batch also carries ``prompt`` and
+    ``text_output`` (the caption alone) so the model can mask the prompt tokens.
+    """
+    captions = [sample["text_output"] for sample in samples]
+    batch: dict[str, Any] = {
+        "image": torch.stack([sample["image"] for sample in samples]),
+        "text_input": [prompt + caption for caption in captions],
+        "image_id": [sample["image_id"] for sample in samples],
+    }
+    if prompt:
+        batch["prompt"] = [prompt] * len(samples)
+        batch["text_output"] = captions
+    return batch
+
+
+def stream_batches(
+    spec: StreamSpec, epoch: int, stream_id: int, skip: int, count: int
+) -> Iterator[dict[str, Any]]:
+    """Batches ``skip .. skip+count-1`` of one stream of one epoch (see the module docstring)."""
+    if count <= 0:
+        return
+    skips = SkipCounter()
+    key = (spec.seed, epoch, spec.dp_rank, stream_id)
+    per_source = [_source_samples(spec, index, epoch, stream_id, skips) for index in range(len(spec.sources))]
+    samples = mix_sources(per_source, spec.weights, make_rng(*key, "mix"))
+    pending: list[dict[str, Any]] = []
+    batches_done = 0
+    usable_seen = False
+    for index, raw in enumerate(samples):
+        replaying = batches_done < skip
+        try:
+            item = _process_sample(spec, raw, make_rng(*key, "sample", index), validate_only=replaying)
+        except SampleError as err:
+            skips.record(err.reason, str(err))
+            if not usable_seen and index + 1 >= _MAX_LEADING_FAILURES:
+                raise RuntimeError(
+                    f"the first {index + 1} samples of stream {stream_id} (DP rank {spec.dp_rank}) were all "
+                    f"unusable ({skips.take()}); check the shards' image / caption files"
+                ) from None
+            continue
+        usable_seen = True
+        pending.append(item)
+        if len(pending) < spec.batch_size:
+            continue
+        batches_done += 1
+        if replaying:
+            skips.take()  # counted before the checkpoint already (restored with the state)
+        else:
+            batch = collate_train(pending, spec.text_processor.prompt)
+            batch[SKIPPED_KEY] = skips.take()
+            yield batch
+        pending = []
+        if batches_done == skip + count:
+            return
+
+
+class TrainStream(IterableDataset):
+    """The IterableDataset a DataLoader runs: this worker's stream from (epoch, start position)."""
+
+    def __init__(self, spec: StreamSpec):
+        super().__init__()
+        self.spec = spec
+        self.epoch = 0
+        self.start = 0
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker_id, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        if num_workers != self.spec.num_streams:
+            raise RuntimeError(f"stream built for {self.spec.num_streams} workers runs with {num_workers}")
+        stream_id = (self.start + worker_id) % num_workers
+        total = len(range(stream_id, self.spec.batches_per_epoch, num_workers))
+        already = len(range(stream_id, self.start, num_workers))
+        return stream_batches(self.spec, self.epoch, stream_id, skip=already, count=total - already)
+
+
+class TrainLoader:
+    """Per-DP-rank training batches: a fixed count per epoch, skip stats, resumable state.
+
+    ``for batch in loader`` runs the rest of the current epoch (then the epoch counter
+    advances); ``loader.endless()`` chains epochs for step-based loops. A batch is
+    ``{"image": FloatTensor[B, 3, S, S], "text_input": list[str], "image_id": list}``
+    (+ ``"prompt"``, ``"text_output"`` when a prompt is configured).
+    """
+
+    def __init__(self, stream: TrainStream, num_workers: int):
+        self._stream = stream
+        self._num_workers = num_workers
+        self.epoch = 0
+        self.position = 0
+        self._skipped: Counter[str] = Counter()
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Batches every DP rank yields per epoch."""
+        return self._stream.spec.batches_per_epoch
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Skipped samples by reason (e.g. ``{"truncated_image": 2, "missing_caption": 1}``), all workers."""
+        return dict(self._skipped)
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        if self.position >= self.batches_per_epoch:
+            self.epoch, self.position = self.epoch + 1, 0
+        self._stream.epoch, self._stream.start = self.epoch, self.position
+        if self._num_workers == 0:
+            batches: Any = iter(self._stream)
+        else:
+            batches = DataLoader(
+                self._stream,
+                batch_size=None,
+                num_workers=self._num_workers,
+                persistent_workers=False,  # workers must be re-forked with each epoch's start position
+            )
+        for batch in batches:
+            self._skipped.update(batch.pop(SKIPPED_KEY))
+            # Advance before yielding: a state_dict() taken while the caller holds this
+            # batch must say it is consumed.
+            self.position += 1
+            if self.position == self.batches_per_epoch:
+                self.epoch, self.position = self.epoch + 1, 0
+            yield batch
+
+    def endless(self) -> Iterator[dict[str, Any]]:
+        """Batches forever, epoch after epoch (for step-based training loops)."""
+        while True:
+            yield from self
+
+    def state_dict(self) -> dict[str, Any]:
+        """Position to resume from; plain Python values (JSON-friendly)."""
+        spec = self._stream.spec
+        return {
+            "epoch": self.epoch,
+            "position": self.position,
+            "stats": self.stats,
+            "seed": spec.seed,
+            "dp_size": spec.dp_size,
+            "batch_size": spec.batch_size,
+            "num_workers": self._num_workers,
+            "batches_per_epoch": spec.batches_per_epoch,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a saved position; see the module docstring for when batches match exactly."""
+        spec = self._stream.spec
+        current = {
+            "seed": spec.seed,
+            "dp_size": spec.dp_size,
+            "batch_size": spec.batch_size,
+            "num_workers": self._num_workers,
+            "batches_per_epoch": spec.batches_per_epoch,
+        }
+        changed = {
+            name: (state.get(name), value) for name, value in current.items() if state.get(name) != value
+        }
+        if changed:
+            logger.warning(
+                "data loader resumes with changed settings %s (saved, now): batches differ from an "
+                "uninterrupted run",
+                changed,
+            )
+        self.epoch = int(state["epoch"])
+        self.position = min(int(state["position"]), self.batches_per_epoch)
+        self._skipped = Counter(state.get("stats", {}))
+
+
+# ----------------------------------------------------------------------------- building
+
+
+def prepare_data(cfg: DataConfig) -> DataConfig:
+    """Resolve kind="sample": use the sample dataset at sample_root, building it first if absent.
+
+    A dataset already there is used whatever its size (``make_sample_dataset.py`` can
+    build a bigger one); otherwise one with the default parameters is generated. Fields
+    the user set explicitly are kept. Other kinds are returned unchanged.
+    """
+    if cfg.kind != "sample":
+        return cfg
+    root = Path(cfg.sample_root)
+    paths = load_sample_dataset(root) if (root / "manifest.json").is_file() else ensure_sample_dataset(root)
+    filled = {
+        "train_shards": cfg.train_shards or [paths.train_shards],
+        "image_root": cfg.image_root or str(paths.image_root),
+        "val_annotation": cfg.val_annotation or str(paths.val_annotation),
+        "test_annotation": cfg.test_annotation or str(paths.test_annotation),
+        "val_gt": cfg.val_gt or str(paths.val_gt),
+        "test_gt": cfg.test_gt or str(paths.test_gt),
+    }
+    return dataclasses.replace(cfg, **filled)
+
+
+def image_resolver(cfg: DataConfig) -> ImagePathResolver:
+    """Where annotation image paths point: image_root (cc_sbu_align default: <annotation dir>/image)."""
+    root = cfg.image_root
+    if not root and cfg.kind == "cc_sbu_align":
+        root = str(Path(cfg.train_annotation).parent / "image")
+    return ImagePathResolver(root or ".", cfg.image_subdirs)
+
+
+def build_train_sources(cfg: DataConfig) -> list[DataSource]:
+    """One source per shard pattern (kind wds / sample), or the annotation file."""
+    if cfg.kind in ANNOTATION_KINDS:
+        records = load_caption_records(cfg.train_annotation, cfg.kind)
+        return [AnnotationSource(records, image_resolver(cfg), name=cfg.train_annotation)]
+    sources: list[DataSource] = []
+    for pattern in cfg.train_shards:
+        urls = expand_shard_patterns(pattern)
+        check_shards_exist(urls)
+        sources.append(ShardSource(urls, name=pattern))
+    return sources
+
+
+def build_train_image_processor(cfg: DataConfig) -> ImageTrainProcessor | ImageEvalProcessor:
+    """BLIP-2 train transform, or the eval resize when augmentation is off (draft decode either way)."""
+    if cfg.train_augment:
+        return ImageTrainProcessor(cfg.image_size, min_scale=cfg.min_crop_scale)
+    return ImageEvalProcessor(cfg.image_size, use_draft=True)
+
+
+def build_train_loader(cfg: DataConfig, dp_rank: int, dp_size: int, seed: int) -> TrainLoader:
+    """The training loader of one DP rank; every TP / PP rank of that DP rank passes the same arguments."""
+    if not 0 <= dp_rank < dp_size:
+        raise ValueError(f"dp_rank={dp_rank} must be in [0, dp_size={dp_size})")
+    cfg = prepare_data(cfg)
+    sources = build_train_sources(cfg)
+    num_streams = max(1, cfg.num_workers)
+    if not cfg.resampled:
+        for source in sources:
+            if len(source.units) < dp_size * num_streams:
+                raise ValueError(
+                    f"{source.name!r} has {len(source.units)} shard(s) but dp_size x workers = {dp_size} x "
+                    f"{num_streams} readers need at least one each; write smaller shards, use fewer "
+                    "workers, or set data.resampled=true"
+                )
+    samples_per_epoch = cfg.samples_per_epoch or sum(source.num_samples for source in sources)
+    batches_per_epoch = samples_per_epoch // (dp_size * cfg.batch_size)
+    if batches_per_epoch < 1:
+        raise ValueError(
+            f"{samples_per_epoch} samples per epoch give no batch of {cfg.batch_size} on each of {dp_size} DP ranks"
+        )
+    spec = StreamSpec(
+        sources=sources,
+        weights=list(cfg.mix_weights) if cfg.mix_weights else [1.0] * len(sources),
+        resampled=cfg.resampled,
+        seed=seed,
+        dp_rank=dp_rank,
+        dp_size=dp_size,
+        num_streams=num_streams,
+        batch_size=cfg.batch_size,
+        batches_per_epoch=batches_per_epoch,
+        shuffle_buffer=cfg.shuffle_buffer,
+        image_processor=build_train_image_processor(cfg),
+        text_processor=CaptionProcessor(cfg.prompt, cfg.max_words),
+    )
+    logger.info(
+        "train data: %d source(s), %d samples/epoch, %d batches/epoch of %d per DP rank (rank %d of %d)",
+        len(sources),
+        samples_per_epoch,
+        batches_per_epoch,
+        cfg.batch_size,
+        dp_rank,
+        dp_size,
+    )
+    return TrainLoader(TrainStream(spec), cfg.num_workers)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+EVAL_TASKS = ("caption", "vqa")
+
+
+def build_eval_dataset(cfg: DataConfig, split: str = "val", task: str = "caption") -> Dataset:
+    """Evaluation dataset: captions (``CaptionEvalDataset``) or VQAv2 (``VQADataset``).
+
+    Images get the eval transform (bicubic resize to image_size, exact PIL). ``split``
+    picks val_annotation or test_annotation for captions; VQA reads vqa_questions /
+    vqa_annotations. Missing images are dropped up front and counted in ``dataset.skipped``.
+    """
+    if task not in EVAL_TASKS:
+        raise ValueError(f"task={task!r}; choose one of {EVAL_TASKS}")
+    image_processor = ImageEvalProcessor(cfg.image_size)
+    if task == "vqa":
+        if not cfg.vqa_questions:
+            raise ValueError("data.vqa_questions is required for VQA evaluation")
+        records = load_vqa_records(cfg.vqa_questions, cfg.vqa_annotations or None)
+        return VQADataset(records, image_resolver(cfg), image_processor, QuestionProcessor(cfg.max_words))
+    if split not in ("val", "test"):
+        raise ValueError(f"split={split!r}; choose 'val' or 'test'")
+    cfg = prepare_data(cfg)
+    annotation = cfg.val_annotation if split == "val" else cfg.test_annotation
+    if not annotation:
+        raise ValueError(f"data.{split}_annotation is required for caption evaluation")
+    records = load_caption_records(annotation, "coco")
+    text_processor = CaptionProcessor(max_words=cfg.max_words)
+    return CaptionEvalDataset(records, image_resolver(cfg), image_processor, text_processor)
+
+
+def caption_ground_truth(cfg: DataConfig, split: str = "val") -> str:
+    """Path of the COCO-format caption ground truth of a split ("" when not configured)."""
+    cfg = prepare_data(cfg)
+    return cfg.val_gt if split == "val" else cfg.test_gt
+
+
+def collate_drop_none(items: list[dict[str, Any] | None]) -> dict[str, Any]:
+    """Stack "image" tensors and list every other field, dropping None items.
+
+    The number dropped travels under "num_dropped" (read by :class:`EvalLoader`).
+    """
+    kept = [item for item in items if item is not None]
+    batch: dict[str, Any] = {"num_dropped": len(items) - len(kept)}
+    if kept:
+        for name in kept[0]:
+            values = [item[name] for item in kept]
+            batch[name] = torch.stack(values) if name == "image" else values
+    return batch
+
+
+class EvalLoader:
+    """Batches of an eval dataset; items that failed to load are dropped and counted in ``stats``."""
+
+    def __init__(self, dataset: Dataset, batch_size: int, num_workers: int = 0):
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        # Counted when the dataset was built (seen through a Subset, e.g. a DP slice);
+        # load-time failures are counted from the batches, since the dataset's own
+        # counter lives in whichever worker process loaded the item.
+        built = dataset.dataset if isinstance(dataset, Subset) else dataset
+        self._skipped: Counter[str] = Counter(getattr(built, "skipped", {}))
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Missing images found when the dataset was built plus images that failed to load."""
+        return dict(self._skipped)
+
+    def __len__(self) -> int:
+        return -(-len(self.dataset) // self.batch_size)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        loader = DataLoader(
+            self.dataset,
+            batch_size=self.batch_size,
+            shuffle=False,
+            num_workers=self.num_workers,
+            collate_fn=collate_drop_none,
+        )
+        for batch in loader:
+            dropped = batch.pop("num_dropped")
+            if dropped:
+                self._skipped["unreadable_image"] += dropped
+            if "image" in batch:
+                yield batch
