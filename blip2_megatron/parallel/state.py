@@ -71,10 +71,12 @@ def init_distributed(timeout_minutes: int = 30) -> LaunchEnv:
     if "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ:
         dist.init_process_group(backend, rank=env.rank, world_size=env.world_size, timeout=timeout)
     elif env.world_size == 1:
-        # A plain `python script.py`: a private rendezvous on loopback.
-        dist.init_process_group(
-            backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1, timeout=timeout
+        # A plain `python script.py`: a private rendezvous on loopback, published the way a
+        # launcher would (DeepSpeed's engine insists on LOCAL_RANK).
+        os.environ.update(
+            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0"
         )
+        dist.init_process_group(backend, rank=0, world_size=1, timeout=timeout)
     else:
         raise RuntimeError(
             f"WORLD_SIZE={env.world_size} but MASTER_ADDR/MASTER_PORT are not set; "

@@ -52,17 +52,6 @@ class PreemptionFlag:
         return bool(flag.item())
 
 
-def _endless(loader: Any) -> Iterator[dict[str, Any]]:
-    """Batches across epochs; the loader tracks its own epoch and position."""
-    while True:
-        yielded = False
-        for batch in loader:
-            yielded = True
-            yield batch
-        if not yielded:
-            raise RuntimeError("the training loader yielded no batch in a whole epoch")
-
-
 class RunLog:
     """The JSONL record and the human line of each log step (written by global rank 0)."""
 
@@ -195,9 +184,11 @@ def run_training(job: JobConfig, ds_config_path: str | Path) -> dict[str, Any]:
     # one stream per data-parallel rank: TP/PP ranks of one DP rank draw the same dropout.
     accelerator.manual_seed(job.train.seed)
     model = build_model(job.model, device=accelerator.current_device())
+    if hasattr(model, "dp_group") and dp_size > 1:
+        model.dp_group = state.dp_group()  # stage 1: ITC negatives gathered over data-parallel ranks
     accelerator.manual_seed(job.train.seed + dp_rank)
 
-    loader = build_train_loader(job.data, dp_rank=dp_rank, dp_size=dp_size, seed=job.train.seed, is_loading_rank=rank0)
+    loader = build_train_loader(job.data, dp_rank=dp_rank, dp_size=dp_size, seed=job.train.seed)
     steps_per_epoch = max(loader.batches_per_epoch // job.train.grad_accum, 1)
     total_steps = job.train.max_steps or job.train.epochs * steps_per_epoch
 
@@ -231,7 +222,7 @@ def run_training(job: JobConfig, ds_config_path: str | Path) -> dict[str, Any]:
             job.name, total_steps, steps_per_epoch, global_batch, job.data.batch_size, job.train.grad_accum,
             dp_size, job.tp, job.pp, output_dir,
         )
-    batches = _endless(loader)
+    batches = loader.endless()
     step = start_step
     last_saved = start_step if resume else None
     window: list[dict[str, float]] = []

@@ -1,0 +1,264 @@
+"""Throughput benchmark: N training steps after warm-up, with a step-time breakdown.
+
+Runs the job's model through the same DeepSpeed engine as training, on synthetic
+in-memory batches (no decode cost; isolates the model and the parallel layout) or on the
+job's real data. With ``baseline="hf"`` the same model size, batch, frozen/trained split
+and dtype also run through ``transformers``' Blip2ForConditionalGeneration in a child
+process, and the speed and memory ratios are reported side by side.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import multiprocessing as mp
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from blip2_megatron import accelerator
+from blip2_megatron.models.factory import build_model
+from blip2_megatron.parallel import state
+from blip2_megatron.training.config import JobConfig
+from blip2_megatron.training.ds_config import check_layout, read_ds_config
+from blip2_megatron.training.throughput import StepTiming, ThroughputMeter, train_flops_per_image
+from blip2_megatron.training.trainer import DataParallelStep, build_engine
+
+logger = logging.getLogger(__name__)
+
+_CAPTIONS = [
+    "a red circle on the left of a plain background",
+    "a small blue square at the top",
+    "there is a large green triangle in the center",
+    "a picture of a small yellow circle",
+]
+
+
+def synthetic_batch(job: JobConfig, seed: int = 0) -> dict[str, Any]:
+    """A fixed in-memory batch of the job's micro-batch size and image size."""
+    gen = torch.Generator().manual_seed(seed)
+    size = job.model.vision.image_size
+    batch = job.data.batch_size
+    return {
+        "image": torch.randn(batch, 3, size, size, generator=gen),
+        "text_input": [_CAPTIONS[i % len(_CAPTIONS)] for i in range(batch)],
+        "image_id": list(range(batch)),
+    }
+
+
+def _batches(job: JobConfig, use_real_data: bool):
+    if use_real_data:
+        from blip2_megatron.data.loader import build_train_loader
+
+        loader = build_train_loader(job.data, state.dp_rank(), state.dp_size(), seed=job.train.seed)
+        return loader.endless()
+    return itertools.repeat(synthetic_batch(job, seed=state.dp_rank()))
+
+
+def _measure(run_step, batches, steps: int, warmup: int) -> tuple[list[StepTiming], list[dict[str, float]]]:
+    timings, losses = [], []
+    for index in range(warmup + steps):
+        step_losses, timing = run_step(batches)
+        if index >= warmup:
+            timings.append(timing)
+            losses.append(step_losses)
+    return timings, losses
+
+
+def _mean_timing(timings: list[StepTiming]) -> StepTiming:
+    n = len(timings)
+    return StepTiming(
+        data=sum(t.data for t in timings) / n,
+        forward=sum(t.forward for t in timings) / n,
+        backward=sum(t.backward for t in timings) / n,
+        optimizer=sum(t.optimizer for t in timings) / n,
+    )
+
+
+def benchmark_ours(job: JobConfig, ds_config_path: str, steps: int, warmup: int, use_real_data: bool) -> dict[str, Any]:
+    """FPS and the step breakdown of this stack (all ranks; figures reduced on rank 0)."""
+    state.init_distributed()
+    ds_raw = read_ds_config(ds_config_path)
+    check_layout(job, ds_raw, dist.get_world_size())
+    if job.pp > 1:
+        raise NotImplementedError("launch/benchmark.py measures PP = 1 layouts; use launch/train.py logs for PP > 1")
+    state.initialize_model_parallel(job.tp, job.pp)
+    accelerator.manual_seed(job.train.seed)
+    accelerator.reset_peak_memory()
+    model = build_model(job.model, device=accelerator.current_device())
+    engine, _ = build_engine(job, model, ds_raw, total_steps=warmup + steps, steps_per_epoch=warmup + steps)
+    run_step = DataParallelStep(engine, job.train.grad_accum)
+    timings, losses = _measure(run_step, _batches(job, use_real_data), steps, warmup)
+    mean = _mean_timing(timings)
+    meter = ThroughputMeter(
+        global_batch=job.data.batch_size * job.train.grad_accum * state.dp_size(),
+        world_size=dist.get_world_size(),
+        flops_per_image=train_flops_per_image(job.model),
+        precision=job.train.precision,
+        warmup_steps=0,
+    )
+    figures = meter.record(mean)
+    figures["final_loss"] = losses[-1]["loss"]
+    figures["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return figures
+
+
+def _hf_worker(job_dict: dict[str, Any], steps: int, warmup: int, queue: Any) -> None:
+    """Child process: the transformers baseline (one device, same batch and split)."""
+    try:
+        queue.put(("ok", _hf_benchmark(job_dict, steps, warmup)))
+    except Exception as err:  # noqa: BLE001 - reported back to the parent
+        queue.put(("error", repr(err)))
+
+
+def _hf_benchmark(job_dict: dict[str, Any], steps: int, warmup: int) -> dict[str, Any]:
+    from transformers import Blip2ForConditionalGeneration
+
+    from blip2_megatron.convert.hf_blip2 import hf_config_from_ours, hf_inputs_from_batch
+    from blip2_megatron.models.factory import build_tokenizers
+    from blip2_megatron.training.config import job_config_from_dict
+    from blip2_megatron.training.optim import build_optimizer
+
+    job = job_config_from_dict(job_dict)
+    torch.manual_seed(job.train.seed)
+    hf_cfg = hf_config_from_ours(job.model)
+    model = Blip2ForConditionalGeneration(hf_cfg).to(accelerator.current_device())
+    # The same frozen/trained split as ours: frozen ViT in eval mode, LLM frozen or not.
+    if job.model.vision.freeze:
+        model.vision_model.requires_grad_(False).eval()
+    if job.model.llm.freeze:
+        model.language_model.requires_grad_(False)
+    model.train()
+    if job.model.vision.freeze:
+        model.vision_model.eval()
+    optimizer = build_optimizer(model, job.train)
+    _, llm_tokenizer = build_tokenizers(job.model)
+    inputs = hf_inputs_from_batch(job.model, llm_tokenizer, synthetic_batch(job), hf_cfg)
+    inputs = {k: v.to(accelerator.current_device()) for k, v in inputs.items()}
+    dtype = accelerator.DTYPE_BY_NAME[job.train.precision]
+    timings = []
+    for index in range(warmup + steps):
+        timing = StepTiming()
+        start = time.perf_counter()
+        with accelerator.autocast(dtype):
+            loss = model(**inputs).loss
+        accelerator.synchronize()
+        timing.forward = time.perf_counter() - start
+        start = time.perf_counter()
+        loss.backward()
+        accelerator.synchronize()
+        timing.backward = time.perf_counter() - start
+        start = time.perf_counter()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        accelerator.synchronize()
+        timing.optimizer = time.perf_counter() - start
+        if index >= warmup:
+            timings.append(timing)
+    mean = _mean_timing(timings)
+    fps = job.data.batch_size / mean.total
+    return {
+        "fps": fps,
+        "step_time": mean.total,
+        "forward_time": mean.forward,
+        "backward_time": mean.backward,
+        "optimizer_time": mean.optimizer,
+        "final_loss": float(loss.detach()),
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "peak_mem_gb": accelerator.peak_memory_bytes() / 2**30
+        if not accelerator.is_cpu()
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+    }
+
+
+def benchmark_hf(job: JobConfig, steps: int, warmup: int) -> dict[str, Any]:
+    """Run the transformers baseline in a fresh process (clean memory peak) and return its figures."""
+    from blip2_megatron.training.config import job_config_to_dict
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_hf_worker, args=(job_config_to_dict(job), steps, warmup, queue))
+    proc.start()
+    status, value = queue.get()
+    proc.join()
+    if status != "ok":
+        raise RuntimeError(f"transformers baseline failed: {value}")
+    return value
+
+
+def format_table(ours: dict[str, Any], baseline: dict[str, Any] | None) -> str:
+    rows = [
+        ("FPS (images/s, global)", "fps", "{:.2f}"),
+        ("FPS per device", "fps_per_device", "{:.2f}"),
+        ("step time (s)", "step_time", "{:.4f}"),
+        ("  data (s)", "data_time", "{:.4f}"),
+        ("  forward (s)", "forward_time", "{:.4f}"),
+        ("  backward (s)", "backward_time", "{:.4f}"),
+        ("  optimizer (s)", "optimizer_time", "{:.4f}"),
+        ("TFLOP/s per device", "tflops_per_device", "{:.4f}"),
+        ("MFU", "mfu", "{:.1%}"),
+        ("peak memory (GB)", "peak_mem_gb", "{:.3f}"),
+        ("trainable params", "trainable_params", "{:,}"),
+    ]
+
+    def cell(data: dict[str, Any] | None, key: str, fmt: str) -> str:
+        value = None if data is None else data.get(key)
+        return "n/a" if value is None else fmt.format(value)
+
+    header = f"| {'metric':<24} | {'blip2-megatron':>15} |" + (f" {'transformers':>13} | {'ratio':>7} |" if baseline else "")
+    lines = [header, "|" + "-" * 26 + "|" + "-" * 17 + "|" + ("-" * 15 + "|" + "-" * 9 + "|" if baseline else "")]
+    for label, key, fmt in rows:
+        line = f"| {label:<24} | {cell(ours, key, fmt):>15} |"
+        if baseline:
+            ratio = ""
+            if key in ("fps", "peak_mem_gb") and baseline.get(key) and ours.get(key):
+                ratio = f"{ours[key] / baseline[key]:.2f}x"
+            line += f" {cell(baseline, key, fmt):>13} | {ratio:>7} |"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def run_benchmark(
+    job: JobConfig,
+    ds_config_path: str,
+    steps: int,
+    warmup: int,
+    use_real_data: bool = False,
+    baseline: str | None = None,
+    out_json: Path | None = None,
+) -> dict[str, Any]:
+    """Benchmark ``job``; return (and on rank 0 write) {"ours": ..., "baseline": ..., "ratios": ...}."""
+    ours = benchmark_ours(job, ds_config_path, steps, warmup, use_real_data)
+    result: dict[str, Any] = {
+        "job": job.name,
+        "flavour": job.flavour,
+        "steps": steps,
+        "warmup": warmup,
+        "data": "real" if use_real_data else "synthetic",
+        "world_size": dist.get_world_size(),
+        "tp": job.tp,
+        "dp": state.dp_size(),
+        "precision": job.train.precision,
+        "device": accelerator.device_name_for_peak(),
+        "ours": ours,
+        "baseline": None,
+    }
+    if baseline == "hf":
+        if dist.get_world_size() != 1:
+            raise ValueError("--baseline hf compares single-device runs; launch with one process")
+        result["baseline"] = benchmark_hf(job, steps, warmup)
+        result["ratios"] = {
+            "speed": ours["fps"] / result["baseline"]["fps"],
+            "memory": ours["peak_mem_gb"] / result["baseline"]["peak_mem_gb"],
+        }
+    if dist.get_rank() == 0:
+        logger.info("\n%s", format_table(ours, result["baseline"]))
+        if out_json is not None:
+            out_json.parent.mkdir(parents=True, exist_ok=True)
+            out_json.write_text(json.dumps(result, indent=2))
+    return result

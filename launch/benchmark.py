@@ -1,0 +1,58 @@
+#!/usr/bin/env python
+"""Measure training throughput: FPS, FPS/device, step-time breakdown, TFLOP/s, MFU, memory.
+
+    python launch/benchmark.py --config tiny_stage2 --steps 20 --warmup 5 --baseline hf
+    deepspeed launch/benchmark.py --ds_config ds_configs/zero2.json --config stage2_opt2.7b --steps 100
+
+Warm-up steps are excluded. Data is synthetic and in memory unless --real-data is given.
+`--baseline hf` also runs the same model size, batch, frozen/trained split and dtype
+through transformers' Blip2ForConditionalGeneration (single process) and prints the
+speed and memory ratios. A JSON file with every figure is written (--out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from _common import setup_logging
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ds_config", "--ds-config", default=str(REPO / "ds_configs" / "zero1.json"))
+    parser.add_argument("--config", default=None, help="job YAML or shipped job (default: tiny_stage2)")
+    parser.add_argument("--steps", type=int, default=20, help="measured steps")
+    parser.add_argument("--warmup", type=int, default=5, help="steps run before measuring")
+    parser.add_argument("--real-data", action="store_true", help="read the job's data instead of a synthetic batch")
+    parser.add_argument("--baseline", choices=["hf"], default=None, help="also run transformers' Blip2 model")
+    parser.add_argument("--out", default=None, help="JSON output (default: <output_dir>/benchmark.json)")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    args = parser.parse_args(argv)
+    setup_logging()
+
+    from blip2_megatron.config_utils import ConfigError
+    from blip2_megatron.parallel import state
+    from blip2_megatron.training.benchmark import run_benchmark
+    from blip2_megatron.training.config import load_job_config
+
+    try:
+        job = load_job_config(args.config, args.overrides)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    out = Path(args.out) if args.out else Path(job.train.output_dir) / "benchmark.json"
+    try:
+        run_benchmark(job, args.ds_config, args.steps, args.warmup, args.real_data, args.baseline, out)
+    finally:
+        state.destroy()
+    print(f"figures written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
