@@ -119,6 +119,25 @@ def build_llm_inputs(
     return LLMInputs(input_ids, attention_mask, image_slots, labels if targets is not None else None)
 
 
+def prepare_llm_batch(
+    tokenizer: Any, cfg: Blip2Config, samples: dict[str, Any], device: torch.device | None = None
+) -> dict[str, Any]:
+    """A loader batch ({"image", "text_input", optional "prompt"}) as model-ready tensors."""
+    texts = list(samples["text_input"])
+    prompts = samples.get("prompt") or [cfg.prompt] * len(texts)
+    inputs = build_llm_inputs(tokenizer, cfg, list(prompts), texts)
+    if device is not None:
+        inputs = inputs.to(device)
+    image = samples["image"]
+    return {
+        "image": image.to(device) if device is not None else image,
+        "input_ids": inputs.input_ids,
+        "attention_mask": inputs.attention_mask,
+        "image_slots": inputs.image_slots,
+        "labels": inputs.labels,
+    }
+
+
 class Blip2ForLLM(nn.Module):
     """Vision encoder + Q-Former + projection + tensor-parallel LLM.
 
@@ -164,19 +183,7 @@ class Blip2ForLLM(nn.Module):
     # ----------------------------------------------------------------- batches
     def prepare_batch(self, samples: dict[str, Any], device: torch.device | None = None) -> dict[str, Any]:
         """Tokenize a loader batch ({"image", "text_input", optional "prompt"}) into tensors."""
-        texts = list(samples["text_input"])
-        prompts = samples.get("prompt") or [self.cfg.prompt] * len(texts)
-        inputs = build_llm_inputs(self.tokenizer, self.cfg, list(prompts), texts)
-        if device is not None:
-            inputs = inputs.to(device)
-        image = samples["image"]
-        return {
-            "image": image.to(device) if device is not None else image,
-            "input_ids": inputs.input_ids,
-            "attention_mask": inputs.attention_mask,
-            "image_slots": inputs.image_slots,
-            "labels": inputs.labels,
-        }
+        return prepare_llm_batch(self.tokenizer, self.cfg, samples, device)
 
     # ----------------------------------------------------------------- forward
     def image_embeddings(self, image: torch.Tensor) -> torch.Tensor:

@@ -180,25 +180,24 @@ def run_training(job: JobConfig, ds_config_path: str | Path) -> dict[str, Any]:
     output_dir = _prepare_output(job)
     preemption = PreemptionFlag()
 
-    # Same seed everywhere for initialisation (replicated modules must start equal), then
-    # one stream per data-parallel rank: TP/PP ranks of one DP rank draw the same dropout.
-    accelerator.manual_seed(job.train.seed)
-    model = build_model(job.model, device=accelerator.current_device())
-    if hasattr(model, "dp_group") and dp_size > 1:
-        model.dp_group = state.dp_group()  # stage 1: ITC negatives gathered over data-parallel ranks
-    accelerator.manual_seed(job.train.seed + dp_rank)
-
     loader = build_train_loader(job.data, dp_rank=dp_rank, dp_size=dp_size, seed=job.train.seed)
     steps_per_epoch = max(loader.batches_per_epoch // job.train.grad_accum, 1)
     total_steps = job.train.max_steps or job.train.epochs * steps_per_epoch
 
+    # Same seed everywhere for initialisation (replicated modules must start equal), then
+    # one stream per data-parallel rank: TP/PP ranks of one DP rank draw the same dropout.
+    accelerator.manual_seed(job.train.seed)
     if job.pp > 1:
         from blip2_megatron.parallel.pipeline import build_pipeline_engine
 
-        engine, scheduler, run_step = build_pipeline_engine(job, model, ds_raw, total_steps, steps_per_epoch)
+        engine, scheduler, run_step = build_pipeline_engine(job, ds_raw, total_steps, steps_per_epoch)
     else:
+        model = build_model(job.model, device=accelerator.current_device())
+        if hasattr(model, "dp_group") and dp_size > 1:
+            model.dp_group = state.dp_group()  # stage 1: ITC negatives gathered over data-parallel ranks
         engine, scheduler = build_engine(job, model, ds_raw, total_steps, steps_per_epoch)
         run_step = DataParallelStep(engine, job.train.grad_accum)
+    accelerator.manual_seed(job.train.seed + dp_rank)
 
     start_step = 0
     resume = checkpoint.resolve_resume(job)
