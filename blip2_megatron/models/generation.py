@@ -1,0 +1,317 @@
+"""Greedy and beam-search decoding over a tensor-parallel :class:`ParallelCausalLM`.
+
+Generation starts from input embeddings (BLIP-2: projected query outputs followed by the
+prompt's token embeddings) with a left-padded attention mask, runs the prompt once to fill
+a :class:`KVCache`, then feeds one token per step. Only the last position's logits are
+computed; they are all-gathered over the TP group (``[B, V/tp] -> [B, V]``) and the
+vocabulary padding is dropped, so every TP rank makes the same decisions on the same full
+distribution without further communication.
+
+Semantics follow ``transformers`` 5.23 ``generate(inputs_embeds=..., attention_mask=...)``
+(token-identical outputs on the same weights are tested):
+
+* only new tokens are returned (HF does the same when given embeddings without ids);
+* position ids are ``cumsum(mask) - 1``, continuing by one per new token;
+* after an end-of-text token a greedy row emits ``pad_token_id``;
+* ``min_new_tokens`` forbids end-of-text tokens before that many tokens;
+  ``repetition_penalty`` divides positive / multiplies negative scores of tokens already
+  generated (applied to logits in greedy search, to log-probabilities in beam search);
+* beam search keeps ``2 * num_beams`` candidates per step (more with several end tokens),
+  scores a finished hypothesis as ``sum_logprobs / generated_len ** length_penalty`` where
+  the length counts the new tokens including the end token, and stops with HF's default
+  heuristic (``early_stopping=False``): when the best running beam, scored at its current
+  length, cannot beat the worst of ``num_beams`` finished hypotheses. ``early_stopping=True``
+  stops once ``num_beams`` hypotheses are finished; ``"never"`` uses the canonical bound.
+
+Pipeline parallelism is not supported here (``pp == 1``): the eval path runs whole models.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from blip2_megatron.models.llm import KVCache, ParallelCausalLM, gather_from_tp_ranks
+
+logger = logging.getLogger(__name__)
+
+_NEG = -1.0e9  # "impossible" score, as HF uses, so that sums stay finite
+
+
+def _eos_tensor(eos_token_id: int | Sequence[int] | None, device) -> torch.Tensor:
+    if eos_token_id is None:
+        return torch.empty(0, dtype=torch.long, device=device)
+    ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    return torch.tensor(ids, dtype=torch.long, device=device)
+
+
+class _StepModel:
+    """Runs the model one step at a time with a KV cache; returns full-vocabulary logits."""
+
+    def __init__(self, model: ParallelCausalLM, attention_mask: torch.Tensor):
+        if not (model.pre_process and model.post_process and model.layer_range == (0, model.cfg.num_layers)):
+            raise ValueError("generation needs the whole LLM on one pipeline stage (pp=1)")
+        self.model = model
+        self.cache = KVCache()
+        self.attention_mask = attention_mask
+        # As HF's generate: positions count real tokens, padding gets 0 (it is never attended).
+        positions = attention_mask.long().cumsum(-1) - 1
+        self.position_ids = positions.masked_fill(attention_mask == 0, 0)
+
+    def _full_vocab_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        last = logits[:, -1].contiguous()  # [B, V / tp]
+        full = gather_from_tp_ranks(last, dim=-1)
+        return full[:, : self.model.vocab_size].float()
+
+    def prefill(self, inputs_embeds: torch.Tensor) -> torch.Tensor:
+        out = self.model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=self.attention_mask,
+            position_ids=self.position_ids,
+            kv_cache=self.cache,
+            logits_to_keep=1,
+        )
+        self.position_ids = self.position_ids[:, -1:]
+        return self._full_vocab_logits(out.logits)
+
+    def select(self, batch_index: torch.Tensor) -> None:
+        """Re-order / duplicate batch rows of the cache and the running mask and positions."""
+        self.cache.select(batch_index)
+        self.attention_mask = self.attention_mask.index_select(0, batch_index)
+        self.position_ids = self.position_ids.index_select(0, batch_index)
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        ones = self.attention_mask.new_ones(tokens.shape[0], 1)
+        self.attention_mask = torch.cat([self.attention_mask, ones], dim=1)
+        self.position_ids = self.position_ids + 1
+        out = self.model(
+            input_ids=tokens[:, None],
+            attention_mask=self.attention_mask,
+            position_ids=self.position_ids,
+            kv_cache=self.cache,
+            logits_to_keep=1,
+        )
+        return self._full_vocab_logits(out.logits)
+
+
+def _process_scores(
+    scores: torch.Tensor,
+    generated: torch.Tensor,
+    eos: torch.Tensor,
+    min_new_tokens: int,
+    repetition_penalty: float,
+) -> torch.Tensor:
+    """HF's repetition penalty and min-new-tokens processors on ``scores [N, V]``."""
+    if repetition_penalty != 1.0 and generated.shape[1] > 0:
+        seen = torch.gather(scores, 1, generated)
+        seen = torch.where(seen < 0, seen * repetition_penalty, seen / repetition_penalty)
+        scores = scores.scatter(1, generated, seen)
+    if generated.shape[1] < min_new_tokens and eos.numel():
+        scores = scores.clone()
+        scores[:, eos] = float("-inf")
+    return scores
+
+
+@torch.no_grad()
+def generate(
+    model: ParallelCausalLM,
+    inputs_embeds: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    num_beams: int = 1,
+    max_new_tokens: int = 20,
+    min_new_tokens: int = 0,
+    length_penalty: float = 1.0,
+    repetition_penalty: float = 1.0,
+    num_return_sequences: int = 1,
+    eos_token_id: int | Sequence[int] | None = None,
+    pad_token_id: int | None = None,
+    early_stopping: bool | str = False,
+) -> torch.Tensor:
+    """Generate continuations of ``inputs_embeds [B, T, H]`` (left-padded, ``attention_mask [B, T]``).
+
+    Returns the new token ids only, ``[B * num_return_sequences, L]`` with
+    ``L <= max_new_tokens``, rows of one input adjacent (best beam first), padded with
+    ``pad_token_id`` after a row's end token. ``eos_token_id`` / ``pad_token_id`` default to
+    the model config's. Collective over the TP group: every TP rank calls it with the same
+    inputs and gets the same result.
+    """
+    cfg = model.cfg
+    if eos_token_id is None:
+        eos_token_id = cfg.eos_token_id
+    if pad_token_id is None:
+        pad_token_id = cfg.pad_token_id
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+    if num_beams < 1 or not 1 <= num_return_sequences <= num_beams:
+        raise ValueError(
+            f"need num_beams >= 1 and 1 <= num_return_sequences <= num_beams "
+            f"(got num_beams={num_beams}, num_return_sequences={num_return_sequences})"
+        )
+    if early_stopping not in (True, False, "never"):
+        raise ValueError(f"early_stopping={early_stopping!r} must be True, False or 'never'")
+    if attention_mask is None:
+        attention_mask = torch.ones(inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device)
+    if attention_mask.shape[1] + max_new_tokens > cfg.max_position_embeddings:
+        logger.warning(
+            "prompt (%d) + max_new_tokens (%d) exceeds max_position_embeddings (%d)",
+            attention_mask.shape[1],
+            max_new_tokens,
+            cfg.max_position_embeddings,
+        )
+    was_training = model.training
+    model.eval()
+    try:
+        stepper = _StepModel(model, attention_mask)
+        eos = _eos_tensor(eos_token_id, inputs_embeds.device)
+        common = dict(
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=min_new_tokens,
+            repetition_penalty=repetition_penalty,
+            eos=eos,
+            pad_token_id=pad_token_id,
+        )
+        if num_beams == 1:
+            return _greedy(stepper, inputs_embeds, **common)
+        return _beam_search(
+            stepper,
+            inputs_embeds,
+            num_beams=num_beams,
+            num_return_sequences=num_return_sequences,
+            length_penalty=length_penalty,
+            early_stopping=early_stopping,
+            **common,
+        )
+    finally:
+        model.train(was_training)
+
+
+def _greedy(
+    stepper: _StepModel,
+    inputs_embeds: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    min_new_tokens: int,
+    repetition_penalty: float,
+    eos: torch.Tensor,
+    pad_token_id: int,
+) -> torch.Tensor:
+    batch = inputs_embeds.shape[0]
+    device = inputs_embeds.device
+    generated = torch.empty(batch, 0, dtype=torch.long, device=device)
+    unfinished = torch.ones(batch, dtype=torch.bool, device=device)
+    logits = stepper.prefill(inputs_embeds)
+    for step in range(max_new_tokens):
+        scores = _process_scores(logits, generated, eos, min_new_tokens, repetition_penalty)
+        tokens = scores.argmax(dim=-1)
+        tokens = torch.where(unfinished, tokens, torch.full_like(tokens, pad_token_id))
+        generated = torch.cat([generated, tokens[:, None]], dim=1)
+        unfinished &= ~torch.isin(tokens, eos)
+        if not unfinished.any() or step + 1 == max_new_tokens:
+            break
+        logits = stepper.step(tokens)
+    return generated
+
+
+def _beam_search(
+    stepper: _StepModel,
+    inputs_embeds: torch.Tensor,
+    *,
+    num_beams: int,
+    num_return_sequences: int,
+    length_penalty: float,
+    early_stopping: bool | str,
+    max_new_tokens: int,
+    min_new_tokens: int,
+    repetition_penalty: float,
+    eos: torch.Tensor,
+    pad_token_id: int,
+) -> torch.Tensor:
+    batch = inputs_embeds.shape[0]
+    device = inputs_embeds.device
+    beams = num_beams
+    # Enough candidates that `beams` of them can continue even if the best ones all end.
+    candidates = max(2, 1 + eos.numel()) * beams
+    is_top_beam = torch.arange(candidates, device=device) < beams
+
+    # Running hypotheses: tokens so far and cumulative log-probs. Only beam 0 starts live, so
+    # the first step does not pick the same token `beams` times.
+    running = torch.full((batch, beams, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+    running_scores = torch.zeros(batch, beams, device=device)
+    running_scores[:, 1:] = _NEG
+    # Finished hypotheses (the best `beams` per input), their length-normalised scores and lengths.
+    finished = running.clone()
+    finished_scores = torch.full((batch, beams), _NEG, device=device)
+    finished_len = torch.zeros(batch, beams, dtype=torch.long, device=device)
+    is_finished = torch.zeros(batch, beams, dtype=torch.bool, device=device)
+    can_improve = torch.ones(batch, 1, dtype=torch.bool, device=device)
+
+    # The prompt runs once per input; the cache is then duplicated for the beams.
+    logits = stepper.prefill(inputs_embeds)
+    expand = torch.arange(batch, device=device).repeat_interleave(beams)
+    stepper.select(expand)
+    logits = logits.index_select(0, expand)
+    vocab = logits.shape[-1]
+    batch_offset = torch.arange(batch, device=device)[:, None] * beams
+
+    for cur_len in range(max_new_tokens):
+        log_probs = F.log_softmax(logits, dim=-1)
+        log_probs = _process_scores(
+            log_probs,
+            running[:, :, :cur_len].reshape(batch * beams, cur_len),
+            eos,
+            min_new_tokens,
+            repetition_penalty,
+        )
+        total = (log_probs.view(batch, beams, vocab) + running_scores[:, :, None]).view(batch, beams * vocab)
+        top_scores, top_index = torch.topk(total, candidates)
+        source_beam = top_index // vocab
+        tokens = top_index % vocab
+        top_seqs = torch.take_along_dim(running, source_beam[:, :, None], dim=1)
+        top_seqs[:, :, cur_len] = tokens
+        ends = torch.isin(tokens, eos) | (cur_len + 1 >= max_new_tokens)
+
+        # The best `beams` candidates that did not end keep running.
+        live_scores = top_scores + ends.float() * _NEG
+        keep = torch.topk(live_scores, beams).indices
+        running = torch.take_along_dim(top_seqs, keep[:, :, None], dim=1)
+        running_scores = torch.take_along_dim(live_scores, keep, dim=1)
+        running_source = torch.take_along_dim(source_beam, keep, dim=1)
+
+        # Candidates among the top `beams` that ended compete for the finished slots.
+        just_ended = ends & is_top_beam[None]
+        scores = top_scores / float(cur_len + 1) ** length_penalty
+        all_done = is_finished.all(dim=-1, keepdim=True) & (early_stopping is True)
+        scores = (
+            scores + all_done.float() * _NEG + (~can_improve).float() * _NEG + (~just_ended).float() * _NEG
+        )
+        merged_scores = torch.cat([finished_scores, scores], dim=1)
+        best = torch.topk(merged_scores, beams).indices
+        finished = torch.take_along_dim(torch.cat([finished, top_seqs], dim=1), best[:, :, None], dim=1)
+        finished_scores = torch.take_along_dim(merged_scores, best, dim=1)
+        new_len = torch.full_like(tokens, cur_len + 1)
+        finished_len = torch.take_along_dim(torch.cat([finished_len, new_len], dim=1), best, dim=1)
+        is_finished = torch.take_along_dim(torch.cat([is_finished, just_ended], dim=1), best, dim=1)
+
+        # Could a running beam still beat the worst finished one? (HF's heuristic, see module doc.)
+        length = max_new_tokens if (early_stopping == "never" and length_penalty > 0.0) else cur_len + 1
+        best_running = running_scores[:, :1] / float(length) ** length_penalty
+        worst_finished = torch.where(is_finished, finished_scores.min(dim=1, keepdim=True).values, _NEG)
+        can_improve = can_improve & (best_running > worst_finished).any(dim=-1, keepdim=True)
+        done = (
+            not can_improve.any()
+            or bool(is_finished.all() and early_stopping is True)
+            or bool(ends.all())
+            or cur_len + 1 == max_new_tokens
+        )
+        if done:
+            break
+        stepper.select((running_source + batch_offset).view(-1))
+        logits = stepper.step(running[:, :, cur_len].reshape(-1))
+
+    best = finished[:, :num_return_sequences].reshape(batch * num_return_sequences, max_new_tokens)
+    length = int(finished_len[:, :num_return_sequences].max())
+    return best[:, :length]
