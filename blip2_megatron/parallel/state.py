@@ -82,6 +82,10 @@ def init_distributed(timeout_minutes: int = 30) -> LaunchEnv:
             f"WORLD_SIZE={env.world_size} but MASTER_ADDR/MASTER_PORT are not set; "
             "start the job with deepspeed, torchrun or srun"
         )
+    # DeepSpeed keeps its own handle on the (already running) process group.
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
     logger.info("torch.distributed up: rank %d/%d, backend %s", env.rank, env.world_size, backend)
     return env
 

@@ -1,0 +1,186 @@
+"""blip2_megatron.accelerator follows DeepSpeed's accelerator object, so an Ascend NPU works.
+
+No NPU here: a fake accelerator with DeepSpeed's interface (device_name() -> "npu",
+communication_backend_name() -> "hccl", ...) stands in for deepspeed's NPU_Accelerator.
+The choices the package makes from it (device type, backend, device, autocast, seeding,
+memory, peak FLOP/s) must follow it. Where a real ``torch.device("npu:0")`` is needed, a
+child process renames torch's PrivateUse1 backend to "npu" and registers a stub
+``torch.npu`` module, which is what torch_npu does on import.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing as mp
+import types
+from concurrent.futures import ProcessPoolExecutor
+
+import pytest
+import torch
+
+from blip2_megatron import accelerator
+
+
+class FakeNpuAccelerator:
+    """The parts of DeepSpeed's NPU_Accelerator the package calls, with call records."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+
+    def device_name(self, device_index=None) -> str:
+        return "npu" if device_index is None else f"npu:{device_index}"
+
+    def current_device_name(self) -> str:
+        return "npu:0"
+
+    def communication_backend_name(self) -> str:
+        return "hccl"
+
+    def set_device(self, index: int) -> None:
+        self.calls.append(("set_device", index))
+
+    def manual_seed_all(self, seed: int) -> None:
+        self.calls.append(("manual_seed_all", seed))
+
+    def get_rng_state(self):
+        return torch.tensor([7], dtype=torch.uint8)
+
+    def set_rng_state(self, state) -> None:
+        self.calls.append(("set_rng_state", int(state[0])))
+
+    def synchronize(self) -> None:
+        self.calls.append(("synchronize",))
+
+    def is_bf16_supported(self) -> bool:
+        return True
+
+    def is_fp16_supported(self) -> bool:
+        return True
+
+    def reset_peak_memory_stats(self) -> None:
+        self.calls.append(("reset_peak_memory_stats",))
+
+    def max_memory_allocated(self) -> int:
+        return 3 * 2**30
+
+    def device_count(self) -> int:
+        return 8
+
+
+@pytest.fixture
+def fake_npu(monkeypatch):
+    """The package's accelerator answers from a fake NPU accelerator."""
+    fake = FakeNpuAccelerator()
+    monkeypatch.setattr(accelerator, "get_accelerator", lambda: fake)
+    return fake
+
+
+def test_device_choices_follow_the_accelerator(fake_npu):
+    assert accelerator.device_type() == "npu"
+    assert not accelerator.is_cpu()
+    assert accelerator.communication_backend() == "hccl"
+    assert accelerator.device_count() == 8
+    accelerator.set_device(3)
+    assert ("set_device", 3) in fake_npu.calls
+
+
+def test_autocast_requests_npu(fake_npu, monkeypatch):
+    # torch.autocast(device_type="npu") needs torch_npu in this process; record the request.
+    requested = []
+
+    def fake_autocast(device_type, dtype=None, **kwargs):
+        requested.append((device_type, dtype))
+        return contextlib.nullcontext()
+
+    monkeypatch.setattr(torch, "autocast", fake_autocast)
+    accelerator.autocast(torch.bfloat16)
+    accelerator.autocast(torch.float16)
+    assert requested == [("npu", torch.bfloat16), ("npu", torch.float16)]
+    # fp32 (and None) means no autocast at all, on any device.
+    assert isinstance(accelerator.autocast(torch.float32), contextlib.nullcontext)
+    assert isinstance(accelerator.autocast(None), contextlib.nullcontext)
+    assert len(requested) == 2
+
+
+def test_seed_rng_memory_and_sync_go_to_the_device(fake_npu):
+    accelerator.manual_seed(1234)
+    assert ("manual_seed_all", 1234) in fake_npu.calls
+    state = accelerator.rng_state()
+    assert int(state["device"][0]) == 7
+    accelerator.set_rng_state(state)
+    assert ("set_rng_state", 7) in fake_npu.calls
+    accelerator.synchronize()
+    accelerator.reset_peak_memory()
+    assert ("synchronize",) in fake_npu.calls and ("reset_peak_memory_stats",) in fake_npu.calls
+    assert accelerator.peak_memory_bytes() == 3 * 2**30
+    assert accelerator.supports_dtype(torch.bfloat16) and accelerator.supports_dtype(torch.float16)
+
+
+def test_peak_tflops_of_910b(fake_npu, monkeypatch):
+    # torch_npu reports names such as "Ascend910B3"; MFU needs the 910B peak.
+    monkeypatch.setattr(
+        torch, "npu", types.SimpleNamespace(get_device_name=lambda: "Ascend910B3"), raising=False
+    )
+    assert accelerator.peak_tflops("bf16") == accelerator.PEAK_TFLOPS["Ascend910B"]["bf16"]
+    # An unknown device name means "no MFU", not a crash.
+    monkeypatch.setattr(
+        torch, "npu", types.SimpleNamespace(get_device_name=lambda: "Ascend310P"), raising=False
+    )
+    assert accelerator.peak_tflops("bf16") is None
+
+
+def test_ds_accelerator_npu_imports_adaptors_when_present(monkeypatch, caplog):
+    """_ds_accelerator() takes DeepSpeed's choice; on "npu" it tries torch_npu/MindSpeed and survives without them."""
+    import deepspeed.accelerator
+
+    fake = FakeNpuAccelerator()
+    monkeypatch.setattr(deepspeed.accelerator, "get_accelerator", lambda: fake)
+    imported = []
+    monkeypatch.setattr(accelerator, "_import_ascend_adaptors", lambda: imported.append(True))
+    accelerator._ds_accelerator.cache_clear()
+    try:
+        assert accelerator.get_accelerator() is fake
+        assert accelerator.get_accelerator() is fake  # cached: one lookup, one adaptor import
+        assert imported == [True]
+        assert accelerator.device_type() == "npu"
+    finally:
+        accelerator._ds_accelerator.cache_clear()  # the next caller gets the real (CPU) accelerator
+    # The adaptor import itself tolerates a machine without torch_npu / MindSpeed.
+    monkeypatch.undo()
+    with caplog.at_level("INFO", logger=accelerator.__name__):
+        accelerator._import_ascend_adaptors()
+    assert "torch_npu is not installed" in caplog.text or "imported torch_npu" in caplog.text
+
+
+def _in_child_with_npu_device_type() -> dict:
+    """Runs in a fresh process: make "npu" a torch device type the way torch_npu does."""
+    torch.utils.rename_privateuse1_backend("npu")
+    npu_module = types.ModuleType("torch.npu")
+    npu_module.is_available = lambda: True
+    npu_module.get_amp_supported_dtype = lambda: [torch.float16, torch.bfloat16]
+    npu_module.is_bf16_supported = lambda: True
+    torch._register_device_module("npu", npu_module)
+    accelerator.get_accelerator = FakeNpuAccelerator  # a fresh process: nothing to restore
+    ctx = accelerator.autocast(torch.bfloat16)
+    with ctx:
+        enabled = torch.is_autocast_enabled("npu")
+        dtype = torch.get_autocast_dtype("npu")
+    return {
+        "current_device": str(accelerator.current_device()),
+        "autocast_device": ctx.device,
+        "autocast_dtype": str(ctx.fast_dtype),
+        "enabled_inside": enabled,
+        "dtype_inside": str(dtype),
+    }
+
+
+def test_current_device_and_real_autocast_on_npu_device_type():
+    with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as pool:
+        got = pool.submit(_in_child_with_npu_device_type).result(timeout=120)
+    assert got == {
+        "current_device": "npu:0",
+        "autocast_device": "npu",
+        "autocast_dtype": "torch.bfloat16",
+        "enabled_inside": True,
+        "dtype_inside": "torch.bfloat16",
+    }
