@@ -291,11 +291,15 @@ class TrainLoader:
         if self._num_workers == 0:
             batches: Any = iter(self._stream)
         else:
+            # A private generator: without it DataLoader draws its worker seed from the global
+            # RNG, so a resumed run (whose loader starts later) would shift the dropout stream.
+            generator = torch.Generator().manual_seed(self._stream.spec.seed * 1000 + self.epoch)
             batches = DataLoader(
                 self._stream,
                 batch_size=None,
                 num_workers=self._num_workers,
                 persistent_workers=False,  # workers must be re-forked with each epoch's start position
+                generator=generator,
             )
         for batch in batches:
             self._skipped.update(batch.pop(SKIPPED_KEY))

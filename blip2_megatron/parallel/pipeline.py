@@ -57,10 +57,17 @@ class Blip2PipeStage(nn.Module):
         self.model = build_model(
             cfg, device=device, pre_process=self.first, post_process=self.last, layer_range=layer_range
         )
-        if not any(p.requires_grad for p in self.model.parameters()):
-            # DeepSpeed's optimizer refuses an empty parameter list on a stage whose layers
-            # are all frozen; one unused element keeps it happy and costs nothing.
-            self.placeholder = nn.Parameter(torch.zeros(1, device=device))
+        # Every stage must hand DeepSpeed the same optimizer groups (weight decay / none):
+        # ZeRO runs one grad-norm collective per group over all stages, and an empty
+        # parameter list is refused outright. A stage whose trainable parameters lack a
+        # kind (all frozen layers: both) gets a one-element placeholder of that kind; it is
+        # added to the output times zero, so it has a (zero) gradient and changes nothing.
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.placeholders = nn.ParameterList()
+        if not any(p.ndim >= 2 for p in trainable):
+            self.placeholders.append(nn.Parameter(torch.zeros(1, 1, device=device)))
+        if not any(p.ndim < 2 for p in trainable):
+            self.placeholders.append(nn.Parameter(torch.zeros(1, device=device)))
 
     def forward(self, inputs: tuple[torch.Tensor, ...]) -> Any:
         lm = self.model.language_model
@@ -71,9 +78,10 @@ class Blip2PipeStage(nn.Module):
         else:
             hidden_states, attention_mask = inputs
             out = lm(hidden_states=hidden_states, attention_mask=attention_mask)
-        if self.last:
-            return out.logits
-        return out.hidden_states, attention_mask
+        output = out.logits if self.last else out.hidden_states
+        for placeholder in self.placeholders:
+            output = output + 0.0 * placeholder.sum().to(output.dtype)
+        return output if self.last else (output, attention_mask)
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return self.model.language_model.causal_lm_loss(logits, labels)
