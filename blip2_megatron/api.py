@@ -16,7 +16,12 @@ import torch
 
 from blip2_megatron import accelerator
 from blip2_megatron.config_utils import ConfigError
-from blip2_megatron.data.processors import CaptionProcessor, ImageEvalProcessor, ImageTrainProcessor, QuestionProcessor
+from blip2_megatron.data.processors import (
+    CaptionProcessor,
+    ImageEvalProcessor,
+    ImageTrainProcessor,
+    QuestionProcessor,
+)
 from blip2_megatron.parallel import state
 from blip2_megatron.training.config import JobConfig, load_job_config
 
@@ -39,7 +44,9 @@ def _checkpoint_dir(path: Path) -> Path | None:
 def _load_trainable_state(model: torch.nn.Module, ckpt: Path) -> None:
     """Copy the trainable weights of a DeepSpeed checkpoint (TP rank of this process) into ``model``."""
     rank = state.tp_rank() if state.is_initialized() else 0
-    candidates = sorted(ckpt.glob(f"mp_rank_{rank:02d}_model_states.pt")) or sorted(ckpt.glob("*model_states.pt"))
+    candidates = sorted(ckpt.glob(f"mp_rank_{rank:02d}_model_states.pt")) or sorted(
+        ckpt.glob("*model_states.pt")
+    )
     if not candidates:
         raise FileNotFoundError(f"no model_states file in checkpoint {ckpt}")
     # DeepSpeed's model-state file carries a few plain Python objects besides tensors; it is
@@ -66,7 +73,9 @@ def load_trained_model(
     if checkpoint:
         ckpt = _checkpoint_dir(Path(checkpoint))
         if ckpt is None:
-            raise FileNotFoundError(f"{checkpoint} holds no finished checkpoint (no trainer_state.json / latest)")
+            raise FileNotFoundError(
+                f"{checkpoint} holds no finished checkpoint (no trainer_state.json / latest)"
+            )
         run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
         config = config or str(ckpt / "config.yaml")
     job = load_job_config(config, overrides or [])
@@ -90,15 +99,17 @@ def load_model_and_preprocess(
     """``(model, image_processors, text_processors)`` as LAVIS returns them.
 
     ``image_processors`` / ``text_processors`` have "train" and "eval" entries.
-    ``overrides`` are dotted job keys (``**{"model.llm.tp": 1}``) for flavour sources.
+    ``overrides`` are dotted job keys (``**{"model.llm.tp": 1}``); for a Hugging Face
+    directory they are model keys (``model.`` optional, e.g. ``**{"prompt": ""}``).
     """
     path = Path(source)
     override_list = [f"{k}={v}" for k, v in overrides.items()]
     if path.is_dir() and _is_hf_blip2_dir(path):
         from blip2_megatron.convert.hf_blip2 import load_hf_blip2
 
-        state.initialize_model_parallel(1, 1)
-        model, cfg = load_hf_blip2(path, device=accelerator.current_device() if device is None else device)
+        model, cfg = load_hf_blip2(
+            path, device=accelerator.current_device() if device is None else device, **overrides
+        )
         image_size = cfg.vision.image_size
     elif path.is_dir():
         model, job, _ = load_trained_model(str(path), None, override_list)
@@ -116,5 +127,9 @@ def load_model_and_preprocess(
         model.to(dtype)
     model.eval()
     image_processors = {"train": ImageTrainProcessor(image_size), "eval": ImageEvalProcessor(image_size)}
-    text_processors = {"train": CaptionProcessor(), "eval": CaptionProcessor(), "question": QuestionProcessor()}
+    text_processors = {
+        "train": CaptionProcessor(),
+        "eval": CaptionProcessor(),
+        "question": QuestionProcessor(),
+    }
     return model, image_processors, text_processors

@@ -2,34 +2,70 @@
 
 Our module names follow transformers' (``vision_model``, ``qformer``, ``query_tokens``,
 ``language_projection``, ``language_model``) one level down (``query_encoder.`` holds the
-first three), so the conversion is prefix renames plus the LLM's own key map and TP
-slicing (``convert/hf_llm.py``).
+first three), so the conversion is the prefix renames of ``convert/vision_qformer.py``
+plus the LLM's own key map and TP slicing (``convert/hf_llm.py``). transformers 5.23
+saves the LLM under ``language_model.model.decoder.*`` (OPT) / ``language_model.model.*``
+(LLaMA) and ``language_model.lm_head.weight`` (absent when tied to the embedding).
+
+* :func:`load_hf_blip2` builds our model from a local Blip2 directory through the model
+  factory (``model.init_checkpoint=<dir>``), after checking that every tensor the model
+  needs is in the directory (a missing one is named).
+* :func:`export_hf_blip2` writes a directory that
+  ``transformers.Blip2ForConditionalGeneration.from_pretrained`` loads.
+
+The end of a caption: BLIP-2's OPT models end captions with "\\n" (50118 with OPT's
+tokenizer; Salesforce's checkpoints store it as ``text_config.eos_token_id``, which is
+where transformers' ``generate`` stops); LLaMA-family models end with the tokenizer's eos.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import os
+import shutil
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 import transformers
+from torch import nn
 
-from blip2_megatron.config import Blip2Config, LLMConfig, QFormerConfig, VisionConfig
-from blip2_megatron.config_utils import ConfigError
+from blip2_megatron.config import Blip2Config, LLMConfig
+from blip2_megatron.config_utils import ConfigError, from_dict, merge_dicts
+from blip2_megatron.convert.hf_llm import (
+    CheckpointMismatchError,
+    export_hf_state_dict,
+    hf_config_dict,
+    hf_name_map,
+    llm_config_from_hf,
+    read_hf_config,
+)
+from blip2_megatron.convert.io import iter_checkpoint_files, load_state_dict_file
+from blip2_megatron.convert.vision_qformer import ours_to_hf_vision_qformer, summarize_keys
+from blip2_megatron.data.processors import CLIP_MEAN, CLIP_STD
+from blip2_megatron.models.blip2 import Blip2ForLLM, build_llm_inputs
 
 logger = logging.getLogger(__name__)
 
-# transformers key prefix -> ours, for everything outside the language model.
-PREFIX_MAP = {
-    "vision_model.": "query_encoder.visual_encoder.",
-    "qformer.": "query_encoder.qformer.",
-    "query_tokens": "query_encoder.query_tokens",
-    "language_projection.": "language_projection.",
-}
-HF_LLM_PREFIX = "language_model."
+HF_LLM_PREFIX = "language_model."  # the same in transformers and in Blip2ForLLM
+PROJECTION_PREFIX = "language_projection."  # the same in transformers and in Blip2ForLLM
+HF_LM_HEAD = HF_LLM_PREFIX + "lm_head.weight"
 OPT_IMAGE_TOKEN = 50265  # the "<image>" id Salesforce's blip2-opt checkpoints use (vocab padded to 50272)
+OPT_CAPTION_END = "\n"  # BLIP-2 OPT captions end here (LAVIS: the first id of tokenizer("\n"))
+# Files of a transformers tokenizer (any of them marks a directory as holding one).
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+)
+BICUBIC = 3  # PIL.Image.BICUBIC, the resampling of our eval transform
 
 
 def image_token_id(llm: LLMConfig) -> int:
@@ -39,50 +75,37 @@ def image_token_id(llm: LLMConfig) -> int:
     return llm.vocab_size - 1
 
 
+# ------------------------------------------------------------------------------ configs
 def hf_text_config(llm: LLMConfig) -> transformers.PretrainedConfig:
+    """The transformers OPTConfig / LlamaConfig of ``llm`` as a Blip2 ``text_config``.
+
+    As :func:`~blip2_megatron.convert.hf_llm.hf_config_dict`, except that the eos is the
+    caption end (so transformers' generate stops where ours does) and OPT's dropout is off
+    (our decoder has none; the benchmark's transformers baseline must not have it either).
+    """
+    fields = hf_config_dict(llm)
+    fields["eos_token_id"] = llm.eos_token_id
     if llm.arch == "opt":
-        return transformers.OPTConfig(
-            vocab_size=llm.vocab_size,
-            hidden_size=llm.hidden_size,
-            num_hidden_layers=llm.num_layers,
-            num_attention_heads=llm.num_heads,
-            ffn_dim=llm.intermediate_size,
-            max_position_embeddings=llm.max_position_embeddings,
-            word_embed_proj_dim=llm.hidden_size,
-            do_layer_norm_before=True,
-            enable_bias=llm.attention_bias,
-            activation_function="relu",
-            dropout=0.0,
-            attention_dropout=0.0,
-            layerdrop=0.0,
-            bos_token_id=llm.bos_token_id,
-            eos_token_id=llm.eos_token_id,
-            pad_token_id=llm.pad_token_id,
-            tie_word_embeddings=llm.tie_word_embeddings,
-        )
-    return transformers.LlamaConfig(
-        vocab_size=llm.vocab_size,
-        hidden_size=llm.hidden_size,
-        num_hidden_layers=llm.num_layers,
-        num_attention_heads=llm.num_heads,
-        num_key_value_heads=llm.kv_heads,
-        intermediate_size=llm.intermediate_size,
-        max_position_embeddings=llm.max_position_embeddings,
-        rms_norm_eps=llm.norm_eps,
-        rope_theta=llm.rope_theta,
-        attention_bias=llm.attention_bias,
-        tie_word_embeddings=llm.tie_word_embeddings,
-        bos_token_id=llm.bos_token_id,
-        eos_token_id=llm.eos_token_id,
-        pad_token_id=llm.pad_token_id,
-    )
+        fields.update(dropout=0.0, attention_dropout=0.0, layerdrop=0.0)
+    return transformers.AutoConfig.for_model(**fields)
 
 
 def hf_config_from_ours(cfg: Blip2Config) -> transformers.Blip2Config:
-    """A transformers Blip2Config with our sizes (dropout off, as our parity tests compare)."""
+    """A transformers Blip2Config with our sizes (dropout as ours; inverse of :func:`ours_config_from_hf`).
+
+    transformers' ViT applies ``vision.layer_norm_eps`` to ``post_layernorm`` too: a model
+    whose ``ln_vision_eps`` differs (LAVIS uses 1e-5 there) is exported with a small
+    numerical difference there.
+    """
     if cfg.llm is None:
-        raise ConfigError("only models with an LLM (model.kind 'llm' / 'minigpt4') map to Blip2ForConditionalGeneration")
+        raise ConfigError(
+            "only models with an LLM (model.kind 'llm' / 'minigpt4') map to Blip2ForConditionalGeneration"
+        )
     vision, qformer = cfg.vision, cfg.qformer
+    if vision.pre_layernorm:
+        raise ConfigError(
+            "transformers' Blip2 vision model has no pre_layernorm (CLIP ViT-L): cannot export it"
+        )
     hf = transformers.Blip2Config(
         vision_config=dict(
             hidden_size=vision.hidden_size,
@@ -96,7 +119,7 @@ def hf_config_from_ours(cfg: Blip2Config) -> transformers.Blip2Config:
             qkv_bias=vision.qkv_bias,
         ),
         qformer_config=dict(
-            vocab_size=qformer.vocab_size,
+            vocab_size=qformer.vocab_size - 1,  # ours counts the [DEC] bos token, transformers does not
             hidden_size=qformer.hidden_size,
             num_hidden_layers=qformer.num_layers,
             num_attention_heads=qformer.num_heads,
@@ -114,97 +137,344 @@ def hf_config_from_ours(cfg: Blip2Config) -> transformers.Blip2Config:
         image_text_hidden_size=qformer.embed_dim,
         image_token_index=image_token_id(cfg.llm),
     )
+    hf.architectures = ["Blip2ForConditionalGeneration"]
     return hf
 
 
-def llm_config_from_hf_text(text: dict[str, Any]) -> dict[str, Any]:
-    """LLMConfig fields from a transformers OPT / LLaMA-family config dict."""
-    model_type = text.get("model_type")
-    if model_type == "opt":
-        if not text.get("do_layer_norm_before", True) or text.get("word_embed_proj_dim", text["hidden_size"]) != text[
-            "hidden_size"
-        ]:
-            raise ConfigError("OPT variants with post-LN or project_in/out (OPT-350M) are not supported")
-        return dict(
-            arch="opt",
-            vocab_size=text["vocab_size"],
-            hidden_size=text["hidden_size"],
-            num_layers=text["num_hidden_layers"],
-            num_heads=text["num_attention_heads"],
-            intermediate_size=text["ffn_dim"],
-            max_position_embeddings=text["max_position_embeddings"],
-            tie_word_embeddings=text.get("tie_word_embeddings", True),
-            attention_bias=text.get("enable_bias", True),
-            bos_token_id=text.get("bos_token_id", 2),
-            pad_token_id=text.get("pad_token_id", 1),
-            norm_eps=1e-5,
+def full_hf_config(hf: Mapping[str, Any] | transformers.Blip2Config) -> dict[str, Any]:
+    """A Blip2 config dict with transformers' defaults filled in (checkpoints store only changes)."""
+    if not isinstance(hf, transformers.Blip2Config):
+        if hf.get("model_type") not in (None, "blip-2"):
+            raise ConfigError(f"model_type {hf.get('model_type')!r} is not a Blip2 model ('blip-2')")
+        hf = transformers.Blip2Config.from_dict(dict(hf))
+    return hf.to_dict()
+
+
+def caption_eos_token_id(arch: str, tokenizer: Any) -> int:
+    """The id that ends a caption: "\\n" for OPT when the tokenizer has it as one token, else its eos."""
+    if arch == "opt":
+        ids = tokenizer(OPT_CAPTION_END, add_special_tokens=False)["input_ids"]
+        if len(ids) == 1:
+            return ids[0]
+    if tokenizer.eos_token_id is None:
+        raise ConfigError("the LLM tokenizer has no eos token; set model.llm.eos_token_id")
+    return tokenizer.eos_token_id
+
+
+def ours_config_from_hf(
+    hf: Mapping[str, Any] | transformers.Blip2Config,
+    tokenizer: Any = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Blip2Config:
+    """Our Blip2Config from a transformers Blip2 config (``config.json`` dict or object).
+
+    With ``tokenizer`` the caption end follows it (see :func:`caption_eos_token_id`);
+    without, ``text_config.eos_token_id``. ``overrides`` is a nested dict of Blip2Config
+    fields (``{"llm": {"tp": 2}, "prompt": ""}``), validated with errors naming the key.
+    """
+    hf = full_hf_config(hf)
+    v, q, text = hf["vision_config"], hf["qformer_config"], hf["text_config"]
+    if text.get("is_encoder_decoder"):
+        raise ConfigError(f"Blip2 with an encoder-decoder LLM ({text.get('model_type')}) is not supported")
+    llm = dataclasses.asdict(llm_config_from_hf(text))
+    if tokenizer is not None:
+        llm["eos_token_id"] = caption_eos_token_id(llm["arch"], tokenizer)
+    else:
+        eos = text.get("eos_token_id")
+        llm["eos_token_id"] = (
+            eos[0] if isinstance(eos, list) else eos if eos is not None else llm["eos_token_id"]
         )
-    if model_type in ("llama", "internlm2", "mistral", "qwen2"):
-        return dict(
-            arch="llama",
-            vocab_size=text["vocab_size"],
-            hidden_size=text["hidden_size"],
-            num_layers=text["num_hidden_layers"],
-            num_heads=text["num_attention_heads"],
-            num_kv_heads=text.get("num_key_value_heads") or text["num_attention_heads"],
-            intermediate_size=text["intermediate_size"],
-            max_position_embeddings=text.get("max_position_embeddings", 2048),
-            norm_eps=text.get("rms_norm_eps", 1e-6),
-            rope_theta=text.get("rope_theta", 10000.0),
-            tie_word_embeddings=text.get("tie_word_embeddings", False),
-            attention_bias=text.get("attention_bias", False),
-            bos_token_id=text.get("bos_token_id", 1),
-            eos_token_id=text.get("eos_token_id", 2),
-            pad_token_id=text.get("pad_token_id") if text.get("pad_token_id") is not None else 0,
+    if llm["arch"] == "opt":
+        end_sym, prompt = OPT_CAPTION_END, "a photo of"
+    else:
+        end_sym, prompt = (tokenizer.eos_token if tokenizer is not None else "</s>"), ""
+    data = dict(
+        kind="llm",
+        vision=dict(
+            image_size=v["image_size"],
+            patch_size=v["patch_size"],
+            hidden_size=v["hidden_size"],
+            num_layers=v["num_hidden_layers"],
+            num_heads=v["num_attention_heads"],
+            intermediate_size=v["intermediate_size"],
+            layer_norm_eps=v["layer_norm_eps"],
+            ln_vision_eps=v["layer_norm_eps"],  # transformers uses one epsilon for both
+            qkv_bias=v["qkv_bias"],
+            hidden_act=v["hidden_act"],
+        ),
+        qformer=dict(
+            hidden_size=q["hidden_size"],
+            num_layers=q["num_hidden_layers"],
+            num_heads=q["num_attention_heads"],
+            intermediate_size=q["intermediate_size"],
+            vocab_size=q["vocab_size"] + 1,  # + [DEC]
+            bos_token_id=q["vocab_size"],
+            max_position_embeddings=q["max_position_embeddings"],
+            cross_attention_frequency=q["cross_attention_frequency"],
+            num_query_tokens=hf["num_query_tokens"],
+            embed_dim=hf["image_text_hidden_size"],
+            hidden_dropout_prob=q["hidden_dropout_prob"],
+            attention_dropout_prob=q["attention_probs_dropout_prob"],
+            layer_norm_eps=q["layer_norm_eps"],
+            pad_token_id=q["pad_token_id"] if q.get("pad_token_id") is not None else 0,
+        ),
+        llm=llm,
+        prompt=prompt,
+        end_sym=end_sym,
+    )
+    return from_dict(Blip2Config, merge_dicts(data, dict(overrides or {})), prefix="model")
+
+
+def _nested_overrides(overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"llm.tp": 2, "model.prompt": ""}`` -> ``{"llm": {"tp": 2}, "prompt": ""}``."""
+    nested: dict[str, Any] = {}
+    for key, value in overrides.items():
+        parts = key.removeprefix("model.").split(".")
+        node = nested
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = merge_dicts(node.get(parts[-1], {}), value) if isinstance(value, dict) else value
+    return nested
+
+
+# ------------------------------------------------------------------------------ names
+def hf_names(model: nn.Module) -> dict[str, str]:
+    """Our parameter names -> transformers ``Blip2ForConditionalGeneration`` names (the parts present)."""
+    ours = [name for name, _ in model.named_parameters() if not name.startswith(HF_LLM_PREFIX)]
+    renamed, rest = ours_to_hf_vision_qformer({name: name for name in ours})  # values carry our names
+    names = {our: hf for hf, our in renamed.items()}
+    for name in rest:
+        if not name.startswith(PROJECTION_PREFIX):
+            raise ValueError(f"{name} has no place in a transformers Blip2ForConditionalGeneration")
+        names[name] = name
+    language_model = getattr(model, "language_model", None)
+    if language_model is not None:
+        for our, hf in hf_name_map(language_model).items():
+            names[HF_LLM_PREFIX + our] = HF_LLM_PREFIX + hf
+    return names
+
+
+def checkpoint_keys(model_dir: str | Path) -> list[str]:
+    """Tensor names in a Hugging Face directory (safetensors headers only; ``.bin`` files are read)."""
+    from safetensors import safe_open
+
+    keys: list[str] = []
+    for path in iter_checkpoint_files(model_dir):
+        if path.suffix == ".safetensors":
+            with safe_open(str(path), framework="pt", device="cpu") as handle:
+                keys.extend(handle.keys())
+        else:
+            keys.extend(load_state_dict_file(path))
+    return keys
+
+
+def check_hf_blip2_checkpoint(model_dir: str | Path, cfg: Blip2Config) -> None:
+    """Raise :class:`CheckpointMismatchError` naming every tensor the model needs that ``model_dir`` lacks.
+
+    Checked on a meta-device model before anything is read; shapes are checked (naming the
+    tensor) while the factory copies the weights.
+    """
+    from blip2_megatron.models.param_count import build_meta_model
+
+    expected = set(hf_names(build_meta_model(cfg)).values())
+    present = set(checkpoint_keys(model_dir))
+    missing = sorted(expected - present)
+    if missing:
+        raise CheckpointMismatchError(
+            f"{model_dir}: {len(missing)} tensors the model needs are missing: {_list_keys(missing)}"
         )
-    raise ConfigError(f"language model type {model_type!r} is not supported (opt and llama-family are)")
+    unexpected = sorted(present - expected - {HF_LM_HEAD})
+    if unexpected:
+        logger.warning("%s: %d tensors are not used: %s", model_dir, len(unexpected), _list_keys(unexpected))
 
 
-def ours_config_from_hf(hf: dict[str, Any], prompt: str = "a photo of") -> Blip2Config:
-    """Our Blip2Config from a transformers Blip2 ``config.json`` dict."""
-    v, q = hf["vision_config"], hf["qformer_config"]
-    vision = VisionConfig(
-        image_size=v.get("image_size", 224),
-        patch_size=v.get("patch_size", 14),
-        hidden_size=v.get("hidden_size", 1408),
-        num_layers=v.get("num_hidden_layers", 39),
-        num_heads=v.get("num_attention_heads", 16),
-        intermediate_size=v.get("intermediate_size", 6144),
-        layer_norm_eps=v.get("layer_norm_eps", 1e-6),
-        ln_vision_eps=v.get("layer_norm_eps", 1e-6),  # transformers uses one epsilon for both
-        qkv_bias=v.get("qkv_bias", True),
-        hidden_act=v.get("hidden_act", "gelu"),
+def _list_keys(keys: list[str], exact_up_to: int = 10) -> str:
+    """A few names in full; many collapsed per layer (``layers.{0-31}.fc1.weight``)."""
+    return ", ".join(keys) if len(keys) <= exact_up_to else summarize_keys(keys)
+
+
+# ------------------------------------------------------------------------------ loading
+def _tokenizer_spec(model_dir: Path, llm_overrides: Mapping[str, Any]) -> str:
+    spec = llm_overrides.get("tokenizer") or str(model_dir)
+    if spec == str(model_dir) and not any((model_dir / f).is_file() for f in TOKENIZER_FILES):
+        raise ConfigError(
+            f"{model_dir} holds no tokenizer files ({', '.join(TOKENIZER_FILES)}); "
+            "pass llm.tokenizer=<local tokenizer directory>"
+        )
+    return spec
+
+
+def _warn_on_token_mismatch(cfg: Blip2Config, tokenizer: Any, text: Mapping[str, Any]) -> None:
+    """Say where transformers' generate on the same directory would behave differently."""
+    eos = text.get("eos_token_id")
+    eos = eos[0] if isinstance(eos, list) else eos
+    if eos is not None and eos != cfg.llm.eos_token_id:
+        logger.warning(
+            "captions end at token %d (from the tokenizer) but text_config.eos_token_id is %s: "
+            "transformers' generate on this directory stops at the latter",
+            cfg.llm.eos_token_id,
+            eos,
+        )
+    bos = text.get("bos_token_id")
+    if bos is not None and tokenizer.bos_token_id is not None and bos != tokenizer.bos_token_id:
+        logger.warning(
+            "the tokenizer's bos id %d differs from text_config.bos_token_id %d: prompts start with the "
+            "tokenizer's, transformers' prompt-less generate with the config's",
+            tokenizer.bos_token_id,
+            bos,
+        )
+
+
+def load_hf_blip2(
+    model_dir: str | Path, device: torch.device | str | None = None, **overrides: Any
+) -> tuple[Blip2ForLLM, Blip2Config]:
+    """``(Blip2ForLLM in eval mode, its config)`` from a local transformers Blip2 directory.
+
+    The tokenizer is read from the same directory (or ``llm.tokenizer``); the weights go
+    through the model factory (``init_checkpoint=<dir>``). ``overrides`` are Blip2Config
+    fields, dotted or nested (``**{"llm.tp": 2}``, ``prompt=""``). Model-parallel groups are
+    started (TP = ``llm.tp``, PP = 1) unless running; when running, ``llm.tp`` follows them.
+    """
+    from blip2_megatron.models.factory import build_model
+    from blip2_megatron.models.tokenizers import build_tokenizer
+    from blip2_megatron.parallel import state
+
+    model_dir = Path(model_dir)
+    raw = read_hf_config(model_dir)
+    nested = _nested_overrides(overrides)
+    llm_overrides = nested.setdefault("llm", {})
+    if state.is_initialized():
+        llm_overrides.setdefault("tp", state.tp_size())
+    spec = _tokenizer_spec(model_dir, llm_overrides)
+    tokenizer = build_tokenizer(spec, "llm")
+    llm_overrides["tokenizer"] = spec
+    nested["init_checkpoint"] = str(model_dir)
+    cfg = ours_config_from_hf(raw, tokenizer, nested)
+    if cfg.llm.pp != 1:
+        raise ConfigError("load_hf_blip2 builds the whole model on each rank: llm.pp must be 1")
+    if not state.is_initialized():
+        state.initialize_model_parallel(cfg.llm.tp, 1)
+    _warn_on_token_mismatch(cfg, tokenizer, full_hf_config(raw)["text_config"])
+    check_hf_blip2_checkpoint(model_dir, cfg)
+    model = build_model(cfg, device=device)
+    model.eval()
+    logger.info(
+        "loaded a transformers Blip2 (%s, %d layers) from %s", cfg.llm.arch, cfg.llm.num_layers, model_dir
     )
-    qformer = QFormerConfig(
-        hidden_size=q.get("hidden_size", 768),
-        num_layers=q.get("num_hidden_layers", 12),
-        num_heads=q.get("num_attention_heads", 12),
-        intermediate_size=q.get("intermediate_size", 3072),
-        vocab_size=q.get("vocab_size", 30522) + 1,
-        bos_token_id=q.get("vocab_size", 30522),
-        max_position_embeddings=q.get("max_position_embeddings", 512),
-        cross_attention_frequency=q.get("cross_attention_frequency", 2),
-        num_query_tokens=hf.get("num_query_tokens", 32),
-        embed_dim=hf.get("image_text_hidden_size", 256),
-        hidden_dropout_prob=q.get("hidden_dropout_prob", 0.1),
-        attention_dropout_prob=q.get("attention_probs_dropout_prob", 0.1),
-        layer_norm_eps=q.get("layer_norm_eps", 1e-12),
+    return model, cfg
+
+
+# ------------------------------------------------------------------------------ export
+def hf_state_dict_from_ours(model: Blip2ForLLM) -> dict[str, torch.Tensor]:
+    """The whole model under transformers names, TP shards gathered, on the CPU.
+
+    Collective over the TP group (every TP rank calls it). A tied head appears as
+    ``language_model.lm_head.weight`` too, as transformers' ``state_dict()`` has it.
+    """
+    names = hf_names(model)
+    tensors = {
+        names[name]: param.detach().cpu()
+        for name, param in model.named_parameters()
+        if not name.startswith(HF_LLM_PREFIX)
+    }
+    for name, tensor in export_hf_state_dict(model.language_model).items():
+        tensors[HF_LLM_PREFIX + name] = tensor
+    return tensors
+
+
+def _image_processor_config(cfg: Blip2Config) -> dict[str, Any]:
+    """transformers' BlipImageProcessor settings equal to our eval transform."""
+    size = cfg.vision.image_size
+    return {
+        "image_processor_type": "BlipImageProcessor",
+        "do_convert_rgb": True,
+        "do_resize": True,
+        "size": {"height": size, "width": size},
+        "resample": BICUBIC,
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": list(CLIP_MEAN),
+        "image_std": list(CLIP_STD),
+    }
+
+
+def _write_hf_dir(
+    directory: Path, cfg: Blip2Config, tensors: dict[str, torch.Tensor], tokenizer: Any
+) -> None:
+    from safetensors.torch import save_file
+
+    if cfg.llm.tie_word_embeddings:
+        tensors.pop(HF_LM_HEAD, None)  # safetensors refuses shared storage; transformers re-ties it
+    save_file(
+        {k: v.contiguous() for k, v in tensors.items()},
+        str(directory / "model.safetensors"),
+        {"format": "pt"},
     )
-    llm = LLMConfig(**llm_config_from_hf_text(hf["text_config"]))
-    return Blip2Config(kind="llm", vision=vision, qformer=qformer, llm=llm, prompt=prompt)
+    hf_config_from_ours(cfg).save_pretrained(directory)
+    llm = cfg.llm
+    transformers.GenerationConfig(
+        bos_token_id=llm.bos_token_id, eos_token_id=llm.eos_token_id, pad_token_id=llm.pad_token_id
+    ).save_pretrained(directory)
+    (directory / "preprocessor_config.json").write_text(json.dumps(_image_processor_config(cfg), indent=2))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
 
 
-def read_hf_config(model_dir: str | Path) -> dict[str, Any]:
-    path = Path(model_dir) / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{model_dir} has no config.json: not a Hugging Face model directory")
-    return json.loads(path.read_text())
+def export_hf_blip2(
+    model: Blip2ForLLM, out_dir: str | Path, tokenizer: Any = None, overwrite: bool = False
+) -> Path:
+    """Write ``model`` as a transformers Blip2 directory (config.json, model.safetensors, ...).
+
+    ``from_pretrained(out_dir)`` gives the same weights. The tokenizer is written when
+    given. The directory is written under a temporary name and renamed, so it is never
+    left half-written; an existing ``out_dir`` is replaced only with ``overwrite``.
+    Collective over the TP group; one rank (TP 0, DP 0) writes.
+    """
+    from blip2_megatron.parallel import state
+
+    llm = model.cfg.llm
+    if llm is None or not (model.pre_process and model.post_process):
+        raise ValueError("export_hf_blip2 needs a whole LLM model on one pipeline stage (llm.pp=1)")
+    if model.language_model.layer_range != (0, llm.num_layers):
+        raise ValueError("export_hf_blip2 needs every decoder layer on this stage (llm.pp=1)")
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise FileExistsError(f"{out_dir} exists; pass overwrite=True to replace it")
+    if model.cfg.vision.ln_vision_eps != model.cfg.vision.layer_norm_eps:
+        logger.warning(
+            "vision.ln_vision_eps=%g is exported as layer_norm_eps=%g (transformers has one epsilon)",
+            model.cfg.vision.ln_vision_eps,
+            model.cfg.vision.layer_norm_eps,
+        )
+    tensors = hf_state_dict_from_ours(model)
+    if state.tp_rank() == 0 and state.dp_rank() == 0:
+        partial = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        try:
+            _write_hf_dir(partial, model.cfg, tensors, tokenizer)
+            if out_dir.exists():
+                old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+                out_dir.rename(old)
+                partial.rename(out_dir)
+                shutil.rmtree(old)
+            else:
+                partial.rename(out_dir)
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
+        logger.info("wrote a transformers Blip2 directory to %s (%d tensors)", out_dir, len(tensors))
+    if state.tp_size() > 1:
+        torch.distributed.barrier(group=state.tp_group())
+    return out_dir
 
 
-def hf_inputs_from_batch(cfg: Blip2Config, tokenizer: Any, samples: dict[str, Any], hf_cfg: Any) -> dict[str, torch.Tensor]:
+# ------------------------------------------------------------------------------ inputs
+def hf_inputs_from_batch(
+    cfg: Blip2Config, tokenizer: Any, samples: dict[str, Any], hf_cfg: Any
+) -> dict[str, torch.Tensor]:
     """transformers Blip2 inputs equal to ours: image-token placeholders in the query slots."""
-    from blip2_megatron.models.blip2 import build_llm_inputs
-
     prompts = samples.get("prompt") or [cfg.prompt] * len(samples["text_input"])
     inputs = build_llm_inputs(tokenizer, cfg, list(prompts), list(samples["text_input"]))
     input_ids = inputs.input_ids.masked_fill(inputs.image_slots, hf_cfg.image_token_index)

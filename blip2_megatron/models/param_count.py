@@ -1,0 +1,280 @@
+"""Parameter counts per model part and per tensor/pipeline-parallel rank, without memory.
+
+The model is built on the meta device (shapes only, no storage) in a single process with
+TP = 1; what each TP rank and pipeline stage holds is then derived from the parameters'
+own tensor-parallel marks (megatron-core's ``tensor_model_parallel`` / ``partition_dim``)
+and from :func:`blip2_megatron.parallel.pipeline.stage_layer_ranges`, so the numbers
+follow the code that really splits the model:
+
+* a split parameter holds ``1 / tp`` of its partition dimension on each rank; the token
+  embedding and the head hold ``ceil(vocab / tp)`` rows (the vocabulary is padded to a
+  multiple of TP);
+* norms, OPT's position table and row-parallel biases are whole on every TP rank;
+* stage 0 holds the ViT, Q-Former, queries, projection and token (+ position)
+  embeddings; the last stage the final norm and the head (an OPT head tied to the
+  embedding needs its own copy when the two are on different stages).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from blip2_megatron.config import Blip2Config
+from blip2_megatron.config_utils import ConfigError
+
+LLM_PREFIX = "language_model."
+VOCAB_PARAMS = ("embed_tokens.weight", "lm_head.weight")  # rows are vocabulary entries
+# Part name -> parameter-name prefixes, in report order.
+PARTS: dict[str, tuple[str, ...]] = {
+    "ViT": ("query_encoder.visual_encoder.",),
+    "Q-Former (+queries)": ("query_encoder.qformer.", "query_encoder.query_tokens"),
+    "projection": ("language_projection.",),
+    "LLM": (LLM_PREFIX,),
+    "stage-1 heads": ("vision_proj.", "text_proj.", "itm_head.", "temp", "lm_head."),
+}
+
+
+class _SchedulesOnCPU(TorchFunctionMode):
+    """Keeps ``torch.linspace`` on the CPU inside a meta-device build.
+
+    The ViT computes its drop-path schedule with ``linspace(...).tolist()`` (plain floats,
+    not parameters), which a meta tensor cannot answer.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func is torch.linspace and kwargs.get("device") is None:
+            kwargs["device"] = "cpu"
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def meta_device() -> Iterator[None]:
+    """Build modules with shapes but no storage (``torch.device("meta")``)."""
+    with torch.device("meta"), _SchedulesOnCPU():
+        yield
+
+
+class _IdsOnlyTokenizer:
+    """What the stage-1 model reads from its tokenizer while being built: ids and length."""
+
+    def __init__(self, cfg: Blip2Config):
+        q = cfg.qformer
+        self.bos_token_id, self.pad_token_id, self.bos_token = q.bos_token_id, q.pad_token_id, "[DEC]"
+        self._len = q.vocab_size
+
+    def __len__(self) -> int:
+        return self._len
+
+
+def build_meta_model(cfg: Blip2Config) -> nn.Module:
+    """The whole model of ``cfg`` on the meta device (frozen parts frozen), for names and shapes.
+
+    Needs model-parallel groups whose TP size equals ``cfg.llm.tp`` (the LLM checks it).
+    """
+    from blip2_megatron.models.blip2 import Blip2ForLLM
+    from blip2_megatron.models.stage1 import Blip2Stage1
+
+    with meta_device():
+        if cfg.kind == "stage1":
+            return Blip2Stage1(cfg, _IdsOnlyTokenizer(cfg))
+        return Blip2ForLLM(cfg, tokenizer=None)
+
+
+# ------------------------------------------------------------------------------ report
+@dataclass
+class PartCount:
+    """Parameters of one part of the model."""
+
+    total: int = 0
+    trainable: int = 0
+
+    @property
+    def frozen(self) -> int:
+        return self.total - self.trainable
+
+
+@dataclass
+class StageCount:
+    """What one pipeline stage holds on each of its TP ranks."""
+
+    stage: int
+    layers: tuple[int, int]  # decoder layers [start, end)
+    holds: list[str]  # the parts besides decoder layers
+    params_per_tp_rank: int = 0
+    trainable_per_tp_rank: int = 0
+
+
+@dataclass
+class ParamReport:
+    """Parameter counts of one model config at one TP x PP layout."""
+
+    name: str
+    kind: str
+    tp: int
+    pp: int
+    parts: dict[str, PartCount] = field(default_factory=dict)
+    stages: list[StageCount] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return sum(p.total for p in self.parts.values())
+
+    @property
+    def trainable(self) -> int:
+        return sum(p.trainable for p in self.parts.values())
+
+
+def part_of(name: str) -> str:
+    """The report part a parameter name belongs to."""
+    for part, prefixes in PARTS.items():
+        if any(name == p or (p.endswith(".") and name.startswith(p)) for p in prefixes):
+            return part
+    raise ValueError(f"parameter {name} belongs to no known part of the model")
+
+
+def per_tp_rank(name: str, param: torch.Tensor, tp: int, vocab_size: int | None) -> int:
+    """Elements of ``param`` (built with TP = 1) that one of ``tp`` ranks holds."""
+    dim = param.partition_dim if getattr(param, "tensor_model_parallel", False) else None
+    if dim is None:
+        return param.numel()
+    shape = list(param.shape)
+    if name.endswith(VOCAB_PARAMS) and vocab_size is not None:
+        shape[dim] = math.ceil(vocab_size / tp)
+    elif shape[dim] % tp:
+        raise ConfigError(f"{name}: dimension {dim} of {tuple(param.shape)} does not divide by tp={tp}")
+    else:
+        shape[dim] //= tp
+    return math.prod(shape)
+
+
+def _llm_stage_of(local_name: str, ranges: list[tuple[int, int]]) -> int:
+    """Pipeline stage of an LLM parameter (name relative to the LLM)."""
+    if local_name.startswith("layers."):
+        layer = int(local_name.split(".")[1])
+        return next(s for s, (start, end) in enumerate(ranges) if start <= layer < end)
+    if local_name.startswith(("norm.", "lm_head.")):
+        return len(ranges) - 1
+    return 0  # embed_tokens, embed_positions
+
+
+def count_parameters(
+    cfg: Blip2Config, tp: int | None = None, pp: int | None = None, name: str = ""
+) -> ParamReport:
+    """Parameter counts of ``cfg`` per part and per TP/PP rank, computed on the meta device.
+
+    ``tp`` / ``pp`` default to the config's ``llm.tp`` / ``llm.pp`` (a stage-1 model has no
+    LLM and is counted whole). Needs model-parallel
+    groups with TP = 1 (``state.initialize_model_parallel(1, 1)``; started here if none).
+    """
+    from blip2_megatron.parallel import state
+    from blip2_megatron.parallel.pipeline import stage_layer_ranges
+
+    if not state.is_initialized():
+        state.initialize_model_parallel(1, 1)
+    if state.tp_size() != 1:
+        raise RuntimeError("count_parameters builds the model with TP = 1; run it in a single process")
+    llm = cfg.llm
+    if llm is None:
+        tp = pp = 1  # only the LLM is split; a stage-1 model is whole on every rank
+    else:
+        tp, pp = tp or llm.tp, pp or llm.pp
+        # Validates tp against the heads and pp against the layers, as a real run would.
+        replace(llm, tp=tp, pp=pp)
+        cfg = replace(cfg, llm=replace(llm, tp=1, pp=1))
+    model = build_meta_model(cfg)
+
+    ranges = stage_layer_ranges(llm.num_layers, pp) if llm is not None else [(0, 0)]
+    report = ParamReport(name=name, kind=cfg.kind, tp=tp, pp=pp, parts={p: PartCount() for p in PARTS})
+    for stage, layers in enumerate(ranges):
+        holds = ["ViT", "Q-Former (+queries)"] if stage == 0 else []
+        if stage == 0 and llm is not None:
+            holds += ["projection", "token embeddings"]
+        if stage == len(ranges) - 1 and llm is not None:
+            holds += ["final norm", "head"]
+        if cfg.kind == "stage1":
+            holds += ["stage-1 heads"]
+        report.stages.append(StageCount(stage=stage, layers=layers, holds=holds))
+
+    vocab = llm.vocab_size if llm is not None else None
+    for param_name, param in model.named_parameters():
+        part = report.parts[part_of(param_name)]
+        part.total += param.numel()
+        part.trainable += param.numel() if param.requires_grad else 0
+        if param_name.startswith(LLM_PREFIX):
+            local = param_name[len(LLM_PREFIX) :]
+            stage = report.stages[_llm_stage_of(local, ranges)]
+            count = per_tp_rank(local, param, tp, vocab)
+        else:
+            stage, count = report.stages[0], param.numel()
+        stage.params_per_tp_rank += count
+        stage.trainable_per_tp_rank += count if param.requires_grad else 0
+
+    if llm is not None and llm.tie_word_embeddings and pp > 1:
+        # The head reads the embedding on one stage; split over stages it keeps a copy.
+        embedding = model.language_model.embed_tokens.weight
+        copy = per_tp_rank("embed_tokens.weight", embedding, tp, vocab)
+        report.stages[-1].params_per_tp_rank += copy
+        report.stages[-1].trainable_per_tp_rank += copy if embedding.requires_grad else 0
+    return report
+
+
+# ------------------------------------------------------------------------------ output
+def human(count: int) -> str:
+    """1234567 -> '1.23M'."""
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if count >= size:
+            return f"{count / size:.2f}{unit}"
+    return str(count)
+
+
+def format_report(report: ParamReport) -> str:
+    """The report as an aligned table (parts, then per-rank figures)."""
+    lines = [f"{report.name or 'model'} (kind {report.kind}, tp={report.tp}, pp={report.pp})"]
+    lines.append(f"  {'part':<22}{'params':>16}{'':>9}{'trainable':>16}{'frozen':>16}")
+    rows: list[tuple[str, PartCount]] = [(k, v) for k, v in report.parts.items() if v.total]
+    rows.append(("total", PartCount(report.total, report.trainable)))
+    for part, count in rows:
+        lines.append(
+            f"  {part:<22}{count.total:>16,}{human(count.total):>9}{count.trainable:>16,}{count.frozen:>16,}"
+        )
+    lines.append(f"  per rank ({report.tp} TP rank(s) per pipeline stage, each holding the same count):")
+    for stage in report.stages:
+        start, end = stage.layers
+        held = ([f"decoder layers {start}-{end - 1}"] if end > start else []) + stage.holds
+        lines.append(
+            f"    stage {stage.stage}: {stage.params_per_tp_rank:,} ({human(stage.params_per_tp_rank)}), "
+            f"{stage.trainable_per_tp_rank:,} trainable; {', '.join(held)}"
+        )
+    return "\n".join(lines)
+
+
+def report_dict(report: ParamReport) -> dict[str, Any]:
+    """JSON-ready form of a report."""
+    return {
+        "name": report.name,
+        "kind": report.kind,
+        "tp": report.tp,
+        "pp": report.pp,
+        "total": report.total,
+        "trainable": report.trainable,
+        "parts": {k: {"total": v.total, "trainable": v.trainable} for k, v in report.parts.items()},
+        "stages": [
+            {
+                "stage": s.stage,
+                "layers": list(s.layers),
+                "holds": s.holds,
+                "params_per_tp_rank": s.params_per_tp_rank,
+                "trainable_per_tp_rank": s.trainable_per_tp_rank,
+            }
+            for s in report.stages
+        ],
+    }

@@ -1,0 +1,62 @@
+#!/usr/bin/env python
+"""Parameter counts of the model flavours, per part and per TP/PP rank (no weights allocated).
+
+    python launch/model_info.py                                  # every flavour, tp=pp=1
+    python launch/model_info.py --flavour blip2_opt2.7b --tp 2 --pp 4
+    python launch/model_info.py --flavour tiny --json
+
+Counts come from the model built on the meta device; per-rank figures follow the
+tensor-parallel split of each parameter and the pipeline layer ranges used in training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from _common import setup_logging
+
+
+def main(argv: list[str] | None = None) -> int:
+    from blip2_megatron.config import FLAVOURS
+
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--flavour", nargs="+", default=list(FLAVOURS), choices=list(FLAVOURS), metavar="NAME"
+    )
+    parser.add_argument("--tp", type=int, default=None, help="tensor-parallel size (default: the flavour's)")
+    parser.add_argument(
+        "--pp", type=int, default=None, help="pipeline-parallel size (default: the flavour's)"
+    )
+    parser.add_argument("--json", action="store_true", help="one JSON object per flavour instead of tables")
+    args = parser.parse_args(argv)
+    setup_logging()
+    logging.getLogger("blip2_megatron").setLevel(logging.WARNING)  # model-building chatter
+
+    from blip2_megatron.config import build_model_config
+    from blip2_megatron.config_utils import ConfigError
+    from blip2_megatron.models.param_count import count_parameters, format_report, report_dict
+    from blip2_megatron.parallel import state
+
+    state.initialize_model_parallel(1, 1)
+    failed = 0
+    try:
+        for name in args.flavour:
+            try:
+                report = count_parameters(build_model_config(name), args.tp, args.pp, name=name)
+            except ConfigError as err:
+                print(f"{name}: {err}", file=sys.stderr)
+                failed += 1
+                continue
+            print(json.dumps(report_dict(report)) if args.json else format_report(report) + "\n")
+    finally:
+        state.destroy()
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
