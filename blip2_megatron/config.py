@@ -42,7 +42,14 @@ class VisionConfig:
         check_choice("vision.arch", self.arch, ("eva_vit_g", "clip_vit_l"))
         check_choice("vision.hidden_act", self.hidden_act, ("gelu", "quick_gelu"))
         check_choice("vision.frozen_dtype", self.frozen_dtype, DTYPES)
-        for name in ("image_size", "patch_size", "hidden_size", "num_layers", "num_heads", "intermediate_size"):
+        for name in (
+            "image_size",
+            "patch_size",
+            "hidden_size",
+            "num_layers",
+            "num_heads",
+            "intermediate_size",
+        ):
             check_positive(f"vision.{name}", getattr(self, name))
         if self.image_size % self.patch_size:
             raise ConfigError(
@@ -137,9 +144,13 @@ class LLMConfig:
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size", "tp", "pp"):
             check_positive(f"llm.{name}", getattr(self, name))
         if self.hidden_size % self.num_heads:
-            raise ConfigError(f"llm.hidden_size={self.hidden_size} must divide by llm.num_heads={self.num_heads}")
+            raise ConfigError(
+                f"llm.hidden_size={self.hidden_size} must divide by llm.num_heads={self.num_heads}"
+            )
         if self.num_heads % self.kv_heads:
-            raise ConfigError(f"llm.num_heads={self.num_heads} must divide by llm.num_kv_heads={self.kv_heads}")
+            raise ConfigError(
+                f"llm.num_heads={self.num_heads} must divide by llm.num_kv_heads={self.kv_heads}"
+            )
         if self.num_heads % self.tp or self.kv_heads % self.tp:
             raise ConfigError(
                 f"llm.tp={self.tp} must divide llm.num_heads={self.num_heads} and the key/value heads "
@@ -187,7 +198,13 @@ class Blip2Config:
 
 
 _TINY_VISION = dict(
-    image_size=32, patch_size=8, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=256, frozen_dtype="fp32"
+    image_size=32,
+    patch_size=8,
+    hidden_size=64,
+    num_layers=2,
+    num_heads=4,
+    intermediate_size=256,
+    frozen_dtype="fp32",
 )
 _TINY_QFORMER = dict(
     hidden_size=64,

@@ -91,7 +91,9 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         if isinstance(value, bool):
             raise ConfigError(f"{key} must be a number, got {value!r}")
         try:
-            converted = tp(value) if tp is float else int(str(value), 0) if isinstance(value, str) else int(value)
+            converted = (
+                tp(value) if tp is float else int(str(value), 0) if isinstance(value, str) else int(value)
+            )
         except (TypeError, ValueError):
             raise ConfigError(f"{key} must be {tp.__name__}, got {value!r}") from None
         if tp is int and isinstance(value, float) and value != int(value):

@@ -22,12 +22,16 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--ds_config", "--ds-config", default=str(REPO / "ds_configs" / "zero1.json"))
     parser.add_argument("--config", default=None, help="job YAML or shipped job (default: tiny_stage2)")
     parser.add_argument("--steps", type=int, default=20, help="measured steps")
     parser.add_argument("--warmup", type=int, default=5, help="steps run before measuring")
-    parser.add_argument("--real-data", action="store_true", help="read the job's data instead of a synthetic batch")
+    parser.add_argument(
+        "--real-data", action="store_true", help="read the job's data instead of a synthetic batch"
+    )
     parser.add_argument("--baseline", choices=["hf"], default=None, help="also run transformers' Blip2 model")
     parser.add_argument("--out", default=None, help="JSON output (default: <output_dir>/benchmark.json)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)

@@ -20,8 +20,12 @@ from _common import setup_logging
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=None, help="job YAML or shipped job (default: the checkpoint's config)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--config", default=None, help="job YAML or shipped job (default: the checkpoint's config)"
+    )
     parser.add_argument("--checkpoint", default=None, help="run directory or checkpoint directory")
     parser.add_argument("--output", default=None, help="where eval/ goes (default: the run directory)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -35,7 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     from blip2_megatron.parallel import state
 
     try:
-        model, job, run_dir = load_trained_model(args.checkpoint, args.config, ["eval.enabled=true", *args.overrides])
+        model, job, run_dir = load_trained_model(
+            args.checkpoint, args.config, ["eval.enabled=true", *args.overrides]
+        )
     except (ConfigError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -18,13 +18,21 @@ from _common import setup_logging
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="HF Blip2 directory, run/checkpoint directory, or flavour")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--model", required=True, help="HF Blip2 directory, run/checkpoint directory, or flavour"
+    )
     parser.add_argument("--image", nargs="+", required=True, help="image files")
-    parser.add_argument("--prompt", default=None, help="caption prompt (default: the model's, e.g. 'a photo of')")
+    parser.add_argument(
+        "--prompt", default=None, help="caption prompt (default: the model's, e.g. 'a photo of')"
+    )
     parser.add_argument("--question", default=None, help="answer this question instead of captioning")
     parser.add_argument("--num-beams", type=int, default=5)
-    parser.add_argument("--max-new-tokens", type=int, default=None, help="default 30 for captions, 10 for answers")
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=None, help="default 30 for captions, 10 for answers"
+    )
     parser.add_argument("--min-new-tokens", type=int, default=1)
     args = parser.parse_args(argv)
     setup_logging()

@@ -21,9 +21,15 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ds_config", "--ds-config", default=str(REPO / "ds_configs" / "zero2.json"),
-                        help="DeepSpeed JSON config (default: ds_configs/zero2.json)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--ds_config",
+        "--ds-config",
+        default=str(REPO / "ds_configs" / "zero2.json"),
+        help="DeepSpeed JSON config (default: ds_configs/zero2.json)",
+    )
     parser.add_argument("--config", default=None, help="job YAML or shipped job name (default: tiny_stage2)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--list-jobs", action="store_true", help="print the shipped job names and exit")

@@ -5,8 +5,8 @@ import pytest
 from blip2_megatron.config import FLAVOURS, build_model_config
 from blip2_megatron.config_utils import ConfigError
 from blip2_megatron.training.config import (
-    job_config_to_dict,
     job_config_from_dict,
+    job_config_to_dict,
     load_job_config,
     save_job_config,
     shipped_job_names,

@@ -23,7 +23,9 @@ def _run(args: list[str], timeout: int = 900) -> subprocess.CompletedProcess:
     env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)
-    proc = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    proc = subprocess.run(
+        [sys.executable, *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
@@ -40,8 +42,10 @@ def test_default_job_learns_to_caption_held_out_images(tmp_path):
     _run(["launch/evaluate.py", "--config", "tiny_stage2", "--output", str(untrained), *common])
     before = json.loads((untrained / "eval" / "metrics_caption_val.json").read_text())
 
-    print(f"val CIDEr untrained {before['CIDEr']:.3f} -> trained {summary['CIDEr']:.3f}; "
-          f"BLEU-4 {before['Bleu_4']:.3f} -> {summary['Bleu_4']:.3f}")
+    print(
+        f"val CIDEr untrained {before['CIDEr']:.3f} -> trained {summary['CIDEr']:.3f}; "
+        f"BLEU-4 {before['Bleu_4']:.3f} -> {summary['Bleu_4']:.3f}"
+    )
     assert before["CIDEr"] < 0.3
     assert summary["CIDEr"] > 1.5 and summary["CIDEr"] > 5 * before["CIDEr"]
     assert summary["Bleu_4"] > 0.3
@@ -52,7 +56,9 @@ def test_default_job_learns_to_caption_held_out_images(tmp_path):
     # The trained run captions images from the command line; a missing file is reported, not fatal.
     val = json.loads((sample_root / "val.json").read_text())
     images = [str(sample_root / "images" / item["image"]) for item in val[:2]]
-    proc = _run(["launch/predict.py", "--model", str(trained), "--image", *images, "missing.jpg", "--num-beams", "3"])
+    proc = _run(
+        ["launch/predict.py", "--model", str(trained), "--image", *images, "missing.jpg", "--num-beams", "3"]
+    )
     lines = [line for line in proc.stdout.splitlines() if "\t" in line]
     assert len(lines) == 3
     assert lines[2].startswith("missing.jpg\tERROR")

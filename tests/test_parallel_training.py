@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from dist_utils import run_distributed
 
 REPO = Path(__file__).resolve().parents[1]
@@ -61,7 +60,11 @@ def _global_batches() -> list[dict]:
 def _slice(batch: dict, rank: int, size: int) -> dict:
     per = GLOBAL_BATCH // size
     part = slice(rank * per, (rank + 1) * per)
-    return {"image": batch["image"][part], "text_input": batch["text_input"][part], "image_id": batch["image_id"][part]}
+    return {
+        "image": batch["image"][part],
+        "text_input": batch["text_input"][part],
+        "image_id": batch["image_id"][part],
+    }
 
 
 def train_layout(rank: int, world: int, llm_dir: str, tp: int, pp: int, zero: int) -> dict:
@@ -86,7 +89,9 @@ def train_layout(rank: int, world: int, llm_dir: str, tp: int, pp: int, zero: in
         model = build_model(job.model)
         engine, _ = build_engine(job, model, ds_raw, STEPS, STEPS)
         run_step = DataParallelStep(engine, 1)
-    frozen_before = {n: p.detach().clone() for n, p in engine.module.named_parameters() if not p.requires_grad}
+    frozen_before = {
+        n: p.detach().clone() for n, p in engine.module.named_parameters() if not p.requires_grad
+    }
     trained_before = {n: p.detach().clone() for n, p in engine.module.named_parameters() if p.requires_grad}
     batches = iter([_slice(b, state.dp_rank(), dp) for b in _global_batches()])
     losses = []
@@ -94,9 +99,20 @@ def train_layout(rank: int, world: int, llm_dir: str, tp: int, pp: int, zero: in
         step_losses, _ = run_step(batches)
         # The pipeline engine already averages over DP; the plain engine reports this rank's.
         losses.append(step_losses["loss"] if pp > 1 else _mean_over_dp(step_losses)["loss"])
-    frozen_equal = all(torch.equal(p, frozen_before[n]) for n, p in engine.module.named_parameters() if n in frozen_before)
-    moved = sum(not torch.equal(p, trained_before[n]) for n, p in engine.module.named_parameters() if n in trained_before)
-    return {"losses": losses, "frozen_equal": frozen_equal, "trained_moved": moved, "num_frozen": len(frozen_before)}
+    frozen_equal = all(
+        torch.equal(p, frozen_before[n]) for n, p in engine.module.named_parameters() if n in frozen_before
+    )
+    moved = sum(
+        not torch.equal(p, trained_before[n])
+        for n, p in engine.module.named_parameters()
+        if n in trained_before
+    )
+    return {
+        "losses": losses,
+        "frozen_equal": frozen_equal,
+        "trained_moved": moved,
+        "num_frozen": len(frozen_before),
+    }
 
 
 @pytest.fixture(scope="module")

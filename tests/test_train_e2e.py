@@ -61,7 +61,12 @@ def sample_root(tmp_path_factory) -> Path:
 def test_deepspeed_launcher_two_ranks_trains_logs_fps_and_resumes(tmp_path, sample_root):
     run = tmp_path / "run"
     base = ["deepspeed", "--num_gpus", "2", TRAIN, "--ds_config", str(REPO / "ds_configs" / "zero2.json")]
-    args = [*_common(run, sample_root), "train.max_steps=24", "train.save_interval=12", "train.warmup_steps=2"]
+    args = [
+        *_common(run, sample_root),
+        "train.max_steps=24",
+        "train.save_interval=12",
+        "train.warmup_steps=2",
+    ]
     proc = subprocess.run([*base, *args], env=_env(), capture_output=True, text=True, timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     output = proc.stdout + proc.stderr
@@ -85,8 +90,17 @@ def test_deepspeed_launcher_two_ranks_trains_logs_fps_and_resumes(tmp_path, samp
 
 
 def _train(run: Path, sample_root: Path, extra: list[str]) -> subprocess.Popen:
-    args = [sys.executable, TRAIN, *_common(run, sample_root), "train.max_steps=10", "train.warmup_steps=2", *extra]
-    return subprocess.Popen(args, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+    args = [
+        sys.executable,
+        TRAIN,
+        *_common(run, sample_root),
+        "train.max_steps=10",
+        "train.warmup_steps=2",
+        *extra,
+    ]
+    return subprocess.Popen(
+        args, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO
+    )
 
 
 @pytest.mark.slow

@@ -22,9 +22,9 @@ import torch
 from torch import nn
 
 from blip2_megatron.config import Blip2Config
+from blip2_megatron.models import generation
 from blip2_megatron.models.llm import ParallelCausalLM
 from blip2_megatron.models.query_encoder import QueryEncoder
-from blip2_megatron.models import generation
 from blip2_megatron.models.vision import freeze_vision, frozen_vision_dtype
 
 logger = logging.getLogger(__name__)
@@ -207,7 +207,9 @@ class Blip2ForLLM(nn.Module):
         if "input_ids" not in batch:
             batch = self.prepare_batch(batch, device=batch["image"].device)
         embeds = self.input_embeddings(batch["image"], batch["input_ids"], batch["image_slots"])
-        out = self.language_model(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"])
+        out = self.language_model(
+            inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"]
+        )
         return {"loss": out.loss}
 
     # -------------------------------------------------------------- generation

@@ -87,21 +87,29 @@ def _convert_source(path: Path, cfg: Blip2Config) -> tuple[dict[str, torch.Tenso
     return ours, {}
 
 
+def _without_llm(model: nn.Module) -> nn.Module:
+    """A view of ``model`` without ``language_model`` (loaded separately, shard by shard)."""
+    view = nn.Module()
+    for name, child in model.named_children():
+        if name != "language_model":
+            view.add_module(name, child)
+    for name, param in model.named_parameters(recurse=False):
+        view.register_parameter(name, param)
+    return view
+
+
 def load_initial_weights(model: nn.Module, cfg: Blip2Config) -> None:
     """Load ``init_checkpoint`` and ``llm.weights`` into ``model`` (one pipeline stage of it)."""
-    own = set(model.state_dict())
+    target = _without_llm(model)
+    own = set(target.state_dict())
     hf_llm: dict[str, torch.Tensor] = {}
     for source in _sources(cfg):
         ours, llm = _convert_source(source, cfg)
         hf_llm.update(llm)
-        # Parts that live on other pipeline stages are not this stage's business.
-        report = load_into(model, {k: v for k, v in ours.items() if k in own})
-        trainable_missing = [k for k in report.missing if not k.startswith("language_model.")]
-        logger.info(
-            "loaded %d tensors from %s (%d of the model's not in it%s)",
-            len(ours) - len(report.unexpected), source, len(trainable_missing),
-            f": {trainable_missing[:8]}" if trainable_missing else "",
-        )
+        # Parts that live on other pipeline stages are not this stage's business;
+        # load_into logs what the source lacks by name.
+        load_into(target, {k: v for k, v in ours.items() if k in own})
+        logger.info("initialised from %s", source)
     language_model = getattr(model, "language_model", None)
     if language_model is None:
         return
@@ -129,7 +137,9 @@ def build_model(
     else:
         from blip2_megatron.models.blip2 import Blip2ForLLM
 
-        model = Blip2ForLLM(cfg, llm_tok, pre_process=pre_process, post_process=post_process, layer_range=layer_range)
+        model = Blip2ForLLM(
+            cfg, llm_tok, pre_process=pre_process, post_process=post_process, layer_range=layer_range
+        )
     load_initial_weights(model, cfg)  # copies into the frozen parts keep their (half) dtype
     if device is not None:
         model.to(device)

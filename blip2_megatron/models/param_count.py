@@ -25,7 +25,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
 from blip2_megatron.config import Blip2Config
 from blip2_megatron.config_utils import ConfigError
@@ -42,24 +41,10 @@ PARTS: dict[str, tuple[str, ...]] = {
 }
 
 
-class _SchedulesOnCPU(TorchFunctionMode):
-    """Keeps ``torch.linspace`` on the CPU inside a meta-device build.
-
-    The ViT computes its drop-path schedule with ``linspace(...).tolist()`` (plain floats,
-    not parameters), which a meta tensor cannot answer.
-    """
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = dict(kwargs or {})
-        if func is torch.linspace and kwargs.get("device") is None:
-            kwargs["device"] = "cpu"
-        return func(*args, **kwargs)
-
-
 @contextlib.contextmanager
 def meta_device() -> Iterator[None]:
     """Build modules with shapes but no storage (``torch.device("meta")``)."""
-    with torch.device("meta"), _SchedulesOnCPU():
+    with torch.device("meta"):
         yield
 
 

@@ -62,7 +62,7 @@ def _wordpiece(vocab: dict[str, int], unk: str) -> Tokenizer:
     return tok
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tiny_qformer_tokenizer() -> PreTrainedTokenizerFast:
     # [DEC] takes the last id, as in bert-base-uncased + [DEC] (30522 of 30523).
     vocab = _tiny_vocab(_SPECIALS_QFORMER, reserve_last=1)
@@ -82,7 +82,7 @@ def _tiny_qformer_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tiny_llm_tokenizer() -> PreTrainedTokenizerFast:
     vocab = _tiny_vocab(_SPECIALS_LLM, reserve_last=0)
     tok = _wordpiece(vocab, "<unk>")

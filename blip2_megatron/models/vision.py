@@ -178,7 +178,8 @@ class VisionLayers(nn.Module):
 
     def __init__(self, cfg: VisionConfig):
         super().__init__()
-        rates = torch.linspace(0, cfg.drop_path_rate, cfg.num_layers).tolist()
+        # Plain floats (not torch.linspace) so the module also builds on the meta device.
+        rates = [cfg.drop_path_rate * i / max(cfg.num_layers - 1, 1) for i in range(cfg.num_layers)]
         self.layers = nn.ModuleList(VisionLayer(cfg, rate) for rate in rates)
         self.grad_checkpointing = cfg.grad_checkpointing
 

@@ -80,13 +80,17 @@ def _mean_timing(timings: list[StepTiming]) -> StepTiming:
     )
 
 
-def benchmark_ours(job: JobConfig, ds_config_path: str, steps: int, warmup: int, use_real_data: bool) -> dict[str, Any]:
+def benchmark_ours(
+    job: JobConfig, ds_config_path: str, steps: int, warmup: int, use_real_data: bool
+) -> dict[str, Any]:
     """FPS and the step breakdown of this stack (all ranks; figures reduced on rank 0)."""
     state.init_distributed()
     ds_raw = read_ds_config(ds_config_path)
     check_layout(job, ds_raw, dist.get_world_size())
     if job.pp > 1:
-        raise NotImplementedError("launch/benchmark.py measures PP = 1 layouts; use launch/train.py logs for PP > 1")
+        raise NotImplementedError(
+            "launch/benchmark.py measures PP = 1 layouts; use launch/train.py logs for PP > 1"
+        )
     state.initialize_model_parallel(job.tp, job.pp)
     accelerator.manual_seed(job.train.seed)
     accelerator.reset_peak_memory()
@@ -210,8 +214,13 @@ def format_table(ours: dict[str, Any], baseline: dict[str, Any] | None) -> str:
         value = None if data is None else data.get(key)
         return "n/a" if value is None else fmt.format(value)
 
-    header = f"| {'metric':<24} | {'blip2-megatron':>15} |" + (f" {'transformers':>13} | {'ratio':>7} |" if baseline else "")
-    lines = [header, "|" + "-" * 26 + "|" + "-" * 17 + "|" + ("-" * 15 + "|" + "-" * 9 + "|" if baseline else "")]
+    header = f"| {'metric':<24} | {'blip2-megatron':>15} |" + (
+        f" {'transformers':>13} | {'ratio':>7} |" if baseline else ""
+    )
+    lines = [
+        header,
+        "|" + "-" * 26 + "|" + "-" * 17 + "|" + ("-" * 15 + "|" + "-" * 9 + "|" if baseline else ""),
+    ]
     for label, key, fmt in rows:
         line = f"| {label:<24} | {cell(ours, key, fmt):>15} |"
         if baseline:

@@ -67,7 +67,9 @@ def resolve_resume(job: JobConfig) -> tuple[Path, str] | None:
         return path.parent, path.name
     tag = read_latest(path) or read_latest(path / "checkpoints")
     if tag is None:
-        raise FileNotFoundError(f"train.resume={mode!r} is neither a checkpoint nor a folder with a 'latest' one")
+        raise FileNotFoundError(
+            f"train.resume={mode!r} is neither a checkpoint nor a folder with a 'latest' one"
+        )
     root = path if (path / tag).is_dir() else path / "checkpoints"
     return root, tag
 
@@ -151,7 +153,11 @@ def load_checkpoint(engine: Any, job: JobConfig, root: Path, tag: str) -> dict[s
     # Frozen weights are not in the checkpoint by design, hence non-strict loading; the
     # trainable ones must all be there, which _check_trainable_loaded verifies.
     load_path, _ = engine.load_checkpoint(
-        str(root), tag=tag, load_module_strict=False, load_optimizer_states=True, load_lr_scheduler_states=True
+        str(root),
+        tag=tag,
+        load_module_strict=False,
+        load_optimizer_states=True,
+        load_lr_scheduler_states=True,
     )
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {root / tag}")

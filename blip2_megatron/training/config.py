@@ -170,7 +170,9 @@ def job_config_from_dict(data: dict[str, Any]) -> JobConfig:
     data = copy.deepcopy(data)
     unknown = sorted(set(data) - {"name", "flavour", "model", "data", "train", "eval"})
     if unknown:
-        raise ConfigError(f"unknown top-level config key(s) {unknown}; allowed: name, model, data, train, eval")
+        raise ConfigError(
+            f"unknown top-level config key(s) {unknown}; allowed: name, model, data, train, eval"
+        )
     model = data.pop("model", {}) or {}
     if not isinstance(model, dict):
         raise ConfigError("model must be a mapping (flavour plus overrides)")

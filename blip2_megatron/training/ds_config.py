@@ -74,7 +74,7 @@ def fill_ds_config(job: JobConfig, ds_config: dict[str, Any], dp_size: int) -> d
     if cfg["train_batch_size"] != expected:
         raise ConfigError(
             f"ds_config train_batch_size={cfg['train_batch_size']} differs from data.batch_size x "
-            f"train.grad_accum x DP = {micro} x {accum} x {dp_size} = {expected}; set it to \"auto\""
+            f'train.grad_accum x DP = {micro} x {accum} x {dp_size} = {expected}; set it to "auto"'
         )
     cfg.setdefault("bf16", {})
     cfg.setdefault("fp16", {})
@@ -87,7 +87,7 @@ def fill_ds_config(job: JobConfig, ds_config: dict[str, Any], dp_size: int) -> d
     _fill(zero, "stage3_param_persistence_threshold", 10 * hidden)
     leftover = [k for k, v in _walk(cfg) if v == "auto"]
     if leftover:
-        raise ConfigError(f"ds_config keys left as \"auto\" that the job cannot fill: {leftover}")
+        raise ConfigError(f'ds_config keys left as "auto" that the job cannot fill: {leftover}')
     return cfg
 
 

@@ -48,7 +48,9 @@ class WarmupCosineSchedule:
     the step counter alone, so resuming restores the schedule exactly.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int, steps_per_epoch: int):
+    def __init__(
+        self, optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int, steps_per_epoch: int
+    ):
         self.optimizer = optimizer
         self.cfg = cfg
         self.total_steps = max(total_steps, 1)

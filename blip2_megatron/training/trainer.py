@@ -131,7 +131,9 @@ def _mean_over_dp(values: dict[str, float]) -> dict[str, float]:
     if not values:
         return values
     names = sorted(values)
-    tensor = torch.tensor([values[n] for n in names], dtype=torch.float64, device=accelerator.current_device())
+    tensor = torch.tensor(
+        [values[n] for n in names], dtype=torch.float64, device=accelerator.current_device()
+    )
     dist.all_reduce(tensor, group=state.dp_group())
     tensor /= state.dp_size()
     return dict(zip(names, tensor.tolist()))
@@ -151,7 +153,9 @@ def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
-def build_engine(job: JobConfig, model: torch.nn.Module, ds_raw: dict[str, Any], total_steps: int, steps_per_epoch: int):
+def build_engine(
+    job: JobConfig, model: torch.nn.Module, ds_raw: dict[str, Any], total_steps: int, steps_per_epoch: int
+):
     """DeepSpeed engine over ``model`` with our optimizer and schedule (PP = 1)."""
     import deepspeed
 
@@ -218,8 +222,16 @@ def run_training(job: JobConfig, ds_config_path: str | Path) -> dict[str, Any]:
     if rank0:
         logger.info(
             "training %s: %d steps (%d per epoch), global batch %d = %d x %d accum x DP %d; TP %d PP %d; output %s",
-            job.name, total_steps, steps_per_epoch, global_batch, job.data.batch_size, job.train.grad_accum,
-            dp_size, job.tp, job.pp, output_dir,
+            job.name,
+            total_steps,
+            steps_per_epoch,
+            global_batch,
+            job.data.batch_size,
+            job.train.grad_accum,
+            dp_size,
+            job.tp,
+            job.pp,
+            output_dir,
         )
     batches = loader.endless()
     step = start_step
@@ -248,7 +260,9 @@ def run_training(job: JobConfig, ds_config_path: str | Path) -> dict[str, Any]:
             stopped_by = preemption.signal_name or "signal on another rank"
             break
         if job.train.save_interval and step % job.train.save_interval == 0 and step < total_steps:
-            checkpoint.save_checkpoint(engine, job, step, {"loader": loader.state_dict(), "epoch": loader.epoch})
+            checkpoint.save_checkpoint(
+                engine, job, step, {"loader": loader.state_dict(), "epoch": loader.epoch}
+            )
             last_saved = step
 
     if last_saved != step:
@@ -282,8 +296,12 @@ def run_training(job: JobConfig, ds_config_path: str | Path) -> dict[str, Any]:
         fps = summary["fps_mean"]
         logger.info(
             "done: %d steps in %.1fs, mean fps %s after %d warm-up steps; log %s, checkpoints %s",
-            step, summary["total_time_s"], "n/a" if fps is None else f"{fps:.2f}", job.train.warmup_log_steps,
-            output_dir / "log.jsonl", output_dir / "checkpoints",
+            step,
+            summary["total_time_s"],
+            "n/a" if fps is None else f"{fps:.2f}",
+            job.train.warmup_log_steps,
+            output_dir / "log.jsonl",
+            output_dir / "checkpoints",
         )
     dist.barrier()
     return summary
