@@ -14,6 +14,9 @@ import contextlib
 import functools
 import importlib
 import logging
+import os
+import threading
+import time
 from typing import Any
 
 import torch
@@ -145,8 +148,45 @@ def synchronize() -> None:
         get_accelerator().synchronize()
 
 
+class _RssPeakSampler:
+    """Peak resident memory of this process since ``reset``, sampled every few milliseconds.
+
+    The kernel's own peak (ru_maxrss) cannot be reset and a child process inherits its
+    parent's as a floor across fork/exec, so CPU memory comparisons sample instead.
+    """
+
+    def __init__(self) -> None:
+        self.peak = 0
+        self._thread: threading.Thread | None = None
+
+    @staticmethod
+    def current() -> int:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def reset(self) -> None:
+        self.peak = self.current()
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="rss-peak", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            self.peak = max(self.peak, self.current())
+            time.sleep(0.005)
+
+    def read(self) -> int | None:
+        return max(self.peak, self.current()) if self._thread is not None else None
+
+
+_RSS_PEAK = _RssPeakSampler()
+
+
 def reset_peak_memory() -> None:
+    """Start a fresh peak-memory window (device memory; on CPU, sampled resident memory)."""
     if is_cpu():
+        if os.path.exists("/proc/self/statm"):
+            _RSS_PEAK.reset()
         return
     get_accelerator().reset_peak_memory_stats()
 
@@ -154,6 +194,9 @@ def reset_peak_memory() -> None:
 def peak_memory_bytes() -> int:
     """Peak device memory allocated since the last reset; on CPU, the process's peak RSS."""
     if is_cpu():
+        sampled = _RSS_PEAK.read()
+        if sampled is not None:
+            return sampled
         import resource
 
         return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024

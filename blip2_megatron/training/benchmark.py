@@ -13,7 +13,6 @@ import itertools
 import json
 import logging
 import multiprocessing as mp
-import resource
 import time
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ import torch.distributed as dist
 from blip2_megatron import accelerator
 from blip2_megatron.models.factory import build_model
 from blip2_megatron.parallel import state
+from blip2_megatron.parallel.state import launch_env
 from blip2_megatron.training.config import JobConfig
 from blip2_megatron.training.ds_config import check_layout, read_ds_config
 from blip2_megatron.training.throughput import StepTiming, ThroughputMeter, train_flops_per_image
@@ -129,6 +129,7 @@ def _hf_benchmark(job_dict: dict[str, Any], steps: int, warmup: int) -> dict[str
     from blip2_megatron.training.optim import build_optimizer
 
     job = job_config_from_dict(job_dict)
+    accelerator.reset_peak_memory()
     torch.manual_seed(job.train.seed)
     hf_cfg = hf_config_from_ours(job.model)
     model = Blip2ForConditionalGeneration(hf_cfg).to(accelerator.current_device())
@@ -174,9 +175,7 @@ def _hf_benchmark(job_dict: dict[str, Any], steps: int, warmup: int) -> dict[str
         "optimizer_time": mean.optimizer,
         "final_loss": float(loss.detach()),
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        "peak_mem_gb": accelerator.peak_memory_bytes() / 2**30
-        if not accelerator.is_cpu()
-        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "peak_mem_gb": accelerator.peak_memory_bytes() / 2**30,
     }
 
 
@@ -242,6 +241,13 @@ def run_benchmark(
     out_json: Path | None = None,
 ) -> dict[str, Any]:
     """Benchmark ``job``; return (and on rank 0 write) {"ours": ..., "baseline": ..., "ratios": ...}."""
+    baseline_figures = None
+    if baseline == "hf":
+        if launch_env().world_size != 1:
+            raise ValueError("--baseline hf compares single-device runs; launch with one process")
+        # First, while this process is still small: on Linux a child inherits its parent's
+        # peak RSS across fork/exec, so a later child would report our peak as its own.
+        baseline_figures = benchmark_hf(job, steps, warmup)
     ours = benchmark_ours(job, ds_config_path, steps, warmup, use_real_data)
     result: dict[str, Any] = {
         "job": job.name,
@@ -255,15 +261,12 @@ def run_benchmark(
         "precision": job.train.precision,
         "device": accelerator.device_name_for_peak(),
         "ours": ours,
-        "baseline": None,
+        "baseline": baseline_figures,
     }
-    if baseline == "hf":
-        if dist.get_world_size() != 1:
-            raise ValueError("--baseline hf compares single-device runs; launch with one process")
-        result["baseline"] = benchmark_hf(job, steps, warmup)
+    if baseline_figures is not None:
         result["ratios"] = {
-            "speed": ours["fps"] / result["baseline"]["fps"],
-            "memory": ours["peak_mem_gb"] / result["baseline"]["peak_mem_gb"],
+            "speed": ours["fps"] / baseline_figures["fps"],
+            "memory": ours["peak_mem_gb"] / baseline_figures["peak_mem_gb"],
         }
     if dist.get_rank() == 0:
         logger.info("\n%s", format_table(ours, result["baseline"]))
