@@ -62,8 +62,6 @@ class TrainConfig:
     keep_last: int = 2  # checkpoints kept (older ones are deleted)
     resume: str = "auto"  # "auto" (latest in output_dir if any), "none", or a checkpoint directory
     warmup_log_steps: int = 2  # steps left out of the summary's mean FPS
-    eval_interval: int = 0  # steps between evaluations during training; 0 = at the end only if eval.enabled
-    max_signal_wait_steps: int = 1  # a SIGTERM/SIGUSR1 is acted on at the next step boundary
 
     def __post_init__(self) -> None:
         check_choice("train.schedule", self.schedule, ("cosine", "cosine_epoch", "constant"))
@@ -87,7 +85,7 @@ class TrainConfig:
 class EvalConfig:
     """Evaluation run after (or during) training, and by launch/evaluate.py."""
 
-    enabled: bool = False  # evaluate at the end of training (and every train.eval_interval steps)
+    enabled: bool = False  # evaluate at the end of training (launch/evaluate.py always evaluates)
     task: str = "caption"  # "caption" (pycocoevalcap), "vqa" (VQAv2 accuracy), "retrieval" (stage 1)
     split: str = "val"  # annotation split to evaluate
     max_samples: int = 0  # evaluate the first N samples only; 0 = all

@@ -287,9 +287,16 @@ def run_training(job: JobConfig, ds_config_path: str | Path) -> dict[str, Any]:
         **meter.summary(),
     }
     if job.eval.enabled and stopped_by is None:
-        from blip2_megatron.eval.runner import run_evaluation
+        if job.pp > 1:
+            logger.warning(
+                "eval.enabled is ignored with model.llm.pp=%d: generation needs the whole model on one rank; "
+                "evaluate the checkpoint with launch/evaluate.py at model.llm.pp=1",
+                job.pp,
+            )
+        else:
+            from blip2_megatron.eval.runner import run_evaluation
 
-        summary.update(run_evaluation(engine.module, job, output_dir))
+            summary.update(run_evaluation(engine.module, job, output_dir))
     if rank0:
         log.write(summary)
         _write_json_atomic(output_dir / "summary.json", summary)
