@@ -236,8 +236,8 @@ class Blip2ForLLM(nn.Module):
         """
         if not (self.pre_process and self.post_process):
             raise RuntimeError(
-                "generation needs the whole model on one rank (pipeline parallel size 1); evaluate a "
-                "PP > 1 checkpoint with model.llm.pp=1 (launch/convert.py reshards it)"
+                "generation needs the whole model on one rank (model.llm.pp=1); a model trained with "
+                "pp > 1 cannot be evaluated until its checkpoint is resharded, which is not supported yet"
             )
         max_new_tokens = max_length if max_length is not None else max_new_tokens
         min_new_tokens = min_length if min_length is not None else min_new_tokens

@@ -289,8 +289,8 @@ def run_training(job: JobConfig, ds_config_path: str | Path) -> dict[str, Any]:
     if job.eval.enabled and stopped_by is None:
         if job.pp > 1:
             logger.warning(
-                "eval.enabled is ignored with model.llm.pp=%d: generation needs the whole model on one rank; "
-                "evaluate the checkpoint with launch/evaluate.py at model.llm.pp=1",
+                "eval.enabled is ignored with model.llm.pp=%d: generation needs the whole model on one rank, "
+                "and resharding a pipeline checkpoint to pp=1 is not supported yet",
                 job.pp,
             )
         else:
