@@ -253,7 +253,7 @@ def run_training(job: JobConfig, ds_config_path: str | Path) -> dict[str, Any]:
                 "lr": scheduler.get_last_lr()[0],
                 **figures,
             }
-            if not all(math.isfinite(v) for k, v in mean_losses.items()):
+            if not all(math.isfinite(v) for v in mean_losses.values()):
                 raise FloatingPointError(f"non-finite loss at step {step}: {mean_losses}")
             log.step(record, total_steps)
         if preemption.raised_anywhere():
