@@ -42,6 +42,14 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, ou
         state.destroy()
 
 
+def launcher_free_env(**extra: str) -> dict[str, str]:
+    """This process's environment for a CPU subprocess, without any launcher's rank variables."""
+    env = dict(os.environ, DS_ACCELERATOR="cpu", **extra)
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    return env
+
+
 def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any) -> list[Any]:
     """Call ``fn(rank, world_size, *args)`` in ``world_size`` processes; return results by rank.
 

@@ -3,23 +3,20 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from dist_utils import launcher_free_env
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _evaluate(args: list[str]) -> subprocess.CompletedProcess:
-    env = dict(os.environ, DS_ACCELERATOR="cpu")
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(var, None)
     proc = subprocess.run(
         [sys.executable, "launch/evaluate.py", *args],
-        env=env,
+        env=launcher_free_env(),
         capture_output=True,
         text=True,
         timeout=600,

@@ -7,7 +7,6 @@ python) on the tiny default job and the built-in dataset.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -15,16 +14,14 @@ import time
 from pathlib import Path
 
 import pytest
+from dist_utils import launcher_free_env
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = str(REPO / "launch" / "train.py")
 
 
 def _env() -> dict[str, str]:
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(var, None)
-    return env
+    return launcher_free_env(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
 
 def _records(run_dir: Path) -> list[dict]:

@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from blip2_megatron import accelerator
 from blip2_megatron.data.loader import build_train_loader
+from blip2_megatron.eval.report import write_json_atomic
 from blip2_megatron.models.factory import build_model
 from blip2_megatron.parallel import state
 from blip2_megatron.parallel.mpu import MegatronMpu
@@ -145,12 +146,6 @@ def _prepare_output(job: JobConfig) -> Path:
         out.mkdir(parents=True, exist_ok=True)
         save_job_config(job, out / "config.yaml")
     return out
-
-
-def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    tmp.replace(path)
 
 
 def build_engine(
@@ -299,7 +294,7 @@ def run_training(job: JobConfig, ds_config_path: str | Path) -> dict[str, Any]:
             summary.update(run_evaluation(engine.module, job, output_dir))
     if rank0:
         log.write(summary)
-        _write_json_atomic(output_dir / "summary.json", summary)
+        write_json_atomic(summary, output_dir / "summary.json")
         fps = summary["fps_mean"]
         logger.info(
             "done: %d steps in %.1fs, mean fps %s after %d warm-up steps; log %s, checkpoints %s",
