@@ -32,7 +32,7 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, ou
 
     path = Path(out_dir) / f"rank{rank}.pkl"
     try:
-        state.init_distributed(timeout_minutes=3)
+        state.init_distributed(timeout_s=180)
         result = fn(rank, world_size, *args)
         path.write_bytes(pickle.dumps(("ok", result)))
     except BaseException:  # noqa: BLE001 - reported to the parent test

@@ -60,14 +60,18 @@ def validate_layout(world_size: int, tp: int, pp: int) -> int:
     return world_size // (tp * pp)
 
 
-def init_distributed(timeout_minutes: int = 30) -> LaunchEnv:
-    """Start torch.distributed (once) with the accelerator's backend."""
+def init_distributed(timeout_s: float = 600) -> LaunchEnv:
+    """Start torch.distributed (once) with the accelerator's backend.
+
+    ``timeout_s`` bounds every collective: a rank that waits longer for a lost peer fails
+    instead of hanging the job.
+    """
     env = launch_env()
     if dist.is_initialized():
         return env
     accelerator.set_device(env.local_rank)
     backend = accelerator.communication_backend()
-    timeout = datetime.timedelta(minutes=timeout_minutes)
+    timeout = datetime.timedelta(seconds=timeout_s)
     if "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ:
         dist.init_process_group(backend, rank=env.rank, world_size=env.world_size, timeout=timeout)
     elif env.world_size == 1:

@@ -62,6 +62,7 @@ class TrainConfig:
     keep_last: int = 2  # checkpoints kept (older ones are deleted)
     resume: str = "auto"  # "auto" (latest in output_dir if any), "none", or a checkpoint directory
     warmup_log_steps: int = 2  # steps left out of the summary's mean FPS
+    collective_timeout_s: int = 600  # a collective waiting longer (a lost rank) fails the job
 
     def __post_init__(self) -> None:
         check_choice("train.schedule", self.schedule, ("cosine", "cosine_epoch", "constant"))
@@ -75,6 +76,7 @@ class TrainConfig:
         check_positive("train.warmup_steps", self.warmup_steps, allow_zero=True)
         check_positive("train.save_interval", self.save_interval, allow_zero=True)
         check_positive("train.grad_clip", self.grad_clip, allow_zero=True)
+        check_positive("train.collective_timeout_s", self.collective_timeout_s)
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise ConfigError(f"train.betas={self.betas} must be two numbers in [0, 1)")
         if self.min_lr > self.lr:

@@ -170,7 +170,7 @@ def build_engine(
 
 def run_training(job: JobConfig, ds_config_path: str | Path) -> dict[str, Any]:
     """Train ``job`` with the DeepSpeed config at ``ds_config_path``; return the run summary."""
-    state.init_distributed()
+    state.init_distributed(job.train.collective_timeout_s)
     ds_raw = read_ds_config(ds_config_path)
     check_layout(job, ds_raw, dist.get_world_size())
     state.initialize_model_parallel(job.tp, job.pp)
