@@ -21,17 +21,27 @@
 # - torchrun must not die of it: USR1's default action kills a process, torchrun does not
 #   handle USR1, and slurmstepd tears the step down once its task (torchrun) exits, which
 #   would cut the checkpoint write short. So torchrun starts with USR1/USR2 ignored
-#   (`trap '' USR1 USR2` before exec: an ignored signal stays ignored across exec); the
-#   trainer installs its own USR1 handler, saves at the next step boundary and exits 0,
-#   and torchrun then exits 0 like after any normal run. Until the trainer has installed
-#   its handler (imports, model build) USR1 is ignored there too, so the batch shell sends
-#   it again every PREEMPT_RESEND_S seconds (default 30) until the step ends.
+#   (launch/slurm/node.sh: `trap '' USR1 USR2` before exec; an ignored signal stays
+#   ignored across exec); the trainer installs its own USR1 handler, saves at the next
+#   step boundary and exits 0, and torchrun then exits 0 like after any normal run. Until
+#   the trainer has installed its handler (imports, model build) USR1 is ignored there
+#   too, so the batch shell sends it again every PREEMPT_RESEND_S seconds (default 30)
+#   until the step ends.
 # - Then, for USR1 (time limit), the shell requeues the job (`scontrol requeue`); the same
 #   RUN_NAME means the same output directory, so the next start resumes from
 #   checkpoints/latest (train.resume=auto). USR2 means "save and stop": no requeue.
 # - A plain `scancel`/pre-emption sends SIGTERM to all processes: torchrun forwards it, the
 #   trainer saves and exits, within SLURM's KillWait (torchrun waits
 #   TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds before it kills the workers).
+#
+# Across nodes (verified by tests/test_slurm_multinode.py on two slurmd in network
+# namespaces): torchrun numbers the nodes by their host names' order (c10d rendezvous), so
+# global ranks are node-major with the node's local ranks contiguous, and megatron-core's
+# tp-dp-pp order (TP fastest) keeps a TP group inside one node whenever TP divides the
+# processes per node. When one node's processes die, srun reports that node's task first
+# ("srun: error: node2: task 1: Killed") and --kill-on-bad-exit ends the others at once,
+# which otherwise would wait in a collective until it times out; the step's end names
+# that node (_blip2_report_failed_nodes).
 
 BLIP2_LOG_PREFIX="[blip2-slurm]"
 
@@ -43,33 +53,33 @@ blip2_die() {
   exit 2
 }
 
-# First port at or above $1 that nothing listens on here (the batch script runs on the
-# first node of the allocation, which is the rendezvous host).
-blip2_free_port_from() {
-  "${PYTHON:-python3}" - "$1" <<'EOF'
-import socket, sys
-port = int(sys.argv[1])
-for candidate in range(port, port + 200):
-    with socket.socket() as s:
-        try:
-            s.bind(("", candidate))
-        except OSError:
-            continue
-        print(candidate)
-        break
-else:
-    print(port)
-EOF
-}
-
 # Resolves the layout and rendezvous from SLURM's environment and the knobs:
-#   DEVICE (gpu|npu|cpu), GPUS_PER_NODE (gpu/npu), MASTER_PORT (optional)
+#   DEVICE (gpu|npu|cpu), GPUS_PER_NODE (gpu/npu), MASTER_PORT, SOCKET_IFNAME (optional)
 # and exports NNODES, NPROC_PER_NODE, MASTER_ADDR, MASTER_PORT, OMP_NUM_THREADS.
 blip2_slurm_setup() {
   [[ -n ${SLURM_JOB_ID:-} ]] || blip2_die "not inside a SLURM job (submit with sbatch)"
+  local user_hccl_if_ip=${HCCL_IF_IP:-}
   # shellcheck source=../common/device_env.sh
   source "$REPO_DIR/launch/common/device_env.sh"
   blip2_device_env "${DEVICE:?set DEVICE to gpu, npu or cpu}" || blip2_die "DEVICE=$DEVICE"
+
+  # The network the nodes talk over, for all three collective libraries at once; each
+  # library's own variable, when set, wins. Needed where a node's hostname resolves to an
+  # address on another network than the one between the nodes (a management network, or
+  # loopback in /etc/hosts), or where several networks connect the nodes.
+  if [[ -n ${SOCKET_IFNAME:-} ]]; then
+    export NCCL_SOCKET_IFNAME=${NCCL_SOCKET_IFNAME:-$SOCKET_IFNAME}
+    export GLOO_SOCKET_IFNAME=${GLOO_SOCKET_IFNAME:-$SOCKET_IFNAME}
+    export HCCL_SOCKET_IFNAME=${HCCL_SOCKET_IFNAME:-$SOCKET_IFNAME}
+  fi
+  # env_npu.sh has just set HCCL_IF_IP to an address of *this* host, but this shell runs on
+  # the first node only and srun hands its environment to every node: unless the user chose
+  # the address, each node looks up its own (launch/slurm/node.sh). HCCL_IF_IP would also
+  # override HCCL_SOCKET_IFNAME, so it stays unset when an interface is named.
+  if [[ $DEVICE == npu && -z $user_hccl_if_ip ]]; then
+    unset HCCL_IF_IP
+    [[ -n ${HCCL_SOCKET_IFNAME:-} ]] || export BLIP2_HCCL_IF_IP_PER_NODE=1
+  fi
 
   NNODES=${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}
   if [[ $DEVICE == cpu ]]; then
@@ -84,17 +94,14 @@ blip2_slurm_setup() {
   [[ $NPROC_PER_NODE =~ ^[0-9]+$ && $NPROC_PER_NODE -gt 0 ]] \
     || blip2_die "cannot tell how many processes per node to start (DEVICE=$DEVICE): set GPUS_PER_NODE"
 
-  # Rendezvous on the first node of the allocation; the port follows from the job id so that
-  # two jobs sharing a node do not collide, and a requeued job (same id) gets the same one.
+  # Rendezvous on the first node of the allocation, on a port that follows from the job id:
+  # every node can compute it without asking anyone, a requeued job (same id) gets the same
+  # one, and two jobs sharing a node differ unless their ids are 15000 apart. 15000-29999
+  # stays below Linux's default ephemeral range (32768-60999), so no outgoing connection
+  # of another process can be holding it. MASTER_PORT overrides it.
   MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
   [[ -n $MASTER_ADDR ]] || blip2_die "could not read the first host of SLURM_JOB_NODELIST=$SLURM_JOB_NODELIST"
-  if [[ -z ${MASTER_PORT:-} ]]; then
-    MASTER_PORT=$((15000 + SLURM_JOB_ID % 20000))
-    # The batch shell runs on the first node: check the port there when it is that node.
-    if [[ ${SLURMD_NODENAME:-} == "$MASTER_ADDR" ]]; then
-      MASTER_PORT=$(blip2_free_port_from "$MASTER_PORT")
-    fi
-  fi
+  MASTER_PORT=${MASTER_PORT:-$((15000 + SLURM_JOB_ID % 15000))}
   export NNODES NPROC_PER_NODE MASTER_ADDR MASTER_PORT
 
   # Threads per process: the node's CPUs shared by its processes (torchrun would pick 1).
@@ -109,7 +116,7 @@ blip2_slurm_setup() {
   export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-120}
   export PYTHONUNBUFFERED=1
 
-  blip2_log "job ${SLURM_JOB_ID} (${SLURM_JOB_NAME:-}) restart ${SLURM_RESTART_COUNT:-0}: ${NNODES} node(s) x ${NPROC_PER_NODE} process(es), device ${DEVICE}, rendezvous ${MASTER_ADDR}:${MASTER_PORT}, ${OMP_NUM_THREADS} thread(s)/process"
+  blip2_log "job ${SLURM_JOB_ID} (${SLURM_JOB_NAME:-}) restart ${SLURM_RESTART_COUNT:-0}: ${NNODES} node(s) (${SLURM_JOB_NODELIST}) x ${NPROC_PER_NODE} process(es), device ${DEVICE}, rendezvous ${MASTER_ADDR}:${MASTER_PORT}, ${OMP_NUM_THREADS} thread(s)/process${SOCKET_IFNAME:+, interface $SOCKET_IFNAME}"
 }
 
 BLIP2_PREEMPT_SIGNAL=""
@@ -175,17 +182,33 @@ blip2_slurm_run() {
     "$entry" "$@"
   )
   blip2_log "launching: ${cmd[*]}"
+
+  # srun's own messages name the node of every task that failed ("srun: error: node2:
+  # task 1: Killed"), in the order they happened. A copy of srun's stderr (the tasks'
+  # stderr passes through it too) lets the end of this function say which node was lost,
+  # while the job log still gets every line as it comes. tee ignores TERM and INT: a plain
+  # scancel sends SIGTERM to every process of the batch step, and srun must keep its
+  # stderr while the trainers save.
+  local step_tmp
+  step_tmp=$(mktemp -d "${TMPDIR:-/tmp}/blip2-step-XXXXXX") || blip2_die "mktemp failed"
+  mkfifo "$step_tmp/stderr" || blip2_die "mkfifo $step_tmp/stderr failed"
+  (
+    trap '' TERM INT
+    exec tee -a "$step_tmp/srun.err" <"$step_tmp/stderr" >&2
+  ) &
+  local tee_pid=$!
+
   # --cpus-per-task: the one task per node gets all of the node's CPUs (a step would
   # otherwise get one CPU and, with CPU binding, pin every rank of the node to it).
   # --kill-on-bad-exit: a node that fails ends the others instead of leaving them hung in
-  # a collective.
+  # a collective until it times out.
   srun --nodes="$NNODES" --ntasks="$NNODES" --ntasks-per-node=1 \
     --cpus-per-task="$BLIP2_CPUS_PER_NODE" --kill-on-bad-exit=1 \
-    bash -c 'trap "" USR1 USR2; exec "$@"' blip2-node "${cmd[@]}" &
+    bash "$REPO_DIR/launch/slurm/node.sh" "${cmd[@]}" 2>"$step_tmp/stderr" &
   BLIP2_SRUN_PID=$!
 
   # `wait` returns early (status > 128) whenever a trapped signal arrives: keep waiting
-  # until srun itself has exited.
+  # until srun itself has exited, then until tee has passed on srun's last lines.
   local rc
   while true; do
     wait "$BLIP2_SRUN_PID"
@@ -193,12 +216,48 @@ blip2_slurm_run() {
     kill -0 "$BLIP2_SRUN_PID" 2>/dev/null || break
   done
   BLIP2_SRUN_PID=""
+  while kill -0 "$tee_pid" 2>/dev/null; do
+    wait "$tee_pid"
+  done
   if [[ -n $BLIP2_RESEND_PID ]]; then
     kill "$BLIP2_RESEND_PID" 2>/dev/null
     BLIP2_RESEND_PID=""
   fi
   blip2_log "training step exited with code $rc${BLIP2_PREEMPT_SIGNAL:+ after SIG$BLIP2_PREEMPT_SIGNAL}"
+  # After a SIGTERM (scancel, pre-emption) every node exits non-zero by design: no culprit.
+  if ((rc != 0)) && [[ $BLIP2_PREEMPT_SIGNAL != TERM ]]; then
+    _blip2_report_failed_nodes "$step_tmp/srun.err"
+  fi
+  rm -rf "$step_tmp"
   return "$rc"
+}
+
+# Names the node that failed first, from srun's messages in the step's stderr ($1):
+#   srun: error: node2: task 1: Killed
+#   srun: error: node1: tasks 0-1: Exited with exit code 1
+#   srun: error: Node failure on node2
+# A node failure (SLURM lost contact with the node's slurmd) names the lost node whenever
+# it came; otherwise the first message is where the step broke, and the ones after it were
+# ended by srun --kill-on-bad-exit or failed in a collective with it. A task ended by a
+# signal means the node's processes were lost (killed, out of memory); an exit code means
+# they stopped on an error of their own, whose traceback is in the output above.
+_blip2_report_failed_nodes() {
+  local failures
+  failures=$(sed -nE \
+    -e 's/^srun: error: Node failure on ([^ ]+).*/\1|node failure/p' \
+    -e 's/^srun: error: ([^ :]+): (tasks? [0-9,-]+: .*)$/\1|\2/p' "$1" 2>/dev/null)
+  if [[ -z $failures ]]; then
+    blip2_log "the step failed without an srun message naming a node (nodes: $SLURM_JOB_NODELIST); see the output above"
+    return
+  fi
+  local first
+  first=$(grep -m 1 '|node failure$' <<<"$failures") || first=${failures%%$'\n'*}
+  local node=${first%%|*} reason=${first#*|}
+  local others
+  others=$(grep -vxF "$first" <<<"$failures" | sed -E 's/\|/: /' | paste -sd ';' - | sed 's/;/; /g')
+  local what="lost node $node ($reason)"
+  [[ $reason == *"Exited with exit code"* ]] && what="node $node failed first ($reason)"
+  blip2_log "$what; srun ended the step on every node${others:+ (also: $others)}"
 }
 
 # After a USR1 (time limit) that training answered by saving and exiting 0: requeue, so the

@@ -1,4 +1,4 @@
-"""A throw-away single-node SLURM cluster on this machine, for tests/test_slurm.py.
+"""A throw-away SLURM cluster on this machine, for tests/test_slurm*.py.
 
 It runs Debian's munged, slurmctld and slurmd in the foreground as child processes of
 the caller, with every file (config, state, spool, logs, munge socket and key) in one
@@ -6,23 +6,47 @@ temporary folder and on free ports, so it neither touches nor collides with a sy
 SLURM or munge. Needs root (slurmd launches jobs as the submitting user and SlurmUser is
 root here) and the binaries from tests/slurm/install_slurm.sh.
 
-Used by the test as a context manager; also runnable by hand to poke at the templates::
+- ``nodes=1`` (tests/test_slurm.py): one node, ``localhost``, slurmd in the machine's own
+  network.
+- ``nodes=2`` or more (tests/test_slurm_multinode.py): nodes ``node1``, ``node2``, ...,
+  each slurmd in its own network namespace with its own address, host name and /etc/hosts
+  (tests/slurm/netns.py), so a job's processes on node2 reach node1 only over the private
+  bridge, by name, as on a real cluster. slurmctld and munged stay in the root namespace,
+  where slurmctld listens on the bridge's address; the munge socket is a file, which the
+  namespaces share, so one munged (one key) serves every node.
 
-    python tests/slurm/local_cluster.py      # starts it, prints the SLURM_CONF to export, waits for Ctrl-C
+Used by the tests as a context manager; also runnable by hand to poke at the templates::
+
+    python tests/slurm/local_cluster.py [--nodes 2]   # starts it, prints the SLURM_CONF to export, waits for Ctrl-C
 """
 
 from __future__ import annotations
 
+import argparse
 import os
-import re
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-REQUIRED_BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "scancel", "squeue", "srun")
+sys.path.insert(0, str(Path(__file__).parent))
+from netns import NetworkUnavailable, PrivateNetwork  # noqa: E402
+
+REQUIRED_BINARIES = (
+    "munged",
+    "slurmctld",
+    "slurmd",
+    "sbatch",
+    "scontrol",
+    "scancel",
+    "squeue",
+    "srun",
+    "sinfo",
+)
 #: Job states after which a job will not run again by itself.
 FINISHED_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL"}
 
@@ -31,8 +55,8 @@ class ClusterUnavailable(RuntimeError):
     """The cluster cannot be started here; the message says why (the test skips with it)."""
 
 
-def why_unavailable() -> str | None:
-    """None when a local cluster can be attempted, else the reason it cannot."""
+def why_unavailable(nodes: int = 1) -> str | None:
+    """None when a local cluster of ``nodes`` nodes can be attempted, else the reason it cannot."""
     if os.geteuid() != 0:
         return "not running as root (slurmd and munged must run as root for a local cluster)"
     missing = [b for b in REQUIRED_BINARIES if shutil.which(b) is None]
@@ -42,6 +66,8 @@ def why_unavailable() -> str | None:
         )
     if not Path("/etc/munge/munge.key").is_file() and shutil.which("mungekey") is None:
         return "no munge key at /etc/munge/munge.key and no mungekey to create one"
+    if nodes > 1:
+        return PrivateNetwork.why_unavailable()
     return None
 
 
@@ -60,13 +86,24 @@ def _memory_mb() -> int:
 
 
 class LocalSlurmCluster:
-    """munged + slurmctld + slurmd with one node ``localhost`` and one partition ``debug``."""
+    """munged + slurmctld + one slurmd per node, one partition ``debug`` with every node.
 
-    def __init__(self, root: Path | None = None, cpus: int | None = None):
+    ``cpus`` is what each node declares (default: this machine's count); with several nodes
+    they all share this machine's CPUs.
+    """
+
+    def __init__(self, root: Path | None = None, cpus: int | None = None, nodes: int = 1):
+        if nodes < 1:
+            raise ValueError(f"nodes must be >= 1, got {nodes}")
         self.root = Path(root or tempfile.mkdtemp(prefix="slurm-"))
         self.cpus = cpus or os.cpu_count() or 1
         self.conf = self.root / "slurm.conf"
         self.munge_socket = self.root / "munge" / "munge.socket"
+        self.node_names = ["localhost"] if nodes == 1 else [f"node{i}" for i in range(1, nodes + 1)]
+        #: The node namespaces (None for a single node in this machine's network).
+        self.network: PrivateNetwork | None = None
+        if nodes > 1:
+            self.network = PrivateNetwork(self.node_names, self.root / "hosts")
         self._procs: list[subprocess.Popen] = []
         self._logs: list[Path] = []
 
@@ -84,20 +121,40 @@ class LocalSlurmCluster:
         return {**os.environ, "SLURM_CONF": str(self.conf)}
 
     def start(self, timeout: float = 60.0) -> None:
-        reason = why_unavailable()
+        """Start everything; on any failure, undo what was started and raise ClusterUnavailable."""
+        reason = why_unavailable(len(self.node_names))
         if reason:
             raise ClusterUnavailable(reason)
-        for sub in ("munge", "state", "spool"):
+        try:
+            self._start(timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self, timeout: float) -> None:
+        for sub in ("munge", "state", *(f"spool/{n}" for n in self.node_names)):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
+        controller = "localhost"
+        if self.network is not None:
+            try:
+                self.network.create()
+            except NetworkUnavailable as err:
+                raise ClusterUnavailable(f"cannot build the private node network: {err}") from err
+            controller = f"localhost({self.network.gateway})"
         self._start_munge()
-        self._write_conf()
+        self._write_conf(controller)
         # -D: stay in the foreground, so the daemons are our children and stop() can end them.
         self._spawn("slurmctld", ["slurmctld", "-D", "-i", "-f", str(self.conf)])
-        self._spawn("slurmd", ["slurmd", "-D", "-N", "localhost", "-f", str(self.conf)])
-        self._wait_node_idle(timeout)
+        for node in self.node_names:
+            cmd = ["slurmd", "-D", "-N", node, "-f", str(self.conf)]
+            if self.network is not None:
+                cmd = self.network.node_command(node, cmd)
+            self._spawn(f"slurmd-{node}", cmd)
+        self._wait_nodes_idle(timeout)
 
     def stop(self) -> None:
-        """Cancel what is still queued or running, then end the daemons we started, newest first."""
+        """Cancel what is still queued or running, end the daemons we started (newest first),
+        then remove the node namespaces and the bridge."""
         self.cancel_all()
         for proc in reversed(self._procs):
             if proc.poll() is None:
@@ -108,6 +165,10 @@ class LocalSlurmCluster:
                     proc.kill()
                     proc.wait(timeout=5)
         self._procs.clear()
+        if self.network is not None:
+            problems = self.network.destroy()
+            if problems:
+                print(f"local_cluster: could not remove: {'; '.join(problems)}", file=sys.stderr)
 
     def cancel_all(self, timeout: float = 60.0) -> None:
         """scancel every job of this private cluster and wait until none runs.
@@ -167,13 +228,25 @@ class LocalSlurmCluster:
                 raise ClusterUnavailable(f"munged did not create its socket:\n{self.daemon_logs()}")
             time.sleep(0.1)
 
-    def _write_conf(self) -> None:
+    def _write_conf(self, controller: str) -> None:
         r = self.root
+        if self.network is None:
+            nodes = [f"NodeName=localhost CPUs={self.cpus} RealMemory={_memory_mb()} State=UNKNOWN"]
+        else:
+            # NodeAddr: slurmctld (root namespace) reaches each slurmd at its namespace's address.
+            nodes = [
+                f"NodeName={n} NodeAddr={self.network.addresses[n]} CPUs={self.cpus} "
+                f"RealMemory={_memory_mb()} State=UNKNOWN"
+                for n in self.node_names
+            ]
         self.conf.write_text(
             "\n".join(
                 [
                     "ClusterName=blip2test",
-                    "SlurmctldHost=localhost",
+                    # "localhost" matches whatever this machine is called; the address in
+                    # parentheses is where slurmd and the clients reach it (the bridge's,
+                    # with node namespaces).
+                    f"SlurmctldHost={controller}",
                     f"SlurmctldPort={_free_port()}",
                     f"SlurmdPort={_free_port()}",
                     "AuthType=auth/munge",
@@ -187,11 +260,12 @@ class LocalSlurmCluster:
                     "SlurmUser=root",
                     "SlurmdUser=root",
                     f"StateSaveLocation={r / 'state'}",
-                    f"SlurmdSpoolDir={r / 'spool'}",
+                    # %n: the node's name, so every slurmd of this machine has its own files.
+                    f"SlurmdSpoolDir={r / 'spool' / '%n'}",
                     f"SlurmctldPidFile={r / 'slurmctld.pid'}",
-                    f"SlurmdPidFile={r / 'slurmd.pid'}",
+                    f"SlurmdPidFile={r / 'slurmd-%n.pid'}",
                     f"SlurmctldLogFile={r / 'slurmctld.log'}",
-                    f"SlurmdLogFile={r / 'slurmd.log'}",
+                    f"SlurmdLogFile={r / 'slurmd-%n.log'}",
                     "JobAcctGatherType=jobacct_gather/none",
                     "AccountingStorageType=accounting_storage/none",
                     "MpiDefault=none",
@@ -199,32 +273,36 @@ class LocalSlurmCluster:
                     # Keep finished jobs visible to `scontrol show job` for the whole test.
                     "MinJobAge=600",
                     "DefMemPerCPU=2000",
-                    f"NodeName=localhost CPUs={self.cpus} RealMemory={_memory_mb()} State=UNKNOWN",
-                    "PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP",
+                    *nodes,
+                    f"PartitionName=debug Nodes={','.join(self.node_names)} Default=YES MaxTime=INFINITE State=UP",
                     "",
                 ]
             )
         )
 
-    def _wait_node_idle(self, timeout: float) -> None:
+    def _wait_nodes_idle(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        out = ""
+        states: dict[str, str] = {}
         while time.monotonic() < deadline:
             for proc in self._procs:
                 if proc.poll() is not None:
                     raise ClusterUnavailable(
-                        f"{proc.args[0]} exited (code {proc.returncode}):\n{self.daemon_logs()}"
+                        f"{' '.join(proc.args[:8])} exited (code {proc.returncode}):\n{self.daemon_logs()}"
                     )
-            res = self.run(["scontrol", "show", "node", "localhost"], check=False)
-            out = res.stdout + res.stderr
-            if re.search(r"State=IDLE", out):
+            res = self.run(["sinfo", "-N", "-h", "-o", "%N %T"], check=False)
+            states = dict(line.split(maxsplit=1) for line in res.stdout.splitlines() if " " in line)
+            if all(states.get(n, "").lower() == "idle" for n in self.node_names):
                 return
             time.sleep(0.5)
-        raise ClusterUnavailable(f"node localhost never became IDLE: {out}\n{self.daemon_logs()}")
+        raise ClusterUnavailable(f"nodes never all became IDLE: {states}\n{self.daemon_logs()}")
 
     def daemon_logs(self, tail: int = 30) -> str:
         parts = []
-        for path in [*self._logs, self.root / "slurmctld.log", self.root / "slurmd.log"]:
+        daemon_files = [
+            self.root / "slurmctld.log",
+            *(self.root / f"slurmd-{n}.log" for n in self.node_names),
+        ]
+        for path in [*self._logs, *daemon_files]:
             if path.is_file():
                 lines = path.read_text(errors="replace").splitlines()[-tail:]
                 parts.append(f"--- {path.name}\n" + "\n".join(lines))
@@ -272,8 +350,19 @@ class LocalSlurmCluster:
 
 
 if __name__ == "__main__":
-    with LocalSlurmCluster() as cluster:
-        print(f"cluster up in {cluster.root}\n  export SLURM_CONF={cluster.conf}\nCtrl-C to stop")
+    parser = argparse.ArgumentParser(description="Start a throw-away SLURM cluster until Ctrl-C.")
+    parser.add_argument(
+        "--nodes", type=int, default=1, help="1: localhost; 2+: node1.. in network namespaces"
+    )
+    args = parser.parse_args()
+    # `kill <pid>` (and Ctrl-C, which a background job ignores) stops it through the clean-up.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    with LocalSlurmCluster(nodes=args.nodes) as cluster:
+        print(f"cluster up in {cluster.root}, nodes {', '.join(cluster.node_names)}")
+        if cluster.network is not None:
+            for node in cluster.node_names:
+                print(f"  {node}: {cluster.network.addresses[node]} (netns {cluster.network.netns[node]})")
+        print(f"  export SLURM_CONF={cluster.conf}\nCtrl-C to stop")
         try:
             while True:
                 time.sleep(3600)
