@@ -1,131 +1,68 @@
-"""Inference entry points in LAVIS's spirit: ``load_model_and_preprocess`` and friends.
+"""The entry points users call from Python and ``launch/``, in LAVIS's spirit.
 
-``source`` may be a local Hugging Face Blip2 directory (weights, tokenizer and image
-processor files), a training run or checkpoint directory of ours, or a flavour name
-(random weights unless overrides name weight files).
+* :func:`load_model_and_preprocess`: ``(model, image_processors, text_processors)`` from a
+  local Hugging Face Blip2 directory, a run or checkpoint directory of ours (any TP x PP
+  layout), or a flavour name (random weights unless overrides name weight files).
+* :func:`load_trained_model`: the model of a run (or a job config) for evaluation.
+* :func:`export_to_hf`: a run as a directory ``transformers`` loads.
 """
 
 from __future__ import annotations
 
-import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from blip2_megatron import accelerator
-from blip2_megatron.config_utils import ConfigError
+from blip2_megatron.build import build_from_hf_blip2, load_trained_model, predictor_for
+from blip2_megatron.config import ConfigError, load_job_config
+from blip2_megatron.convert.hf_blip2 import export_hf_blip2, is_hf_blip2_dir
 from blip2_megatron.data.processors import (
     CaptionProcessor,
     ImageEvalProcessor,
     ImageTrainProcessor,
     QuestionProcessor,
 )
-from blip2_megatron.parallel import state
-from blip2_megatron.training.config import JobConfig, load_job_config
+from blip2_megatron.inference import Blip2Predictor
 
 logger = logging.getLogger(__name__)
 
-
-def _checkpoint_dir(path: Path) -> Path | None:
-    """A finished checkpoint directory inside ``path`` (run dir, checkpoints/ dir, or itself)."""
-    from blip2_megatron.training.checkpoint import read_latest
-
-    if (path / "trainer_state.json").is_file():
-        return path
-    for root in (path / "checkpoints", path):
-        tag = read_latest(root)
-        if tag:
-            return root / tag
-    return None
-
-
-def _load_trainable_state(model: torch.nn.Module, ckpt: Path) -> None:
-    """Copy the trainable weights of a DeepSpeed checkpoint (TP rank of this process) into ``model``."""
-    rank = state.tp_rank() if state.is_initialized() else 0
-    candidates = sorted(ckpt.glob(f"mp_rank_{rank:02d}_model_states.pt")) or sorted(
-        ckpt.glob("*model_states.pt")
-    )
-    if not candidates:
-        raise FileNotFoundError(f"no model_states file in checkpoint {ckpt}")
-    # DeepSpeed's model-state file carries a few plain Python objects besides tensors; it is
-    # a file this project wrote, not a downloaded one.
-    saved = torch.load(candidates[0], map_location="cpu", weights_only=False)["module"]
-    missing, unexpected = model.load_state_dict(saved, strict=False)
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    lost = sorted(trainable & set(missing))
-    if lost or unexpected:
-        raise RuntimeError(
-            f"checkpoint {ckpt} does not match the model: missing trainable {lost[:10]}, unexpected {unexpected[:10]}"
-        )
-    logger.info("loaded %d trained tensors from %s", len(saved), ckpt)
-
-
-def load_trained_model(
-    checkpoint: str | None, config: str | None = None, overrides: list[str] | None = None
-) -> tuple[torch.nn.Module, JobConfig, Path | None]:
-    """(model in eval mode, job config, run dir) from a run/checkpoint directory or a job config."""
-    from blip2_megatron.models.factory import build_model
-
-    ckpt = None
-    run_dir = None
-    if checkpoint:
-        ckpt = _checkpoint_dir(Path(checkpoint))
-        if ckpt is None:
-            raise FileNotFoundError(
-                f"{checkpoint} holds no finished checkpoint (no trainer_state.json / latest)"
-            )
-        run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
-        config = config or str(ckpt / "config.yaml")
-    job = load_job_config(config, overrides or [])
-    state.initialize_model_parallel(job.tp, 1)
-    model = build_model(job.model, device=accelerator.current_device())
-    if ckpt is not None:
-        _load_trainable_state(model, ckpt)
-    model.eval()
-    return model, job, run_dir
-
-
-def _is_hf_blip2_dir(path: Path) -> bool:
-    if not (path / "config.json").is_file():
-        return False
-    return json.loads((path / "config.json").read_text()).get("model_type") == "blip-2"
+__all__ = ["export_to_hf", "load_model_and_preprocess", "load_trained_model"]
 
 
 def load_model_and_preprocess(
     source: str, device: torch.device | str | None = None, dtype: torch.dtype | None = None, **overrides: Any
-) -> tuple[torch.nn.Module, dict[str, Any], dict[str, Any]]:
+) -> tuple[Blip2Predictor, dict[str, Any], dict[str, Any]]:
     """``(model, image_processors, text_processors)`` as LAVIS returns them.
 
-    ``image_processors`` / ``text_processors`` have "train" and "eval" entries.
+    ``model`` has ``generate`` / ``predict_answers`` (and, for a stage-1 model, retrieval
+    features). ``image_processors`` / ``text_processors`` have "train" and "eval" entries.
     ``overrides`` are dotted job keys (``**{"model.llm.tp": 1}``); for a Hugging Face
     directory they are model keys (``model.`` optional, e.g. ``**{"prompt": ""}``).
     """
     path = Path(source)
-    override_list = [f"{k}={v}" for k, v in overrides.items()]
-    if path.is_dir() and _is_hf_blip2_dir(path):
-        from blip2_megatron.convert.hf_blip2 import load_hf_blip2
-
-        model, cfg = load_hf_blip2(
-            path, device=accelerator.current_device() if device is None else device, **overrides
-        )
-        image_size = cfg.vision.image_size
-    elif path.is_dir():
-        model, job, _ = load_trained_model(str(path), None, override_list)
-        image_size = job.model.vision.image_size
+    if path.is_dir() and is_hf_blip2_dir(path):
+        module, cfg, builder = build_from_hf_blip2(path, device=device, **overrides)
+        model = predictor_for(module, cfg, builder)
     else:
-        try:
-            job = load_job_config(None, [f"model.flavour={source}", *override_list])
-        except ConfigError as err:
-            raise ConfigError(f"{source!r} is not a directory and not a flavour: {err}") from None
-        model, job, _ = load_trained_model(None, None, [f"model.flavour={source}", *override_list])
-        image_size = job.model.vision.image_size
-    if device is not None:
-        model.to(device)
+        override_list = [f"{k}={v}" for k, v in overrides.items()]
+        if path.is_dir():
+            model, job, _ = load_trained_model(str(path), None, override_list, device=device)
+        else:
+            try:
+                load_job_config(None, [f"model.flavour={source}", *override_list])
+            except ConfigError as err:
+                raise ConfigError(f"{source!r} is not a directory and not a flavour: {err}") from None
+            model, job, _ = load_trained_model(
+                None, None, [f"model.flavour={source}", *override_list], device
+            )
+        cfg = job.model
     if dtype is not None:
         model.to(dtype)
     model.eval()
+    image_size = cfg.vision.image_size
     image_processors = {"train": ImageTrainProcessor(image_size), "eval": ImageEvalProcessor(image_size)}
     text_processors = {
         "train": CaptionProcessor(),
@@ -133,3 +70,26 @@ def load_model_and_preprocess(
         "question": QuestionProcessor(),
     }
     return model, image_processors, text_processors
+
+
+def export_to_hf(
+    out: str | Path,
+    checkpoint: str | None = None,
+    config: str | None = None,
+    overrides: Sequence[str] = (),
+    overwrite: bool = False,
+) -> Path:
+    """Export a trained model (run / checkpoint directory of any layout, or a job config) for transformers.
+
+    ``overrides`` are ``a.b=c`` job keys. Frozen parts come from the base weights the job
+    names (``model.init_checkpoint``, ``model.llm.weights``), trained ones from the
+    checkpoint. Run by any number of processes (TP splits the work; one rank writes).
+    """
+    if Path(out).exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
+    model, job, _ = load_trained_model(checkpoint, config, list(overrides))
+    if job.model.llm is None:
+        raise ConfigError(
+            "a stage-1 model has no LLM: transformers' Blip2ForConditionalGeneration cannot hold it"
+        )
+    return export_hf_blip2(model.module, out, tokenizer=model.tokenizer, overwrite=overwrite)

@@ -39,10 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setup_logging()
 
-    from blip2_megatron.config_utils import ConfigError
+    from blip2_megatron.config import ConfigError, load_job_config
     from blip2_megatron.parallel import state
     from blip2_megatron.training.benchmark import run_benchmark
-    from blip2_megatron.training.config import load_job_config
 
     try:
         job = load_job_config(args.config, args.overrides)

@@ -5,8 +5,10 @@
     python launch/evaluate.py --checkpoint runs/tiny_stage2 eval.split=test
 
 ``--checkpoint`` is a run directory (its ``checkpoints/latest``) or one checkpoint
-directory; without it the job's initial weights are evaluated. Results and metrics are
-written under ``<output>/eval/`` and printed as a table.
+directory, saved in any TP x PP layout (it is read in the layout this launch gives:
+``model.llm.tp=N`` to choose); without it the job's initial weights are evaluated. Results
+and metrics are written under ``<output>/eval/`` and printed as a table. Missing or
+unreadable images are skipped and counted; an evaluation with nothing to score exits 1.
 """
 
 from __future__ import annotations
@@ -34,20 +36,23 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
 
     from blip2_megatron.api import load_trained_model
-    from blip2_megatron.config_utils import ConfigError
-    from blip2_megatron.eval.runner import run_evaluation
+    from blip2_megatron.config import ConfigError
+    from blip2_megatron.eval.runner import EvaluationError, run_evaluation
+    from blip2_megatron.io import CheckpointMismatchError
     from blip2_megatron.parallel import state
 
     try:
         model, job, run_dir = load_trained_model(
             args.checkpoint, args.config, ["eval.enabled=true", *args.overrides]
         )
-    except (ConfigError, FileNotFoundError) as err:
+        output = Path(args.output or run_dir or job.train.output_dir)
+        metrics = run_evaluation(model, job, output)
+    except (ConfigError, FileNotFoundError, CheckpointMismatchError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    output = Path(args.output or run_dir or job.train.output_dir)
-    try:
-        metrics = run_evaluation(model, job, output)
+    except EvaluationError as err:
+        print(f"evaluation failed: {err}", file=sys.stderr)
+        return 1
     finally:
         state.destroy()
     if metrics:

@@ -37,8 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     logging.getLogger("blip2_megatron").setLevel(logging.WARNING)  # model-building chatter
 
-    from blip2_megatron.config import build_model_config
-    from blip2_megatron.config_utils import ConfigError
+    from blip2_megatron.config import ConfigError, build_model_config
     from blip2_megatron.models.param_count import count_parameters, format_report, report_dict
     from blip2_megatron.parallel import state
 

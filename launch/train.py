@@ -40,8 +40,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     setup_logging()
-    from blip2_megatron.config_utils import ConfigError
-    from blip2_megatron.training.config import load_job_config, shipped_job_names
+    from blip2_megatron.config import ConfigError, load_job_config, shipped_job_names
 
     if args.list_jobs:
         print("\n".join(shipped_job_names()))

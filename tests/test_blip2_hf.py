@@ -2,9 +2,10 @@
 
 The reference is a Blip2 directory written by ``save_pretrained`` with our built-in tiny
 LLM tokenizer beside it; ours is loaded from it through ``load_model_and_preprocess`` /
-``load_hf_blip2`` and the model factory. Loss and logits, greedy and beam generation
-(token ids, not only text), export and the HF -> ours -> HF round trip, a LLaMA-based
-Blip2, checkpoint errors naming the tensor, and the convert commands.
+``build_from_hf_blip2`` (the assembly layer). Loss and logits, greedy and beam generation
+(token ids, not only text), prompts tokenized with the tokenizer's own template (with and
+without a BOS), export and the HF -> ours -> HF round trip, a LLaMA-based Blip2,
+checkpoint errors naming the tensor, and the convert commands.
 """
 
 from __future__ import annotations
@@ -16,20 +17,20 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from blip2_megatron.api import load_model_and_preprocess
+from blip2_megatron.api import export_to_hf, load_model_and_preprocess
+from blip2_megatron.build import build_from_hf_blip2, predictor_for
 from blip2_megatron.convert import cli
 from blip2_megatron.convert.hf_blip2 import (
     export_hf_blip2,
     hf_config_from_ours,
     hf_inputs_from_batch,
-    load_hf_blip2,
     ours_config_from_hf,
     read_hf_config,
 )
-from blip2_megatron.convert.hf_llm import CheckpointMismatchError
-from blip2_megatron.models.blip2 import Blip2ForLLM
+from blip2_megatron.data.tokenizers import build_tokenizer
+from blip2_megatron.inference import Blip2Predictor
+from blip2_megatron.io import CheckpointMismatchError
 from blip2_megatron.models.llm import gather_from_tp_ranks
-from blip2_megatron.models.tokenizers import build_tokenizer
 
 transformers = pytest.importorskip("transformers")
 
@@ -131,6 +132,12 @@ def write_hf_blip2(path: Path, arch: str = "opt", seed: int = 0) -> Path:
     return path
 
 
+def load_hf_blip2(path: Path, **overrides):
+    """(predictor, config) of ours from a transformers Blip2 directory."""
+    module, cfg, builder = build_from_hf_blip2(path, **overrides)
+    return predictor_for(module, cfg, builder), cfg
+
+
 def load_reference(path: Path):
     return transformers.Blip2ForConditionalGeneration.from_pretrained(
         path, attn_implementation="eager"
@@ -154,12 +161,13 @@ def images(batch: int = 2, seed: int = 1) -> torch.Tensor:
 def assert_same_outputs(model, hf, samples) -> None:
     """Loss of the whole model and logits at every text position (query slots and padding excluded)."""
     inputs = hf_inputs_from_batch(model.cfg, model.tokenizer, samples, hf.config)
+    module = model.module
     with torch.no_grad():
         ref = hf(**inputs)
-        loss = model(samples)["loss"]
-        batch = model.prepare_batch(samples)
-        embeds = model.input_embeddings(batch["image"], batch["input_ids"], batch["image_slots"])
-        logits = model.language_model(inputs_embeds=embeds, attention_mask=batch["attention_mask"]).logits
+        batch = model.builder(samples)
+        loss = module(batch)["loss"]
+        embeds = module.input_embeddings(batch["image"], batch["input_ids"], batch["image_slots"])
+        logits = module.language_model(inputs_embeds=embeds, attention_mask=batch["attention_mask"]).logits
         logits = gather_from_tp_ranks(logits, dim=-1)  # vocab-parallel under TP > 1
     assert int((inputs["labels"] != -100).sum()) > 6  # the captions (and "\n") carry the loss
     text = batch["attention_mask"].bool() & ~batch["image_slots"]
@@ -191,7 +199,7 @@ def test_config_mapping_follows_the_directory(opt_dir):
 # ------------------------------------------------------------------------------ parity
 def test_loss_and_logits_match_transformers(single_process_group, opt_dir, reference):
     model, image_processors, text_processors = load_model_and_preprocess(str(opt_dir))
-    assert isinstance(model, Blip2ForLLM) and not model.training
+    assert isinstance(model, Blip2Predictor) and not model.training
     assert image_processors["eval"] is not None and "eval" in text_processors
     assert_same_outputs(model, reference, {"image": images(), "text_input": CAPTIONS})
     # per-sample prompts of different lengths (right padding, prompt tokens take no loss)
@@ -221,30 +229,23 @@ GENERATION = {
 def generate_both(model, reference, pixels, prompts: list[str] | None, **kwargs):
     """(our new token ids, transformers' new token ids, our texts) for one batch.
 
-    ``prompts=None``: no prompt; transformers then builds ``<image> x 8 + bos`` itself. Our
-    ids are the ones our ``generate`` decodes (read from its ``batch_decode`` call).
+    ``prompts=None``: no prompt; transformers then builds ``<image> x 8 + bos`` itself.
     """
-    tokenizer = model.tokenizer
-    decoded: list[torch.Tensor] = []
-    decode = tokenizer.batch_decode
-    tokenizer.batch_decode = lambda ids, **kw: decoded.append(ids) or decode(ids, **kw)
-    try:
-        if prompts is None:
-            ref = reference.generate(pixel_values=pixels, do_sample=False, **kwargs)[:, 9:]
-            texts = model.generate({"image": pixels}, prompt="", **kwargs)
-        else:
-            ids, mask = _processor_inputs(tokenizer, prompts)
-            ref = reference.generate(
-                pixel_values=pixels, input_ids=ids, attention_mask=mask, do_sample=False, **kwargs
-            )
-            ref = ref[:, ids.shape[1] :]  # transformers returns the prompt too
-            if len(set(prompts)) == 1:
-                texts = model.generate({"image": pixels}, prompt=prompts[0], **kwargs)
-            else:
-                texts = model.generate({"image": pixels, "prompt": prompts}, **kwargs)
-    finally:
-        del tokenizer.batch_decode
-    return decoded[-1], ref, texts
+    if prompts is None:
+        ref = reference.generate(pixel_values=pixels, do_sample=False, **kwargs)[:, 9:]
+        samples, prompt = {"image": pixels}, ""
+    else:
+        ids, mask = _processor_inputs(model.tokenizer, prompts)
+        ref = reference.generate(
+            pixel_values=pixels, input_ids=ids, attention_mask=mask, do_sample=False, **kwargs
+        )
+        ref = ref[:, ids.shape[1] :]  # transformers returns the prompt too
+        same = len(set(prompts)) == 1
+        samples = {"image": pixels} if same else {"image": pixels, "prompt": prompts}
+        prompt = prompts[0] if same else None
+    ours = model.generate_tokens(samples, prompt=prompt, **kwargs)
+    texts = model.generate(samples, prompt=prompt, **kwargs)
+    return ours, ref, texts
 
 
 SAME, MIXED = ["a photo of"] * 2, ["a photo of", "what color is the large shape"]
@@ -264,10 +265,31 @@ def test_generation_is_token_identical_to_transformers(single_process_group, opt
     assert ended >= 3 and running >= 3, "captions should both end early and run to the limit"
 
 
+def test_prompts_follow_a_tokenizer_template_without_bos(single_process_group, opt_dir, reference, tmp_path):
+    """A tokenizer whose template adds no BOS (Qwen2-style): ours and transformers' Blip2 agree token for token.
+
+    Prompts go through the tokenizer's own template in training and generation alike, as
+    transformers' Blip2Processor and LAVIS tokenize them; no BOS is forced in.
+    """
+    tokenizer = build_tokenizer("builtin:tiny", "llm")
+    tokenizer.backend_tokenizer.post_processor = None  # no template: no "</s>" before the text
+    tokenizer_dir = tmp_path / "no_bos_tokenizer"
+    tokenizer.save_pretrained(tokenizer_dir)
+    model, _ = load_hf_blip2(opt_dir, **{"llm.tokenizer": str(tokenizer_dir)})
+    assert model.builder.prefix == [] and model.tokenizer("a photo of")["input_ids"][0] != 2
+    batch = model.builder({"image": images(), "text_input": CAPTIONS})
+    first_text = batch["input_ids"][:, 8]  # right after the 8 query slots
+    assert first_text.tolist() == [model.tokenizer("a photo of")["input_ids"][0]] * 2
+    assert_same_outputs(model, reference, {"image": images(), "text_input": CAPTIONS})
+    for kwargs in GENERATION.values():
+        ours, ref, _ = generate_both(model, reference, images(), MIXED, **kwargs)
+        assert torch.equal(ours, ref), f"ours {ours}\nHF   {ref}"
+
+
 # ------------------------------------------------------------------------------ export
 def test_export_round_trip_is_exact(single_process_group, opt_dir, reference, tmp_path):
     model, cfg = load_hf_blip2(opt_dir)
-    out = export_hf_blip2(model, tmp_path / "export", tokenizer=model.tokenizer)
+    out = export_hf_blip2(model.module, tmp_path / "export", tokenizer=model.tokenizer)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]  # no partial directory left
     # HF -> ours -> HF: the same tensors under the same names (a tied head is not stored)
     original, exported = load_file(opt_dir / "model.safetensors"), load_file(out / "model.safetensors")
@@ -290,8 +312,8 @@ def test_export_round_trip_is_exact(single_process_group, opt_dir, reference, tm
     assert tokenizer("a photo of\n")["input_ids"] == model.tokenizer("a photo of\n")["input_ids"]
 
     with pytest.raises(FileExistsError, match="overwrite"):
-        export_hf_blip2(model, out)
-    export_hf_blip2(model, out, overwrite=True)  # replaced whole: no tokenizer this time
+        export_hf_blip2(model.module, out)
+    export_hf_blip2(model.module, out, overwrite=True)  # replaced whole: no tokenizer this time
     assert not (out / "tokenizer.json").exists() and (out / "model.safetensors").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
 
@@ -301,12 +323,15 @@ def _tp2_load_generate_export(rank: int, world_size: int, opt_dir: Path, out: Pa
 
     state.initialize_model_parallel(world_size, 1)
     model, cfg = load_hf_blip2(opt_dir)  # llm.tp follows the running group
-    assert cfg.llm.tp == world_size and model.language_model.embed_tokens.weight.shape[0] == 512 // world_size
+    assert (
+        cfg.llm.tp == world_size
+        and model.module.language_model.embed_tokens.weight.shape[0] == 512 // world_size
+    )
     reference = load_reference(opt_dir)
     assert_same_outputs(model, reference, {"image": images(), "text_input": CAPTIONS})
     ours, ref, _ = generate_both(model, reference, images(), MIXED, **GENERATION["beam3"])
     assert torch.equal(ours, ref), f"ours {ours}\nHF   {ref}"
-    export_hf_blip2(model, out)  # collective: the TP shards are gathered, rank 0 writes
+    export_hf_blip2(model.module, out)  # collective: the TP shards are gathered, rank 0 writes
     return ours.tolist()
 
 
@@ -404,7 +429,7 @@ def test_convert_commands_round_trip(single_process_group, opt_dir, tmp_path):
         f"model.init_checkpoint={ours_file}",
         f"model.llm.weights={llm_dir}",
     ]
-    out = cli.ours_to_hf(tmp_path / "export", overrides=overrides)
+    out = export_to_hf(tmp_path / "export", overrides=overrides)
     original, exported = load_file(opt_dir / "model.safetensors"), load_file(out / "model.safetensors")
     assert sorted(exported) == sorted(original)
     for key, tensor in original.items():

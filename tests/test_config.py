@@ -2,9 +2,10 @@
 
 import pytest
 
-from blip2_megatron.config import FLAVOURS, build_model_config
-from blip2_megatron.config_utils import ConfigError
-from blip2_megatron.training.config import (
+from blip2_megatron.config import (
+    FLAVOURS,
+    ConfigError,
+    build_model_config,
     job_config_from_dict,
     job_config_to_dict,
     load_job_config,

@@ -11,16 +11,15 @@ import pytest
 import torch
 from test_llm_parity import TOL, make_batch, make_hf_model, make_ours
 
-from blip2_megatron.config_utils import ConfigError
+from blip2_megatron.build import build_llm_from_hf
+from blip2_megatron.config import ConfigError
 from blip2_megatron.convert.hf_llm import (
-    CheckpointMismatchError,
-    build_llm_from_hf,
     export_hf_state_dict,
     llm_config_from_hf,
     load_hf_llm_weights,
     save_hf_llm,
 )
-from blip2_megatron.convert.io import UnsafeCheckpointError
+from blip2_megatron.io import CheckpointMismatchError, UnsafeCheckpointError
 from blip2_megatron.models.llm import ParallelCausalLM
 
 transformers = pytest.importorskip("transformers")

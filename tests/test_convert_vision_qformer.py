@@ -10,7 +10,6 @@ import torch
 from test_stage1 import build_model, make_tiny_tokenizer
 
 from blip2_megatron.config import VisionConfig
-from blip2_megatron.convert.io import UnsafeCheckpointError, iter_checkpoint_files, load_state_dict_file
 from blip2_megatron.convert.vision_qformer import (
     detect_source_format,
     eva_vit_to_ours,
@@ -22,6 +21,7 @@ from blip2_megatron.convert.vision_qformer import (
     summarize_keys,
     vision_qformer_to_ours,
 )
+from blip2_megatron.io import UnsafeCheckpointError, iter_checkpoint_files, load_state_dict_file
 from blip2_megatron.models.vision import VisionEncoder
 
 TINY_VISION = dict(
@@ -92,6 +92,7 @@ def test_lavis_blip2_checkpoint_round_trip(tokenizer):
     ):
         assert key in lavis, key
     assert not any("qkv.bias" in k for k in lavis)
+    assert lavis["temp"].shape == ()  # LAVIS keeps a 0-dim temperature; ours has one element
     # Extra entries of a real checkpoint: a buffer LAVIS saves and stage-2 parts.
     lavis["Qformer.bert.embeddings.position_ids"] = torch.arange(32)[None]
     lavis["opt_proj.weight"] = torch.zeros(3, 3)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from data_helpers import jpeg_bytes, sample_members, truncated_jpeg, write_id_shards, write_tar
 
-from blip2_megatron.config_utils import ConfigError, from_dict
+from blip2_megatron.config import ConfigError, from_dict
 from blip2_megatron.data import DataConfig, build_train_loader
 from blip2_megatron.data.wds import (
     ShardWriter,

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from blip2_megatron.training.config import TrainConfig
+from blip2_megatron.config import TrainConfig
 from blip2_megatron.training.optim import WarmupCosineSchedule, build_optimizer, parameter_groups
 
 

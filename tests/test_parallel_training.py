@@ -1,10 +1,12 @@
 """Loss parity across parallel layouts: DP, TP, PP and ZeRO stages give the same training.
 
-Every layout trains the same tiny BLIP-2 (frozen OPT-style LLM loaded from one Hugging
-Face directory, so every layout starts from identical weights; dropout off) on the same
-global batches for a few steps with the real engine code (``build_engine`` /
-``build_pipeline_engine`` and their step runners). DP ranks take their slice of each
-global batch, TP/PP ranks the whole of it.
+Every layout trains the same tiny BLIP-2 (OPT-style LLM loaded from one Hugging Face
+directory, so every layout starts from identical weights; dropout off) on the same global
+batches for a few steps with the real engine (``training/engine.py``) and batch builder.
+Captions differ in length from step to step (the padded length changes, as with real
+data). DP ranks take their slice of each global batch, TP/PP ranks the whole of it. The
+LLM is frozen, as in BLIP-2, and also trained (the tiny default job trains it; with PP the
+tied OPT embedding then lives on two stages and must stay one weight).
 """
 
 from __future__ import annotations
@@ -18,22 +20,27 @@ from dist_utils import run_distributed
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 4
 GLOBAL_BATCH = 8
-CAPTIONS = [
+SHORT = ["a dot", "two big blue squares", "a red circle", "a small square"]
+MEDIUM = [
     "a red circle on the left",
     "a small blue square at the top",
     "there is a large green triangle in the center",
     "a picture of a small yellow circle",
-    "a purple square on the right",
-    "a large orange triangle at the bottom",
-    "a green circle in the center on a plain background",
-    "a small red square on the left",
 ]
+LONG = ["a green circle in the center on a plain background of a picture with a small red square on the left"]
+# Per step: which captions the 8 samples get (the padded length differs from step to step).
+# Both halves (the two DP ranks' shares) hold the same captions: the loss is a mean over
+# labelled tokens per rank, and DP averages the ranks' means, which equals the one-process
+# mean over the whole batch only when the ranks hold as many labelled tokens.
+STEP_CAPTIONS = [SHORT * 2, (MEDIUM[:3] + LONG) * 2, MEDIUM * 2, (LONG + SHORT[:3]) * 2]
 
 
-def _overrides(llm_dir: str, tp: int = 1, pp: int = 1, batch: int = GLOBAL_BATCH) -> list[str]:
+def _overrides(
+    llm_dir: str, tp: int = 1, pp: int = 1, batch: int = GLOBAL_BATCH, freeze: bool = True
+) -> list[str]:
     return [
         f"model.llm.weights={llm_dir}",
-        "model.llm.freeze=true",
+        f"model.llm.freeze={str(freeze).lower()}",
         f"model.llm.tp={tp}",
         f"model.llm.pp={pp}",
         "model.qformer.hidden_dropout_prob=0.0",
@@ -45,73 +52,61 @@ def _overrides(llm_dir: str, tp: int = 1, pp: int = 1, batch: int = GLOBAL_BATCH
     ]
 
 
-def _global_batches() -> list[dict]:
+def _global_samples() -> list[dict]:
+    """One global batch per step; the caption mix (so the padded length) changes every step."""
     gen = torch.Generator().manual_seed(0)
     return [
         {
             "image": torch.randn(GLOBAL_BATCH, 3, 32, 32, generator=gen),
-            "text_input": CAPTIONS[step % 2 :] + CAPTIONS[: step % 2],
+            "text_input": STEP_CAPTIONS[step],
             "image_id": list(range(GLOBAL_BATCH)),
         }
         for step in range(STEPS)
     ]
 
 
-def _slice(batch: dict, rank: int, size: int) -> dict:
+def _slice(samples: dict, rank: int, size: int) -> dict:
     per = GLOBAL_BATCH // size
-    part = slice(rank * per, (rank + 1) * per)
-    return {
-        "image": batch["image"][part],
-        "text_input": batch["text_input"][part],
-        "image_id": batch["image_id"][part],
-    }
+    return {name: values[rank * per : (rank + 1) * per] for name, values in samples.items()}
 
 
-def train_layout(rank: int, world: int, llm_dir: str, tp: int, pp: int, zero: int) -> dict:
+def train_layout(rank: int, world: int, llm_dir: str, tp: int, pp: int, zero: int, freeze: bool) -> dict:
     """Run STEPS steps in this layout; return DP-averaged losses and frozen/trained checks."""
     from blip2_megatron import accelerator
-    from blip2_megatron.models.factory import build_model
+    from blip2_megatron.config import load_job_config
+    from blip2_megatron.data.batch import build_batch_builder
     from blip2_megatron.parallel import state
-    from blip2_megatron.training.config import load_job_config
     from blip2_megatron.training.ds_config import read_ds_config
-    from blip2_megatron.training.trainer import DataParallelStep, _mean_over_dp, build_engine
+    from blip2_megatron.training.engine import build_engine
+    from blip2_megatron.training.trainer import _mean_over_dp
 
     dp = world // (tp * pp)
-    job = load_job_config(None, _overrides(llm_dir, tp, pp, GLOBAL_BATCH // dp))
+    job = load_job_config(None, _overrides(llm_dir, tp, pp, GLOBAL_BATCH // dp, freeze))
     state.initialize_model_parallel(tp, pp)
     ds_raw = read_ds_config(REPO / "ds_configs" / f"zero{zero}.json")
     accelerator.manual_seed(job.train.seed)
-    if pp > 1:
-        from blip2_megatron.parallel.pipeline import build_pipeline_engine
-
-        engine, _, run_step = build_pipeline_engine(job, ds_raw, STEPS, STEPS)
-    else:
-        model = build_model(job.model)
-        engine, _ = build_engine(job, model, ds_raw, STEPS, STEPS)
-        run_step = DataParallelStep(engine, 1)
-    frozen_before = {
-        n: p.detach().clone() for n, p in engine.module.named_parameters() if not p.requires_grad
-    }
-    trained_before = {n: p.detach().clone() for n, p in engine.module.named_parameters() if p.requires_grad}
-    batches = iter([_slice(b, state.dp_rank(), dp) for b in _global_batches()])
+    engine = build_engine(job, ds_raw, STEPS, STEPS)
+    params = dict(engine.model.named_parameters())
+    with engine.gathered_parameters(list(params)):
+        frozen_before = {n: p.detach().clone() for n, p in params.items() if not p.requires_grad}
+        trained_before = {n: p.detach().clone() for n, p in params.items() if p.requires_grad}
+    builder = build_batch_builder(job.model)
+    batches = iter([builder(_slice(s, state.dp_rank(), dp)) for s in _global_samples()])
+    lengths = sorted({b["input_ids"].shape[1] for b in [builder(s) for s in _global_samples()]})
     losses = []
     for _ in range(STEPS):
-        step_losses, _ = run_step(batches)
+        step_losses, _ = engine.step(batches)
         # The pipeline engine already averages over DP; the plain engine reports this rank's.
         losses.append(step_losses["loss"] if pp > 1 else _mean_over_dp(step_losses)["loss"])
-    frozen_equal = all(
-        torch.equal(p, frozen_before[n]) for n, p in engine.module.named_parameters() if n in frozen_before
-    )
-    moved = sum(
-        not torch.equal(p, trained_before[n])
-        for n, p in engine.module.named_parameters()
-        if n in trained_before
-    )
+    with engine.gathered_parameters(list(params)):
+        frozen_equal = all(torch.equal(params[n], before) for n, before in frozen_before.items())
+        moved = sum(not torch.equal(params[n], before) for n, before in trained_before.items())
     return {
         "losses": losses,
         "frozen_equal": frozen_equal,
         "trained_moved": moved,
         "num_frozen": len(frozen_before),
+        "padded_lengths": lengths,
     }
 
 
@@ -131,7 +126,12 @@ def llm_dir(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def reference(llm_dir) -> dict:
-    return run_distributed(train_layout, 1, llm_dir, 1, 1, 0)[0]
+    return run_distributed(train_layout, 1, llm_dir, 1, 1, 0, True)[0]
+
+
+@pytest.fixture(scope="module")
+def reference_llm_trained(llm_dir) -> dict:
+    return run_distributed(train_layout, 1, llm_dir, 1, 1, 0, False)[0]
 
 
 @pytest.mark.dist
@@ -141,19 +141,37 @@ def test_single_process_reference_trains_and_keeps_frozen_weights(reference):
     assert losses[-1] < losses[0], losses
     assert reference["frozen_equal"] and reference["num_frozen"] > 0
     assert reference["trained_moved"] > 0
+    assert len(reference["padded_lengths"]) > 1, "the padded caption length must vary between steps"
+
+
+def _assert_same_losses(results: list[dict], reference: dict) -> None:
+    for result in results:
+        torch.testing.assert_close(
+            torch.tensor(result["losses"]), torch.tensor(reference["losses"]), rtol=1e-4, atol=1e-5
+        )
+        assert result["frozen_equal"]
 
 
 @pytest.mark.dist
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("tp", "pp", "zero"),
-    [(1, 1, 0), (1, 1, 1), (1, 1, 2), (2, 1, 1), (1, 2, 1)],
-    ids=["dp2-zero0", "dp2-zero1", "dp2-zero2", "tp2", "pp2"],
+    [(1, 1, 0), (1, 1, 1), (1, 1, 2), (1, 1, 3), (2, 1, 1), (1, 2, 1)],
+    ids=["dp2-zero0", "dp2-zero1", "dp2-zero2", "dp2-zero3", "tp2", "pp2"],
 )
 def test_two_process_layouts_match_single_process(llm_dir, reference, tp, pp, zero):
-    results = run_distributed(train_layout, 2, llm_dir, tp, pp, zero)
-    for result in results:
-        torch.testing.assert_close(
-            torch.tensor(result["losses"]), torch.tensor(reference["losses"]), rtol=1e-4, atol=1e-5
-        )
-        assert result["frozen_equal"]
+    _assert_same_losses(run_distributed(train_layout, 2, llm_dir, tp, pp, zero, True), reference)
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+@pytest.mark.parametrize(("tp", "pp", "zero"), [(2, 1, 2), (1, 2, 1)], ids=["tp2", "pp2"])
+def test_trained_llm_layouts_match_single_process(llm_dir, reference_llm_trained, tp, pp, zero):
+    """A trained OPT LLM: TP-split weights step in sync, and with PP the tied embedding stays one weight."""
+    _assert_same_losses(run_distributed(train_layout, 2, llm_dir, tp, pp, zero, False), reference_llm_trained)
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_tp2_pp2_on_four_processes_matches_single_process(llm_dir, reference):
+    _assert_same_losses(run_distributed(train_layout, 4, llm_dir, 2, 2, 1, True), reference)

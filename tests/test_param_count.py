@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from blip2_megatron.config import FLAVOURS, build_model_config
-from blip2_megatron.config_utils import ConfigError
+from blip2_megatron.config import FLAVOURS, ConfigError, build_model_config
 from blip2_megatron.models.param_count import build_meta_model, count_parameters, format_report
 
 

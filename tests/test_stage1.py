@@ -9,11 +9,11 @@ import torch
 import torch.distributed as dist
 from dist_utils import run_distributed
 
-from blip2_megatron.config import build_model_config
+from blip2_megatron.config import ConfigError, build_model_config
+from blip2_megatron.data.batch import Stage1BatchBuilder, image_id_codes
 from blip2_megatron.models.stage1 import (
     BatchGatherer,
     Blip2Stage1,
-    image_id_codes,
     positive_pairs,
     sample_hard_negatives,
 )
@@ -48,15 +48,20 @@ def tiny_config(tokenizer, **qformer):
 
 def build_model(tokenizer, seed: int = 0, dp_group=None, **qformer) -> Blip2Stage1:
     torch.manual_seed(seed)
-    return Blip2Stage1(tiny_config(tokenizer, **qformer), tokenizer, dp_group=dp_group)
+    return Blip2Stage1(tiny_config(tokenizer, **qformer), dp_group=dp_group)
 
 
-def tiny_batch(n: int = 4, seed: int = 1, image_ids=None) -> dict:
+def tiny_samples(n: int = 4, seed: int = 1, image_ids=None) -> dict:
     gen = torch.Generator().manual_seed(seed)
-    batch = {"image": torch.randn(n, 3, 32, 32, generator=gen), "text_input": (CAPTIONS * n)[:n]}
+    samples = {"image": torch.randn(n, 3, 32, 32, generator=gen), "text_input": (CAPTIONS * n)[:n]}
     if image_ids is not None:
-        batch["image_id"] = image_ids
-    return batch
+        samples["image_id"] = image_ids
+    return samples
+
+
+def tiny_batch(tokenizer, n: int = 4, seed: int = 1, image_ids=None) -> dict:
+    """Model tensors of :func:`tiny_samples` from the stage-1 batch builder."""
+    return Stage1BatchBuilder(tokenizer, tiny_config(tokenizer))(tiny_samples(n, seed, image_ids))
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +85,7 @@ def tokenizer(tmp_path_factory):
 )
 def test_each_loss_backward_gives_finite_grads(tokenizer, loss_name, must_get_grad):
     model = build_model(tokenizer).train()
-    out = model(tiny_batch())
+    out = model(tiny_batch(tokenizer))
     assert set(out) == {"loss", "loss_itc", "loss_itm", "loss_lm"}
     torch.testing.assert_close(out["loss"], out["loss_itc"] + out["loss_itm"] + out["loss_lm"])
     out[loss_name].backward()
@@ -95,7 +100,7 @@ def test_each_loss_backward_gives_finite_grads(tokenizer, loss_name, must_get_gr
 
 def test_losses_fall_when_overfitting_a_tiny_batch(tokenizer):
     model = build_model(tokenizer).train()
-    batch = tiny_batch()
+    batch = tiny_batch(tokenizer)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
     history = []
     for _ in range(45):
@@ -112,22 +117,18 @@ def test_losses_fall_when_overfitting_a_tiny_batch(tokenizer):
 
 def test_string_image_ids_make_same_id_pairs_positive(tokenizer):
     ids = ["coco_1", "coco_1", "coco_2"]
-    codes = image_id_codes(ids, torch.device("cpu"))
+    codes = image_id_codes(ids)
     assert codes[0] == codes[1] != codes[2]
     # Deterministic (not Python's salted hash) and 123 / "123" name the same image.
-    assert torch.equal(
-        image_id_codes(["coco_1", 123], torch.device("cpu")),
-        image_id_codes(["coco_1", "123"], torch.device("cpu")),
-    )
-    assert torch.equal(
-        image_id_codes(torch.tensor([123]), torch.device("cpu")), image_id_codes([123], torch.device("cpu"))
-    )
+    assert torch.equal(image_id_codes(["coco_1", 123]), image_id_codes(["coco_1", "123"]))
+    assert torch.equal(image_id_codes(torch.tensor([123])), image_id_codes([123]))
 
     model = build_model(tokenizer).eval()
-    batch = tiny_batch(3, image_ids=ids)
+    batch = tiny_batch(tokenizer, 3, image_ids=ids)
+    assert torch.equal(batch["image_codes"], codes)
     with torch.no_grad():
         image_feats = model.image_embeds_itc(batch["image"])
-        text_feat = model.text_embeds_itc(batch["text_input"])
+        text_feat = model.text_embeds_itc(batch["input_ids"], batch["attention_mask"])
         itc = model.compute_itc(image_feats, text_feat, codes)
     expected = torch.tensor([[0.5, 0.5, 0.0], [0.5, 0.5, 0.0], [0.0, 0.0, 1.0]])
     torch.testing.assert_close(itc.targets, expected)
@@ -164,24 +165,27 @@ def test_hard_negatives_never_pick_a_positive():
 
 
 def test_retrieval_helpers(tokenizer):
+    from blip2_megatron.inference import Blip2Predictor
+
     model = build_model(tokenizer).eval()
-    batch = tiny_batch(3)
+    predictor = Blip2Predictor(model, model.cfg, Stage1BatchBuilder(tokenizer, model.cfg))
+    samples = tiny_samples(3)
     with torch.no_grad():
-        query_output, image_embeds = model.forward_image(batch["image"])
-        image_feats = model.image_embeds_itc(batch["image"])
-        text_feat = model.text_embeds_itc(batch["text_input"])
-        scores = model.itm_scores(batch["image"], batch["text_input"])
-        tokens = model.tokenize(batch["text_input"])
-        cached = model.itm_scores(
-            image_embeds=image_embeds, input_ids=tokens.input_ids, attention_mask=tokens.attention_mask
-        )
-        probs = model.itm_scores(batch["image"], batch["text_input"], as_probability=True)
+        query_output, image_embeds = model.forward_image(samples["image"])
+        image_feats = predictor.image_features(samples["image"])
+        text_feat = predictor.text_features(samples["text_input"])
+        scores = predictor.itm_scores(image_embeds, samples["text_input"])
+        tokens = predictor.builder.text_tokens(samples["text_input"])
+        direct = model.itm_scores(image_embeds, tokens["input_ids"], tokens["attention_mask"])
+        probs = predictor.itm_scores(image_embeds, samples["text_input"], as_probability=True)
     assert query_output.shape == (3, 8, 64) and image_embeds.shape == (3, 17, 64)
     assert image_feats.shape == (3, 8, 32) and text_feat.shape == (3, 32)
     torch.testing.assert_close(image_feats.norm(dim=-1), torch.ones(3, 8))
     torch.testing.assert_close(text_feat.norm(dim=-1), torch.ones(3))
     assert scores.shape == (3,)
-    torch.testing.assert_close(cached, scores)
+    torch.testing.assert_close(direct, scores)
+    logits = model._itm_logits(image_embeds, tokens["input_ids"], tokens["attention_mask"])
+    torch.testing.assert_close(probs, logits.softmax(dim=-1)[:, 1])
     assert ((probs > 0) & (probs < 1)).all()
 
 
@@ -189,34 +193,32 @@ def test_temperature_is_clamped(tokenizer):
     model = build_model(tokenizer).train()
     with torch.no_grad():
         model.temp.fill_(5.0)
-    model(tiny_batch(2))
+    model(tiny_batch(tokenizer, 2))
     assert model.temp.item() == pytest.approx(0.5)
 
 
 def test_tokenizer_must_match_config(tokenizer):
     cfg = tiny_config(tokenizer, bos_token_id=len(tokenizer) - 2)
-    with pytest.raises(ValueError, match="bos"):
-        Blip2Stage1(cfg, tokenizer)
+    with pytest.raises(ConfigError, match="bos"):
+        Stage1BatchBuilder(tokenizer, cfg)
 
 
 # ------------------------------------------------------------------ data parallel
 def _itc_on_rank(rank: int, world_size: int, tokenizer_dir: str, splits: list[list[int]]) -> list[dict]:
     tokenizer = make_tiny_tokenizer(Path(tokenizer_dir))
     model = build_model(tokenizer, dp_group=dist.group.WORLD).eval()
-    batch = tiny_batch(4, image_ids=DIST_IDS)
+    batch = tiny_batch(tokenizer, 4, image_ids=DIST_IDS)
     results = []
     for split in splits:
         start = sum(split[:rank])
         local = slice(start, start + split[rank])
-        image_feats = model.image_embeds_itc(batch["image"][local])
-        text_feat = model.text_embeds_itc(batch["text_input"][local])
-        itc = model.compute_itc(image_feats, text_feat, image_id_codes(DIST_IDS[local], torch.device("cpu")))
+        local_batch = {name: tensor[local] for name, tensor in batch.items()}
+        image_feats = model.image_embeds_itc(local_batch["image"])
+        text_feat = model.text_embeds_itc(local_batch["input_ids"], local_batch["attention_mask"])
+        itc = model.compute_itc(image_feats, text_feat, local_batch["image_codes"])
         model.zero_grad()
         itc.loss.backward()  # the local copy keeps its gradient
         grad = model.vision_proj.weight.grad
-        local_batch = dict(
-            image=batch["image"][local], text_input=batch["text_input"][local], image_id=DIST_IDS[local]
-        )
         full = model(local_batch)  # ITM hard negatives come from the gathered batch
         results.append(
             {
@@ -235,12 +237,12 @@ DIST_IDS = ["coco_1", "coco_2", "coco_1", "coco_3"]  # coco_1 spans both ranks
 def test_itc_gathered_over_two_processes_equals_one_process_on_whole_batch(tokenizer, tmp_path):
     make_tiny_tokenizer(tmp_path)
     model = build_model(tokenizer).eval()
-    batch = tiny_batch(4, image_ids=DIST_IDS)
+    batch = tiny_batch(tokenizer, 4, image_ids=DIST_IDS)
     with torch.no_grad():
         whole = model.compute_itc(
             model.image_embeds_itc(batch["image"]),
-            model.text_embeds_itc(batch["text_input"]),
-            image_id_codes(DIST_IDS, torch.device("cpu")),
+            model.text_embeds_itc(batch["input_ids"], batch["attention_mask"]),
+            batch["image_codes"],
         ).loss.item()
     splits = [[2, 2], [3, 1]]  # equal and unequal per-rank batch sizes
     per_rank = run_distributed(_itc_on_rank, 2, str(tmp_path), splits)

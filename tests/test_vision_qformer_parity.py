@@ -8,6 +8,7 @@ from test_stage1 import make_tiny_tokenizer
 
 from blip2_megatron.config import Blip2Config, QFormerConfig, VisionConfig
 from blip2_megatron.convert.vision_qformer import hf_vision_qformer_to_ours, load_into
+from blip2_megatron.data.batch import Stage1BatchBuilder
 from blip2_megatron.models.qformer import QFormer, causal_text_mask
 from blip2_megatron.models.stage1 import Blip2Stage1
 from blip2_megatron.models.vision import VisionEncoder, freeze_vision, interpolate_position_embedding
@@ -130,7 +131,7 @@ def _retrieval_pair(tmp_path):
             **OUR_QFORMER, vocab_size=vocab, bos_token_id=tokenizer.bos_token_id, max_txt_len=12
         ),
     )
-    ours = Blip2Stage1(cfg, tokenizer).eval()
+    ours = Blip2Stage1(cfg).eval()
     converted, unconsumed = hf_vision_qformer_to_ours(hf.state_dict())
     assert unconsumed == []
     report = load_into(ours, converted)
@@ -145,16 +146,17 @@ def test_stage1_itc_and_itm_match_hf_retrieval_model(tmp_path):
     hf, ours, tokenizer = _retrieval_pair(tmp_path)
     pixels = torch.randn(2, 3, 32, 32)
     texts = ["a photo of a red circle", "small cat"]
-    tokens = ours.tokenize(texts)
+    tokens = Stage1BatchBuilder(tokenizer, ours.cfg).text_tokens(texts)
+    input_ids, attention_mask = tokens["input_ids"], tokens["attention_mask"]
     with torch.no_grad():
-        hf_itm = hf(pixels, tokens.input_ids, tokens.attention_mask, use_image_text_matching_head=True)
-        hf_itc = hf(pixels, tokens.input_ids, tokens.attention_mask, use_image_text_matching_head=False)
+        hf_itm = hf(pixels, input_ids, attention_mask, use_image_text_matching_head=True)
+        hf_itc = hf(pixels, input_ids, attention_mask, use_image_text_matching_head=False)
         image_embeds = ours.query_encoder.encode_image(pixels)
-        itm_logits = ours._itm_logits(image_embeds, tokens.input_ids, tokens.attention_mask)
+        itm_logits = ours._itm_logits(image_embeds, input_ids, attention_mask)
         image_feats = ours.image_embeds_itc(image_embeds=image_embeds)
-        text_feat = ours.text_embeds_itc(texts)
+        text_feat = ours.text_embeds_itc(input_ids, attention_mask)
         similarity = torch.einsum("bqe,ne->bnq", image_feats, text_feat).amax(dim=-1)
-        itm_positive = ours.itm_scores(pixels, texts)
+        itm_positive = ours.itm_scores(image_embeds, input_ids, attention_mask)
     torch.testing.assert_close(itm_logits, hf_itm.logits_per_image, **TOL)
     torch.testing.assert_close(itm_positive, hf_itm.logits_per_image[:, 1], **TOL)
     torch.testing.assert_close(similarity, hf_itc.logits_per_image, **TOL)

@@ -1,88 +1,77 @@
-"""The weight conversions behind ``launch/convert.py``.
+"""The file conversions behind ``launch/convert.py`` that need no model.
 
 * :func:`hf_to_ours`: a transformers Blip2 directory -> one safetensors file with our
   names for the vision encoder, Q-Former, queries and projection (``query_encoder.*``,
   ``language_projection.*``; for ``model.init_checkpoint``) and, optionally, the LLM as a
   transformers OPT / LLaMA directory (for ``model.llm.weights``, which every TP rank reads
   shard by shard instead of loading the whole Blip2 file).
-* :func:`ours_to_hf`: a training run / checkpoint (or a job config) -> a transformers
-  Blip2 directory.
+* :func:`reshard_run`: a checkpoint of a run saved at any TP x PP -> a run directory for
+  another TP x PP (its saved weights re-cut; base weights stay where the job names them).
 
-Outputs are written under a temporary name and renamed, never left half-written.
+Exporting a trained model to transformers builds the model, so it lives with the other
+model-level entry points (``blip2_megatron.api.export_to_hf``). Outputs are written under a
+temporary name and renamed, never left half-written.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
-import os
 import shutil
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from blip2_megatron.config_utils import ConfigError
-from blip2_megatron.convert.hf_blip2 import (
-    HF_LLM_PREFIX,
-    PROJECTION_PREFIX,
-    TOKENIZER_FILES,
-    export_hf_blip2,
-    full_hf_config,
-    read_hf_config,
+from blip2_megatron.config import ConfigError, load_job_config, save_job_config
+from blip2_megatron.convert.hf_blip2 import HF_LLM_PREFIX, PROJECTION_PREFIX, full_hf_config, read_hf_config
+from blip2_megatron.convert.run_checkpoint import (
+    CHECKPOINTS,
+    CONFIG,
+    LATEST,
+    TRAINER_STATE,
+    WEIGHTS,
+    find_checkpoint,
+    read_trainer_state,
+    reshard_weights,
 )
-from blip2_megatron.convert.io import iter_checkpoint_files, load_state_dict_file
 from blip2_megatron.convert.vision_qformer import hf_vision_qformer_to_ours, summarize_keys
+from blip2_megatron.data.tokenizers import TOKENIZER_FILES
+from blip2_megatron.io import (
+    atomic_directory,
+    atomic_file,
+    iter_checkpoint_files,
+    load_state_dict_file,
+    write_json_atomic,
+    write_text_atomic,
+)
+from blip2_megatron.parallel.pipeline import stage_layer_ranges
 
 logger = logging.getLogger(__name__)
 
-
-def _partial(path: Path) -> Path:
-    return path.with_name(f".{path.name}.partial-{os.getpid()}")
-
-
-def _check_free(path: Path, overwrite: bool) -> None:
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite=True (--overwrite) to replace it")
-
-
-def _replace(partial: Path, target: Path) -> None:
-    """Move a finished ``partial`` file or directory to ``target`` (replacing what is there)."""
-    if target.is_dir():
-        shutil.rmtree(target)
-    elif target.exists():
-        target.unlink()
-    partial.rename(target)
+_LLM_ARCHITECTURES = {"opt": "OPTForCausalLM", "llama": "LlamaForCausalLM"}
 
 
 def _write_llm_dir(
-    out: Path, tensors: dict[str, torch.Tensor], text_config: dict[str, Any], hf_dir: Path
+    out: Path, tensors: dict[str, torch.Tensor], text_config: dict[str, Any], hf_dir: Path, overwrite: bool
 ) -> None:
-    import json
-
     from safetensors.torch import save_file
 
     if not tensors:
         raise ConfigError(f"{hf_dir} holds no language_model.* tensors")
-    partial = _partial(out)
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    try:
+    with atomic_directory(out, overwrite=overwrite) as partial:
         save_file(
             {k: v.contiguous() for k, v in tensors.items()},
             str(partial / "model.safetensors"),
             {"format": "pt"},
         )
-        arch = {"opt": "OPTForCausalLM", "llama": "LlamaForCausalLM"}.get(text_config.get("model_type"))
+        arch = _LLM_ARCHITECTURES.get(text_config.get("model_type"))
         config = {**text_config, "architectures": [arch] if arch else text_config.get("architectures")}
         (partial / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
         for name in TOKENIZER_FILES:
             if (hf_dir / name).is_file():
                 shutil.copy2(hf_dir / name, partial / name)
-        _replace(partial, out)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
 
 
 def hf_to_ours(
@@ -102,9 +91,9 @@ def hf_to_ours(
         )
     if out.suffix != ".safetensors":
         raise ConfigError(f"--out {out} must be a .safetensors file")
-    _check_free(out, overwrite)
-    if llm_out is not None:
-        _check_free(Path(llm_out), overwrite)
+    for target in (out, llm_out):
+        if target is not None and Path(target).exists() and not overwrite:
+            raise FileExistsError(f"{target} exists; pass overwrite=True (--overwrite) to replace it")
 
     ours: dict[str, torch.Tensor] = {}
     llm: dict[str, torch.Tensor] = {}
@@ -125,42 +114,51 @@ def hf_to_ours(
     if ignored:
         logger.warning("tensors with no place in our model were skipped: %s", summarize_keys(ignored))
 
-    partial = _partial(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    try:
+    with atomic_file(out, overwrite=overwrite) as partial:
         save_file({k: v.contiguous() for k, v in ours.items()}, str(partial), {"format": "pt"})
-        _replace(partial, out)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
     logger.info("wrote %d query-encoder / projection tensors to %s", len(ours), out)
     counts = {"ours": len(ours)}
     if llm_out is not None:
-        _write_llm_dir(Path(llm_out), llm, full_hf_config(raw)["text_config"], hf_dir)
+        _write_llm_dir(Path(llm_out), llm, full_hf_config(raw)["text_config"], hf_dir, overwrite)
         logger.info("wrote the %d LLM tensors to %s", len(llm), llm_out)
         counts["llm"] = len(llm)
     return counts
 
 
-def ours_to_hf(
-    out: str | Path,
-    checkpoint: str | None = None,
-    config: str | None = None,
-    overrides: Sequence[str] = (),
-    overwrite: bool = False,
-) -> Path:
-    """Export a trained model (run / checkpoint directory, or a job config) as a transformers Blip2 directory.
+def reshard_run(checkpoint: str | Path, out: str | Path, tp: int, pp: int, overwrite: bool = False) -> Path:
+    """Write ``checkpoint`` (a run or checkpoint directory of ours) as a run for TP = ``tp``, PP = ``pp``.
 
-    ``overrides`` are ``a.b=c`` job keys (``model.llm.tp=1`` ...). Frozen parts come from the
-    base weights the job names (``model.init_checkpoint``, ``model.llm.weights``), trained
-    ones from the checkpoint. A TP > 1 run is exported by the same number of processes.
+    The output is a run directory whose ``checkpoints/<tag>`` holds the saved weights cut
+    for the new layout, the trainer state (step, data position) and the job config with
+    the new ``model.llm.tp`` / ``model.llm.pp``; ``train.resume`` can point at it, and
+    evaluation, prediction and export read it. The DeepSpeed engine files (optimizer
+    moments, laid out per rank of the old layout) are not carried over: training resumed
+    from a resharded checkpoint starts its Adam moments afresh (the log says so).
+    Returns the new checkpoint directory.
     """
-    from blip2_megatron.api import load_trained_model
-
-    _check_free(Path(out), overwrite)
-    model, job, _ = load_trained_model(checkpoint, config, list(overrides))
-    if job.model.llm is None:
-        raise ConfigError(
-            "a stage-1 model has no LLM: transformers' Blip2ForConditionalGeneration cannot hold it"
-        )
-    return export_hf_blip2(model, out, tokenizer=model.tokenizer, overwrite=overwrite)
+    source = find_checkpoint(checkpoint)
+    if source is None:
+        raise FileNotFoundError(f"{checkpoint} holds no finished checkpoint (no trainer_state.json / latest)")
+    job = load_job_config(str(source / CONFIG))
+    if job.model.llm is None and (tp, pp) != (1, 1):
+        raise ConfigError("a stage-1 model has no LLM to split: it is always TP = PP = 1")
+    if job.model.llm is not None:
+        # Validates tp against the heads and pp against the layers, with errors naming them.
+        job.model = dataclasses.replace(job.model, llm=dataclasses.replace(job.model.llm, tp=tp, pp=pp))
+    out = Path(out)
+    job.train.output_dir = str(out)
+    with atomic_directory(out, overwrite=overwrite) as partial:
+        target = partial / CHECKPOINTS / source.name
+        ranges = stage_layer_ranges(job.model.llm.num_layers, pp) if job.model.llm is not None else [(0, 0)]
+        counts = reshard_weights(source / WEIGHTS, target / WEIGHTS, tp, ranges)
+        trainer_state = read_trainer_state(source)
+        trainer_state["layout"] = {**trainer_state.get("layout", {}), "tp": tp, "pp": pp}
+        trainer_state["resharded_from"] = str(source.resolve())
+        write_json_atomic(trainer_state, target / TRAINER_STATE)
+        save_job_config(job, target / CONFIG)
+        save_job_config(job, partial / CONFIG)
+        write_text_atomic(source.name, partial / CHECKPOINTS / LATEST)
+    logger.info(
+        "resharded %s to tp=%d pp=%d: %s", source, tp, pp, ", ".join(f"{k} ({v})" for k, v in counts.items())
+    )
+    return out / CHECKPOINTS / source.name

@@ -7,9 +7,9 @@ plus the LLM's own key map and TP slicing (``convert/hf_llm.py``). transformers 
 saves the LLM under ``language_model.model.decoder.*`` (OPT) / ``language_model.model.*``
 (LLaMA) and ``language_model.lm_head.weight`` (absent when tied to the embedding).
 
-* :func:`load_hf_blip2` builds our model from a local Blip2 directory through the model
-  factory (``model.init_checkpoint=<dir>``), after checking that every tensor the model
-  needs is in the directory (a missing one is named).
+* :func:`hf_blip2_model_config` gives our config for a local Blip2 directory (the
+  assembly layer, ``blip2_megatron.build``, builds the model with ``init_checkpoint=<dir>``
+  after :func:`check_hf_blip2_checkpoint` has named any tensor the directory lacks).
 * :func:`export_hf_blip2` writes a directory that
   ``transformers.Blip2ForConditionalGeneration.from_pretrained`` loads.
 
@@ -23,8 +23,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -33,20 +31,26 @@ import torch
 import transformers
 from torch import nn
 
-from blip2_megatron.config import Blip2Config, LLMConfig
-from blip2_megatron.config_utils import ConfigError, from_dict, merge_dicts
+from blip2_megatron.config import Blip2Config, ConfigError, LLMConfig, from_dict, merge_dicts
 from blip2_megatron.convert.hf_llm import (
-    CheckpointMismatchError,
     export_hf_state_dict,
     hf_config_dict,
     hf_name_map,
     llm_config_from_hf,
     read_hf_config,
 )
-from blip2_megatron.convert.io import iter_checkpoint_files, load_state_dict_file
 from blip2_megatron.convert.vision_qformer import ours_to_hf_vision_qformer, summarize_keys
+from blip2_megatron.data.batch import LLMBatchBuilder
 from blip2_megatron.data.processors import CLIP_MEAN, CLIP_STD
-from blip2_megatron.models.blip2 import Blip2ForLLM, build_llm_inputs
+from blip2_megatron.data.tokenizers import TOKENIZER_FILES, build_tokenizer, holds_tokenizer
+from blip2_megatron.io import (
+    CheckpointMismatchError,
+    atomic_directory,
+    iter_checkpoint_files,
+    load_state_dict_file,
+)
+from blip2_megatron.models.blip2 import Blip2ForLLM
+from blip2_megatron.parallel import state
 
 logger = logging.getLogger(__name__)
 
@@ -55,16 +59,6 @@ PROJECTION_PREFIX = "language_projection."  # the same in transformers and in Bl
 HF_LM_HEAD = HF_LLM_PREFIX + "lm_head.weight"
 OPT_IMAGE_TOKEN = 50265  # the "<image>" id Salesforce's blip2-opt checkpoints use (vocab padded to 50272)
 OPT_CAPTION_END = "\n"  # BLIP-2 OPT captions end here (LAVIS: the first id of tokenizer("\n"))
-# Files of a transformers tokenizer (any of them marks a directory as holding one).
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
-    "tokenizer.model",
-)
 BICUBIC = 3  # PIL.Image.BICUBIC, the resampling of our eval transform
 
 
@@ -128,6 +122,7 @@ def hf_config_from_ours(cfg: Blip2Config) -> transformers.Blip2Config:
             attention_probs_dropout_prob=qformer.attention_dropout_prob,
             max_position_embeddings=qformer.max_position_embeddings,
             layer_norm_eps=qformer.layer_norm_eps,
+            initializer_range=qformer.initializer_range,
             pad_token_id=qformer.pad_token_id,
             cross_attention_frequency=qformer.cross_attention_frequency,
             encoder_hidden_size=vision.hidden_size,
@@ -216,6 +211,7 @@ def ours_config_from_hf(
             hidden_dropout_prob=q["hidden_dropout_prob"],
             attention_dropout_prob=q["attention_probs_dropout_prob"],
             layer_norm_eps=q["layer_norm_eps"],
+            initializer_range=q.get("initializer_range", 0.02),
             pad_token_id=q["pad_token_id"] if q.get("pad_token_id") is not None else 0,
         ),
         llm=llm,
@@ -296,12 +292,18 @@ def _list_keys(keys: list[str], exact_up_to: int = 10) -> str:
 # ------------------------------------------------------------------------------ loading
 def _tokenizer_spec(model_dir: Path, llm_overrides: Mapping[str, Any]) -> str:
     spec = llm_overrides.get("tokenizer") or str(model_dir)
-    if spec == str(model_dir) and not any((model_dir / f).is_file() for f in TOKENIZER_FILES):
+    if spec == str(model_dir) and not holds_tokenizer(model_dir):
         raise ConfigError(
             f"{model_dir} holds no tokenizer files ({', '.join(TOKENIZER_FILES)}); "
             "pass llm.tokenizer=<local tokenizer directory>"
         )
     return spec
+
+
+def is_hf_blip2_dir(path: str | Path) -> bool:
+    """Whether ``path`` is a transformers Blip2 directory (config.json with model_type blip-2)."""
+    config = Path(path) / "config.json"
+    return config.is_file() and json.loads(config.read_text()).get("model_type") == "blip-2"
 
 
 def _warn_on_token_mismatch(cfg: Blip2Config, tokenizer: Any, text: Mapping[str, Any]) -> None:
@@ -325,43 +327,28 @@ def _warn_on_token_mismatch(cfg: Blip2Config, tokenizer: Any, text: Mapping[str,
         )
 
 
-def load_hf_blip2(
-    model_dir: str | Path, device: torch.device | str | None = None, **overrides: Any
-) -> tuple[Blip2ForLLM, Blip2Config]:
-    """``(Blip2ForLLM in eval mode, its config)`` from a local transformers Blip2 directory.
+def hf_blip2_model_config(
+    model_dir: str | Path, overrides: Mapping[str, Any] | None = None, tp: int | None = None
+) -> Blip2Config:
+    """Our Blip2Config for a local transformers Blip2 directory (``init_checkpoint`` = the directory).
 
-    The tokenizer is read from the same directory (or ``llm.tokenizer``); the weights go
-    through the model factory (``init_checkpoint=<dir>``). ``overrides`` are Blip2Config
-    fields, dotted or nested (``**{"llm.tp": 2}``, ``prompt=""``). Model-parallel groups are
-    started (TP = ``llm.tp``, PP = 1) unless running; when running, ``llm.tp`` follows them.
+    The caption end follows the directory's tokenizer (or ``llm.tokenizer``); ``overrides``
+    are Blip2Config fields, dotted or nested (``{"llm.tp": 2}``, ``{"prompt": ""}``); ``tp``
+    is the running tensor-parallel size, used when the overrides do not set one.
     """
-    from blip2_megatron.models.factory import build_model
-    from blip2_megatron.models.tokenizers import build_tokenizer
-    from blip2_megatron.parallel import state
-
     model_dir = Path(model_dir)
     raw = read_hf_config(model_dir)
-    nested = _nested_overrides(overrides)
+    nested = _nested_overrides(overrides or {})
     llm_overrides = nested.setdefault("llm", {})
-    if state.is_initialized():
-        llm_overrides.setdefault("tp", state.tp_size())
+    if tp is not None:
+        llm_overrides.setdefault("tp", tp)
     spec = _tokenizer_spec(model_dir, llm_overrides)
     tokenizer = build_tokenizer(spec, "llm")
     llm_overrides["tokenizer"] = spec
     nested["init_checkpoint"] = str(model_dir)
     cfg = ours_config_from_hf(raw, tokenizer, nested)
-    if cfg.llm.pp != 1:
-        raise ConfigError("load_hf_blip2 builds the whole model on each rank: llm.pp must be 1")
-    if not state.is_initialized():
-        state.initialize_model_parallel(cfg.llm.tp, 1)
     _warn_on_token_mismatch(cfg, tokenizer, full_hf_config(raw)["text_config"])
-    check_hf_blip2_checkpoint(model_dir, cfg)
-    model = build_model(cfg, device=device)
-    model.eval()
-    logger.info(
-        "loaded a transformers Blip2 (%s, %d layers) from %s", cfg.llm.arch, cfg.llm.num_layers, model_dir
-    )
-    return model, cfg
+    return cfg
 
 
 # ------------------------------------------------------------------------------ export
@@ -431,13 +418,8 @@ def export_hf_blip2(
     left half-written; an existing ``out_dir`` is replaced only with ``overwrite``.
     Collective over the TP group; one rank (TP 0, DP 0) writes.
     """
-    from blip2_megatron.parallel import state
-
-    llm = model.cfg.llm
-    if llm is None or not (model.pre_process and model.post_process):
-        raise ValueError("export_hf_blip2 needs a whole LLM model on one pipeline stage (llm.pp=1)")
-    if model.language_model.layer_range != (0, llm.num_layers):
-        raise ValueError("export_hf_blip2 needs every decoder layer on this stage (llm.pp=1)")
+    if model.cfg.llm is None or not model.holds_whole_model:
+        raise ValueError("export_hf_blip2 needs a whole LLM model on one rank (llm.pp=1)")
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir} exists; pass overwrite=True to replace it")
@@ -449,21 +431,8 @@ def export_hf_blip2(
         )
     tensors = hf_state_dict_from_ours(model)
     if state.tp_rank() == 0 and state.dp_rank() == 0:
-        partial = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
-        try:
+        with atomic_directory(out_dir, overwrite=overwrite) as partial:
             _write_hf_dir(partial, model.cfg, tensors, tokenizer)
-            if out_dir.exists():
-                old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-                out_dir.rename(old)
-                partial.rename(out_dir)
-                shutil.rmtree(old)
-            else:
-                partial.rename(out_dir)
-        except BaseException:
-            shutil.rmtree(partial, ignore_errors=True)
-            raise
         logger.info("wrote a transformers Blip2 directory to %s (%d tensors)", out_dir, len(tensors))
     if state.tp_size() > 1:
         torch.distributed.barrier(group=state.tp_group())
@@ -475,12 +444,10 @@ def hf_inputs_from_batch(
     cfg: Blip2Config, tokenizer: Any, samples: dict[str, Any], hf_cfg: Any
 ) -> dict[str, torch.Tensor]:
     """transformers Blip2 inputs equal to ours: image-token placeholders in the query slots."""
-    prompts = samples.get("prompt") or [cfg.prompt] * len(samples["text_input"])
-    inputs = build_llm_inputs(tokenizer, cfg, list(prompts), list(samples["text_input"]))
-    input_ids = inputs.input_ids.masked_fill(inputs.image_slots, hf_cfg.image_token_index)
+    batch = LLMBatchBuilder(tokenizer, cfg)(samples)
     return {
-        "pixel_values": samples["image"],
-        "input_ids": input_ids,
-        "attention_mask": inputs.attention_mask,
-        "labels": inputs.labels,
+        "pixel_values": batch["image"],
+        "input_ids": batch["input_ids"].masked_fill(batch["image_slots"], hf_cfg.image_token_index),
+        "attention_mask": batch["attention_mask"],
+        "labels": batch["labels"],
     }

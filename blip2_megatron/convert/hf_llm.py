@@ -33,9 +33,8 @@ from typing import Any
 
 import torch
 
-from blip2_megatron.config import LLMConfig
-from blip2_megatron.config_utils import ConfigError
-from blip2_megatron.convert.io import UnsafeCheckpointError, iter_checkpoint_files
+from blip2_megatron.config import ConfigError, LLMConfig
+from blip2_megatron.io import CheckpointMismatchError, UnsafeCheckpointError, iter_checkpoint_files
 from blip2_megatron.models.llm import ParallelCausalLM, gather_from_tp_ranks
 from blip2_megatron.parallel import state
 
@@ -97,10 +96,6 @@ IGNORED_HF_KEYS = (re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_f
 # Our parameters whose rows are vocabulary entries (padded to a multiple of the TP size).
 VOCAB_PARAMS = ("embed_tokens.weight", "lm_head.weight")
 LLAMA_FAMILY = ("llama",)  # Vicuna and other LLaMA fine-tunes use model_type "llama"
-
-
-class CheckpointMismatchError(ValueError):
-    """A checkpoint does not fit the model: missing, unexpected or wrongly shaped tensors, by name."""
 
 
 # --------------------------------------------------------------------------- configs
@@ -421,21 +416,6 @@ def load_hf_llm_weights(
             param.narrow(dim, max(stop - start, 0), local - max(stop - start, 0)).zero_()
     logger.info("loaded %d tensors into LLM layers %s (tp rank %d)", len(plan), model.layer_range, rank)
     return [hf_name for _, hf_name, _ in plan]
-
-
-def build_llm_from_hf(
-    model_dir: str | Path,
-    pre_process: bool = True,
-    post_process: bool = True,
-    layer_range: tuple[int, int] | None = None,
-    params_dtype: torch.dtype = torch.float32,
-    **config_overrides: Any,
-) -> ParallelCausalLM:
-    """A :class:`ParallelCausalLM` (stage) built from a Hugging Face directory with its weights."""
-    cfg = llm_config_from_hf(read_hf_config(model_dir), weights=str(model_dir), **config_overrides)
-    model = ParallelCausalLM(cfg, pre_process, post_process, layer_range, params_dtype, init_weights=False)
-    load_hf_llm_weights(model, model_dir)
-    return model
 
 
 # --------------------------------------------------------------------------- export

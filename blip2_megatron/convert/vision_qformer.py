@@ -296,6 +296,8 @@ def lavis_to_ours(
         out[prefix + "query_tokens"] = state_dict["query_tokens"]
         consumed.add("query_tokens")
     _rename(state_dict, LAVIS_HEAD_KEYS, "", "", out, consumed)
+    if "temp" in out:
+        out["temp"] = out["temp"].reshape(1)  # LAVIS: a 0-dim tensor; ours has one element
     if LAVIS_DECODER_BIAS_ALIAS in state_dict:
         out.setdefault("lm_head.decoder.bias", state_dict[LAVIS_DECODER_BIAS_ALIAS])
         consumed.add(LAVIS_DECODER_BIAS_ALIAS)
@@ -349,6 +351,8 @@ def ours_to_lavis(
         out["query_tokens"] = state_dict[prefix + "query_tokens"]
         consumed.add(prefix + "query_tokens")
     _rename(state_dict, _invert(LAVIS_HEAD_KEYS), "", "", out, consumed)
+    if "temp" in out:
+        out["temp"] = out["temp"].reshape(())
     if "Qformer.cls.predictions.bias" in out:
         out[LAVIS_DECODER_BIAS_ALIAS] = out["Qformer.cls.predictions.bias"]
     return out, _unconsumed(state_dict, consumed)

@@ -8,6 +8,7 @@ The training job needs two calls::
 and for evaluation ``build_eval_dataset(cfg.data, "val")`` + ``EvalLoader``.
 """
 
+from blip2_megatron.config import DataConfig
 from blip2_megatron.data.annotations import (
     CaptionDataset,
     CaptionEvalDataset,
@@ -17,7 +18,6 @@ from blip2_megatron.data.annotations import (
     load_caption_records,
     load_vqa_records,
 )
-from blip2_megatron.data.config import DataConfig
 from blip2_megatron.data.loader import (
     EvalLoader,
     TrainLoader,

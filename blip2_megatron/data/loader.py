@@ -46,7 +46,7 @@ import itertools
 import logging
 import random
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -54,6 +54,7 @@ from typing import Any, Protocol
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset, get_worker_info
 
+from blip2_megatron.config import ANNOTATION_KINDS, DataConfig
 from blip2_megatron.data.annotations import (
     AnnotationSource,
     CaptionEvalDataset,
@@ -62,7 +63,6 @@ from blip2_megatron.data.annotations import (
     load_caption_records,
     load_vqa_records,
 )
-from blip2_megatron.data.config import ANNOTATION_KINDS, DataConfig
 from blip2_megatron.data.processors import (
     CaptionProcessor,
     ImageEvalProcessor,
@@ -120,6 +120,7 @@ class StreamSpec:
     shuffle_buffer: int
     image_processor: ImageTrainProcessor | ImageEvalProcessor
     text_processor: CaptionProcessor
+    batch_builder: Callable[[dict[str, Any]], dict[str, Any]] | None = None
 
 
 # ----------------------------------------------------------------------------- stream stages
@@ -228,6 +229,8 @@ def stream_batches(
             skips.take()  # counted before the checkpoint already (restored with the state)
         else:
             batch = collate_train(pending, spec.text_processor.prompt)
+            if spec.batch_builder is not None:
+                batch = spec.batch_builder(batch)  # tokenized here, in the loader's workers
             batch[SKIPPED_KEY] = skips.take()
             yield batch
         pending = []
@@ -406,8 +409,18 @@ def build_train_image_processor(cfg: DataConfig) -> ImageTrainProcessor | ImageE
     return ImageEvalProcessor(cfg.image_size, use_draft=True)
 
 
-def build_train_loader(cfg: DataConfig, dp_rank: int, dp_size: int, seed: int) -> TrainLoader:
-    """The training loader of one DP rank; every TP / PP rank of that DP rank passes the same arguments."""
+def build_train_loader(
+    cfg: DataConfig,
+    dp_rank: int,
+    dp_size: int,
+    seed: int,
+    batch_builder: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+) -> TrainLoader:
+    """The training loader of one DP rank; every TP / PP rank of that DP rank passes the same arguments.
+
+    ``batch_builder`` (``blip2_megatron.data.batch``) turns each collated batch into model
+    tensors inside the loader's workers; without it batches carry the raw texts.
+    """
     if not 0 <= dp_rank < dp_size:
         raise ValueError(f"dp_rank={dp_rank} must be in [0, dp_size={dp_size})")
     cfg = prepare_data(cfg)
@@ -440,6 +453,7 @@ def build_train_loader(cfg: DataConfig, dp_rank: int, dp_size: int, seed: int) -
         shuffle_buffer=cfg.shuffle_buffer,
         image_processor=build_train_image_processor(cfg),
         text_processor=CaptionProcessor(cfg.prompt, cfg.max_words),
+        batch_builder=batch_builder,
     )
     logger.info(
         "train data: %d source(s), %d samples/epoch, %d batches/epoch of %d per DP rank (rank %d of %d)",

@@ -14,7 +14,7 @@ from blip2_megatron.eval.caption import (
     spice_unavailable_reason,
     write_result_json,
 )
-from blip2_megatron.eval.report import format_metrics_table, save_metrics, write_json_atomic
+from blip2_megatron.eval.report import format_metrics_table, save_metrics
 from blip2_megatron.eval.retrieval import NOT_CANDIDATE, rerank_topk, retrieval_agg_metric, retrieval_metrics
 from blip2_megatron.eval.vqa import (
     ANSWER_TYPES,
@@ -42,6 +42,5 @@ __all__ = [
     "spice_unavailable_reason",
     "vqa_accuracy",
     "vqa_agg_metric",
-    "write_json_atomic",
     "write_result_json",
 ]

@@ -41,8 +41,8 @@ from blip2_megatron.eval.report import (
     check_ids_match,
     index_by_id,
     sortable_id,
-    write_json_atomic,
 )
+from blip2_megatron.io import write_json_atomic
 
 logger = logging.getLogger(__name__)
 

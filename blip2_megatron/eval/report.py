@@ -4,9 +4,8 @@
   refuse anything else (a duplicate, a lost sample, an id of another split), because
   such a mismatch changes the number silently. :func:`index_by_id` and
   :func:`check_ids_match` say exactly which ids are wrong.
-* Files: :func:`write_json_atomic` (temporary file in the same folder, then rename) so a
-  crash or pre-emption never leaves a half-written result or metrics file;
-  :func:`save_metrics` on top of it.
+* Files: :func:`save_metrics`, written atomically (``blip2_megatron.io``) so a crash or
+  pre-emption never leaves a half-written result or metrics file.
 * Console: :func:`format_metrics_table`, an aligned two-column table for logs.
 
 Ids are matched by ``str(id)``: ``123`` and ``"123"`` name the same item (JSON round
@@ -15,14 +14,13 @@ trips and dataset code disagree on the type), ``"coco_123"`` stays what it is.
 
 from __future__ import annotations
 
-import json
-import math
 import numbers
 import os
-import tempfile
 from collections.abc import Hashable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from blip2_megatron.io import write_json_atomic
 
 # How many offending ids an error message lists before it says "and N more".
 _IDS_SHOWN_IN_ERRORS = 5
@@ -92,47 +90,6 @@ def check_ids_match(expected: Mapping[str, Any], found: Mapping[str, Any], what:
 
 
 # ----------------------------------------------------------------------------- files
-
-
-def _json_ready(value: Any) -> Any:
-    """Turn numpy / torch values into Python ones and non-finite floats into ``None``.
-
-    ``json.dump`` would otherwise fail on tensors and write ``NaN`` / ``Infinity``, which
-    strict JSON readers (and most dashboards) reject.
-    """
-    if isinstance(value, Mapping):
-        return {str(k): _json_ready(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_ready(v) for v in value]
-    if hasattr(value, "tolist") and callable(value.tolist):
-        return _json_ready(value.tolist())  # numpy / torch scalars and arrays
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
-def write_json_atomic(data: Any, path: str | os.PathLike[str], indent: int | None = 2) -> Path:
-    """Write ``data`` as JSON to ``path`` through a temporary file and an atomic rename.
-
-    Parent folders are created. Readers see either the previous file or the complete new
-    one, never a truncated file, even when the process is killed mid-write.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle = tempfile.NamedTemporaryFile(
-        "w", encoding="utf-8", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
-    )
-    try:
-        with handle:
-            json.dump(_json_ready(data), handle, indent=indent, ensure_ascii=False)
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(handle.name, path)
-    except BaseException:
-        Path(handle.name).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def save_metrics(metrics: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:

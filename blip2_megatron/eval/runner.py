@@ -1,13 +1,18 @@
-"""Evaluation jobs over a built model: COCO captions, zero-shot VQAv2, stage-1 retrieval.
+"""Evaluation jobs over a predictor: COCO captions, zero-shot VQAv2, stage-1 retrieval.
 
 Every data-parallel rank evaluates its own slice of the set (TP ranks of one DP rank run
 the same slice together, since generation is tensor-parallel); results are gathered over
 the data-parallel group, checked for duplicates and losses, and scored on global rank 0.
 Results and metrics are written under ``<output_dir>/eval/``.
+
+Images that are missing or unreadable are skipped and counted (``num_missing_images``,
+``num_unreadable_images`` in the metrics); an evaluation left with nothing to score raises
+:class:`EvaluationError` on every rank (``launch/evaluate.py`` then exits non-zero).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -18,15 +23,24 @@ from torch.utils.data import Subset
 from tqdm import tqdm
 
 from blip2_megatron import accelerator
+from blip2_megatron.config import JobConfig
 from blip2_megatron.data.loader import EvalLoader, build_eval_dataset, caption_ground_truth
 from blip2_megatron.eval.caption import caption_agg_metric, gather_results, score_captions, write_result_json
 from blip2_megatron.eval.report import format_metrics_table, save_metrics
 from blip2_megatron.eval.retrieval import rerank_topk, retrieval_metrics
 from blip2_megatron.eval.vqa import vqa_accuracy
+from blip2_megatron.inference import DEFAULT_VQA_PROMPT, Blip2Predictor
 from blip2_megatron.parallel import state
-from blip2_megatron.training.config import JobConfig
 
 logger = logging.getLogger(__name__)
+
+
+class EvaluationError(RuntimeError):
+    """The evaluation could not produce a score (e.g. every image is missing)."""
+
+
+def _dp_group() -> dist.ProcessGroup | None:
+    return state.dp_group() if state.is_initialized() and dist.is_initialized() else None
 
 
 def _dp_slice(dataset: Any, max_samples: int) -> tuple[Any, int]:
@@ -38,14 +52,33 @@ def _dp_slice(dataset: Any, max_samples: int) -> tuple[Any, int]:
     return Subset(dataset, indices), total
 
 
-def _gather(local: list[dict[str, Any]], key: str, total: int, dropped: int) -> list[dict[str, Any]]:
-    """All DP ranks' results; ``total`` less the images that failed to load on any rank."""
-    group = state.dp_group() if state.is_initialized() and dist.is_initialized() else None
-    if group is not None:
-        count = torch.tensor([dropped], device=accelerator.current_device())
+def _skip_counts(dataset: Any, loader: EvalLoader, reduce: bool = True) -> dict[str, int]:
+    """Missing images (found when the set was built: the same on every rank) plus load failures.
+
+    ``reduce``: each DP rank loaded its own slice, so the failures are summed over them.
+    """
+    built = dataset.dataset if isinstance(dataset, Subset) else dataset
+    missing = int(getattr(built, "skipped", {}).get("missing_image", 0))
+    unreadable = sum(v for k, v in loader.stats.items() if k != "missing_image")
+    group = _dp_group()
+    if reduce and group is not None:
+        count = torch.tensor([unreadable], device=accelerator.current_device())
         dist.all_reduce(count, group=group)
-        dropped = int(count.item())
-    return list(gather_results(local, key=key, expected_total=total - dropped, group=group))
+        unreadable = int(count.item())
+    return {"num_missing_images": missing, "num_unreadable_images": unreadable}
+
+
+def _gather(local: list[dict[str, Any]], key: str, total: int, unreadable: int) -> list[dict[str, Any]]:
+    """All DP ranks' results; ``total`` less the images that failed to load on any rank."""
+    return list(gather_results(local, key=key, expected_total=total - unreadable, group=_dp_group()))
+
+
+def _require_results(results: list[Any], what: str, skips: dict[str, int], total: int) -> None:
+    if not results:
+        raise EvaluationError(
+            f"nothing to score for {what}: {total} item(s) with images, {skips['num_missing_images']} missing "
+            f"image(s), {skips['num_unreadable_images']} unreadable (check data.image_root and the annotation paths)"
+        )
 
 
 def _is_rank0() -> bool:
@@ -58,7 +91,7 @@ def _progress(loader: EvalLoader, what: str):
 
 @torch.no_grad()
 def evaluate_captions(
-    model: Any, job: JobConfig, output_dir: Path, split: str | None = None
+    model: Blip2Predictor, job: JobConfig, output_dir: Path, split: str | None = None
 ) -> dict[str, float]:
     """Generate a caption per image and score with pycocoevalcap (BLEU, METEOR, ROUGE-L, CIDEr, SPICE*)."""
     split = split or job.eval.split
@@ -67,11 +100,10 @@ def evaluate_captions(
     )
     loader = EvalLoader(dataset, batch_size=job.eval.batch_size)
     prompt = job.eval.prompt or job.model.prompt
-    device = accelerator.current_device()
     results = []
     for batch in _progress(loader, f"captions ({split})"):
         captions = model.generate(
-            {"image": batch["image"].to(device)},
+            {"image": batch["image"]},
             prompt=prompt,
             num_beams=job.eval.num_beams,
             max_new_tokens=job.eval.max_new_tokens,
@@ -80,27 +112,26 @@ def evaluate_captions(
             repetition_penalty=job.eval.repetition_penalty,
         )
         results += [{"image_id": i, "caption": c} for i, c in zip(batch["image_id"], captions)]
-    if loader.stats:
-        logger.warning("caption eval skipped images: %s", loader.stats)
-    results = _gather(results, "image_id", total, loader.stats.get("unreadable_image", 0))
+    skips = _skip_counts(dataset, loader)
+    results = _gather(results, "image_id", total, skips["num_unreadable_images"])
+    _require_results(results, f"captions ({split})", skips, total)
     metrics: dict[str, float] = {}
     if _is_rank0():
         eval_dir = output_dir / "eval"
         write_result_json(results, eval_dir / f"captions_{split}.json")
         gt = caption_ground_truth(job.data, split)
-        if job.eval.max_samples:
+        if job.eval.max_samples or skips["num_unreadable_images"]:
             gt = _restrict_ground_truth(gt, {r["image_id"] for r in results})
         metrics = score_captions(results, gt)
         metrics["agg_metric"] = caption_agg_metric(metrics)
+        metrics.update(num_evaluated=len(results), **skips)
         save_metrics(metrics, eval_dir / f"metrics_caption_{split}.json")
         logger.info("\n%s", format_metrics_table(metrics, title=f"caption metrics ({split})"))
     return metrics
 
 
 def _restrict_ground_truth(gt_path: str, image_ids: set[Any]) -> dict[str, Any]:
-    """The COCO ground truth limited to the evaluated images (for eval.max_samples)."""
-    import json
-
+    """The COCO ground truth limited to the evaluated images (eval.max_samples, unreadable images)."""
     data = json.loads(Path(gt_path).read_text())
     keep = {str(i) for i in image_ids}
     data["images"] = [img for img in data["images"] if str(img["id"]) in keep]
@@ -109,17 +140,16 @@ def _restrict_ground_truth(gt_path: str, image_ids: set[Any]) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def evaluate_vqa(model: Any, job: JobConfig, output_dir: Path) -> dict[str, Any]:
+def evaluate_vqa(model: Blip2Predictor, job: JobConfig, output_dir: Path) -> dict[str, Any]:
     """Zero-shot VQAv2: beam-search short answers, scored with the standard VQA accuracy."""
     full = build_eval_dataset(job.data, task="vqa")
     dataset, total = _dp_slice(full, job.eval.max_samples)
     loader = EvalLoader(dataset, batch_size=job.eval.batch_size)
-    device = accelerator.current_device()
-    prompt = job.eval.prompt or "Question: {} Short answer:"
+    prompt = job.eval.prompt or DEFAULT_VQA_PROMPT
     predictions = []
     for batch in _progress(loader, "VQA"):
         answers = model.predict_answers(
-            {"image": batch["image"].to(device), "text_input": batch["text_input"]},
+            {"image": batch["image"], "text_input": batch["text_input"]},
             prompt=prompt,
             num_beams=job.eval.num_beams,
             max_new_tokens=job.eval.max_new_tokens,
@@ -127,7 +157,9 @@ def evaluate_vqa(model: Any, job: JobConfig, output_dir: Path) -> dict[str, Any]
             length_penalty=job.eval.length_penalty,
         )
         predictions += [{"question_id": q, "answer": a} for q, a in zip(batch["question_id"], answers)]
-    predictions = _gather(predictions, "question_id", total, loader.stats.get("unreadable_image", 0))
+    skips = _skip_counts(dataset, loader)
+    predictions = _gather(predictions, "question_id", total, skips["num_unreadable_images"])
+    _require_results(predictions, "VQA", skips, total)
     metrics: dict[str, Any] = {}
     if _is_rank0():
         eval_dir = output_dir / "eval"
@@ -142,69 +174,72 @@ def evaluate_vqa(model: Any, job: JobConfig, output_dir: Path) -> dict[str, Any]
             for r in full.records
             if r.question_id in asked and r.answers
         ]
+        metrics = {"num_evaluated": len(predictions), **skips}
         if annotations:
-            scored = vqa_accuracy(
-                [p for p in predictions if p["question_id"] in {a["question_id"] for a in annotations}],
-                annotations,
-            )
-            metrics = {k: v for k, v in scored.items() if k != "per_question"}
+            answered = {a["question_id"] for a in annotations}
+            scored = vqa_accuracy([p for p in predictions if p["question_id"] in answered], annotations)
+            metrics.update({k: v for k, v in scored.items() if k != "per_question"})
             metrics["agg_metric"] = metrics["overall"]
-            save_metrics(metrics, eval_dir / "metrics_vqa.json")
             logger.info("\n%s", format_metrics_table(metrics, title="VQAv2 accuracy"))
         else:
             logger.info(
                 "no answers in the annotations (test-dev?): wrote %s only", eval_dir / "vqa_answers.json"
             )
+        save_metrics(metrics, eval_dir / "metrics_vqa.json")
     return metrics
 
 
 @torch.no_grad()
 def evaluate_retrieval(
-    model: Any, job: JobConfig, output_dir: Path, split: str | None = None
+    model: Blip2Predictor, job: JobConfig, output_dir: Path, split: str | None = None
 ) -> dict[str, float]:
-    """Stage-1 image-text retrieval: ITC similarity, top-k re-ranked by ITM, R@1/5/10 both ways."""
+    """Stage-1 image-text retrieval: ITC similarity, top-k re-ranked by ITM, R@1/5/10 both ways.
+
+    As LAVIS: every rank computes the features of the whole set (ITC needs all pairs), and
+    the ITM re-ranking, the costly part, is split by rows over the data-parallel ranks.
+    """
     split = split or job.eval.split
-    dataset, _ = _dp_slice(build_eval_dataset(job.data, split=split, task="caption"), job.eval.max_samples)
-    if state.is_initialized() and state.dp_size() > 1:
-        raise NotImplementedError(
-            "retrieval evaluation runs on one data-parallel rank; launch it with 1 process"
-        )
+    full = build_eval_dataset(job.data, split=split, task="caption")
+    total = len(full) if not job.eval.max_samples else min(job.eval.max_samples, len(full))
+    dataset = Subset(full, range(total))
     loader = EvalLoader(dataset, batch_size=job.eval.batch_size)
-    device = accelerator.current_device()
-    image_feats, images, texts, txt2img, img2txt = [], [], [], [], []
+    image_embeds, image_feats, texts, txt2img, img2txt = [], [], [], [], []
     for batch in _progress(loader, "retrieval features"):
-        image = batch["image"].to(device)
-        image_feats.append(model.image_embeds_itc(image))
-        images.append(image)
+        embeds = model.encode_image(batch["image"])
+        image_embeds.append(embeds)
+        image_feats.append(model.image_features(image_embeds=embeds))
         for captions in batch["captions"]:
             img2txt.append(list(range(len(texts), len(texts) + len(captions))))
             txt2img += [len(img2txt) - 1] * len(captions)
             texts += captions
+    skips = _skip_counts(dataset, loader, reduce=False)
+    _require_results(img2txt, f"retrieval ({split})", skips, total)
     image_feats_all = torch.cat(image_feats)  # [N_img, Q, D]
-    text_feats = torch.cat([model.text_embeds_itc(texts[i : i + 64]) for i in range(0, len(texts), 64)])
+    text_feats = torch.cat([model.text_features(texts[i : i + 64]) for i in range(0, len(texts), 64)])
     sim_i2t = (image_feats_all @ text_feats.t()).max(dim=1).values  # [N_img, N_txt]: best query
-    all_images = torch.cat(images)
+    all_embeds = torch.cat(image_embeds)
 
     def itm_i2t(row: int, cands: torch.Tensor) -> torch.Tensor:
         return model.itm_scores(
-            all_images[row].expand(len(cands), -1, -1, -1), [texts[c] for c in cands.tolist()]
+            all_embeds[row].expand(len(cands), -1, -1), [texts[c] for c in cands.tolist()]
         )
 
     def itm_t2i(row: int, cands: torch.Tensor) -> torch.Tensor:
-        return model.itm_scores(all_images[cands], [texts[row]] * len(cands))
+        return model.itm_scores(all_embeds[cands], [texts[row]] * len(cands))
 
     k = job.eval.k_test
-    scores_i2t = rerank_topk(sim_i2t, k, itm_i2t)
-    scores_t2i = rerank_topk(sim_i2t.t().contiguous(), k, itm_t2i)
+    scores_i2t = rerank_topk(sim_i2t, k, itm_i2t, group=_dp_group())
+    scores_t2i = rerank_topk(sim_i2t.t().contiguous(), k, itm_t2i, group=_dp_group())
     metrics = retrieval_metrics(scores_i2t, scores_t2i, txt2img, img2txt)
+    metrics.update(num_evaluated=len(img2txt), **skips)
     if _is_rank0():
         save_metrics(metrics, output_dir / "eval" / f"metrics_retrieval_{split}.json")
         logger.info("\n%s", format_metrics_table(metrics, title=f"retrieval ({split})"))
     return metrics
 
 
-def run_evaluation(model: Any, job: JobConfig, output_dir: Path) -> dict[str, Any]:
-    """The evaluation ``job.eval.task`` names, on an unwrapped model in eval mode."""
+def run_evaluation(model: Blip2Predictor, job: JobConfig, output_dir: Path) -> dict[str, Any]:
+    """The evaluation ``job.eval.task`` names, on a predictor in eval mode (restored afterwards)."""
     was_training = model.training
     model.eval()
     try:

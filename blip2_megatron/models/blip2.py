@@ -1,21 +1,17 @@
 """BLIP-2 with a decoder-only LLM: stage-2 pretraining, caption fine-tuning, MiniGPT-4.
 
 The image goes through the frozen ViT and the Q-Former; the query outputs are projected
-to the LLM width and take the place of ``num_query_tokens`` slots in the LLM's input
-sequence. :func:`build_llm_inputs` is the one place that decides the sequence layout and
-which tokens carry a loss:
+to the LLM width and take the place of the ``image_slots`` of the LLM's input sequence.
+Where the slots are, which tokens carry a loss and how prompts are tokenized is decided by
+the batch builder (``blip2_megatron.data.batch``); this module receives tensors only.
 
-* BLIP-2 (OPT / Vicuna): ``[queries] [bos] prompt target end_sym [pad...]``
-* MiniGPT-4: ``[bos] "###Human: <Img>" [queries] "</Img> {instruction} ###Assistant: " target "###"``
-
-Labels are -100 on query slots, prefix, prompt and padding; only the target (and its end
-symbol) is learned. Training pads on the right; generation pads on the left.
+A pipeline stage is :class:`Blip2PipeStage`: the same :class:`Blip2ForLLM` with parts
+absent, plus the placeholders DeepSpeed's optimizer needs on all-frozen stages.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -29,127 +25,18 @@ from blip2_megatron.models.vision import freeze_vision, frozen_vision_dtype
 
 logger = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
-IMAGE_PLACEHOLDER = "<ImageHere>"
-
-
-@dataclass
-class LLMInputs:
-    """Token-level inputs of the LLM for one batch (image slots still empty)."""
-
-    input_ids: torch.Tensor  # [B, T]; image slots hold the pad id
-    attention_mask: torch.Tensor  # [B, T] 1 = real token (query slots included)
-    image_slots: torch.Tensor  # [B, T] bool, exactly num_query_tokens True per row
-    labels: torch.Tensor | None  # [B, T] with -100 where no loss is taken
-
-    def to(self, device: torch.device) -> LLMInputs:
-        return LLMInputs(
-            self.input_ids.to(device),
-            self.attention_mask.to(device),
-            self.image_slots.to(device),
-            None if self.labels is None else self.labels.to(device),
-        )
-
-
-def _split_template(cfg: Blip2Config, instruction: str) -> tuple[str, str]:
-    """(text before the image, text after it) for one sample."""
-    if cfg.kind == "minigpt4":
-        before, after = cfg.prompt_template.split(IMAGE_PLACEHOLDER, 1)
-        return before, after.replace("{}", instruction)
-    return "", instruction
-
-
-def build_llm_inputs(
-    tokenizer: Any,
-    cfg: Blip2Config,
-    prompts: list[str],
-    targets: list[str] | None = None,
-    padding_side: str = "right",
-) -> LLMInputs:
-    """Tokenize prompts (+ targets) into the LLM sequence layout with image slots and labels.
-
-    ``prompts`` are per-sample texts that follow the image (BLIP-2's "a photo of", a VQA
-    question, a MiniGPT-4 instruction); ``targets`` are the texts to learn, ``None`` for
-    generation. The end symbol is appended to each target here.
-    """
-    num_query = cfg.qformer.num_query_tokens
-    pad_id = tokenizer.pad_token_id
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    rows: list[tuple[list[int], list[bool], list[bool]]] = []  # ids, is_slot, has_loss
-    for i, prompt in enumerate(prompts):
-        before, after = _split_template(cfg, prompt)
-        target = None if targets is None else targets[i] + cfg.end_sym
-        # The prompt and target are tokenized together (as LAVIS does) so that word pieces
-        # at the boundary match the tokenization the LLM was trained with; the prompt's
-        # own token count says where the loss starts.
-        if target is None:
-            text_ids = tokenizer(after, add_special_tokens=False)["input_ids"] if after else []
-            prompt_len = len(text_ids)
-        else:
-            joined = f"{after} {target}" if after and not after.endswith(" ") else after + target
-            text_ids = tokenizer(joined, add_special_tokens=False)["input_ids"]
-            prompt_len = len(tokenizer(after, add_special_tokens=False)["input_ids"]) if after else 0
-        text_ids = text_ids[: max(cfg.max_txt_len - len(bos), 1)]
-        if before:
-            prefix = bos + tokenizer(before, add_special_tokens=False)["input_ids"]
-            ids = prefix + [pad_id] * num_query + text_ids
-            slot = [False] * len(prefix) + [True] * num_query + [False] * len(text_ids)
-            loss_from = len(prefix) + num_query + prompt_len
-        else:
-            ids = [pad_id] * num_query + bos + text_ids
-            slot = [True] * num_query + [False] * (len(bos) + len(text_ids))
-            loss_from = num_query + len(bos) + prompt_len
-        has_loss = [target is not None and j >= loss_from for j in range(len(ids))]
-        rows.append((ids, slot, has_loss))
-
-    length = max(len(ids) for ids, _, _ in rows)
-    batch = len(rows)
-    input_ids = torch.full((batch, length), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((batch, length), dtype=torch.long)
-    image_slots = torch.zeros((batch, length), dtype=torch.bool)
-    labels = torch.full((batch, length), IGNORE_INDEX, dtype=torch.long)
-    for b, (ids, slot, has_loss) in enumerate(rows):
-        n = len(ids)
-        span = slice(0, n) if padding_side == "right" else slice(length - n, length)
-        input_ids[b, span] = torch.tensor(ids)
-        attention_mask[b, span] = 1
-        image_slots[b, span] = torch.tensor(slot)
-        row_labels = torch.tensor([t if keep else IGNORE_INDEX for t, keep in zip(ids, has_loss)])
-        labels[b, span] = row_labels
-    return LLMInputs(input_ids, attention_mask, image_slots, labels if targets is not None else None)
-
-
-def prepare_llm_batch(
-    tokenizer: Any, cfg: Blip2Config, samples: dict[str, Any], device: torch.device | None = None
-) -> dict[str, Any]:
-    """A loader batch ({"image", "text_input", optional "prompt"}) as model-ready tensors."""
-    texts = list(samples["text_input"])
-    prompts = samples.get("prompt") or [cfg.prompt] * len(texts)
-    inputs = build_llm_inputs(tokenizer, cfg, list(prompts), texts)
-    if device is not None:
-        inputs = inputs.to(device)
-    image = samples["image"]
-    return {
-        "image": image.to(device) if device is not None else image,
-        "input_ids": inputs.input_ids,
-        "attention_mask": inputs.attention_mask,
-        "image_slots": inputs.image_slots,
-        "labels": inputs.labels,
-    }
-
 
 class Blip2ForLLM(nn.Module):
     """Vision encoder + Q-Former + projection + tensor-parallel LLM.
 
     A pipeline stage is the same class with parts absent: ``pre_process`` keeps the image
     path and the token embedding, ``post_process`` the final norm and head, ``layer_range``
-    picks the decoder layers (see ``blip2_megatron.parallel.pipeline``).
+    picks the decoder layers (see :class:`Blip2PipeStage`).
     """
 
     def __init__(
         self,
         cfg: Blip2Config,
-        tokenizer: Any,
         pre_process: bool = True,
         post_process: bool = True,
         layer_range: tuple[int, int] | None = None,
@@ -158,7 +45,6 @@ class Blip2ForLLM(nn.Module):
         if cfg.llm is None:
             raise ValueError("Blip2ForLLM needs model.llm; use Blip2Stage1 for model.kind='stage1'")
         self.cfg = cfg
-        self.tokenizer = tokenizer
         self.pre_process = pre_process
         self.post_process = post_process
         if pre_process:
@@ -168,6 +54,12 @@ class Blip2ForLLM(nn.Module):
             cfg.llm, pre_process=pre_process, post_process=post_process, layer_range=layer_range
         )
         self.apply_freezing()
+
+    @property
+    def holds_whole_model(self) -> bool:
+        """Every part on this rank (no pipeline split): what generation needs."""
+        lm = self.language_model
+        return self.pre_process and self.post_process and lm.layer_range == (0, self.cfg.llm.num_layers)
 
     def apply_freezing(self) -> None:
         """Freeze what the config says is frozen (the ViT keeps eval mode and half weights)."""
@@ -179,11 +71,6 @@ class Blip2ForLLM(nn.Module):
             self.query_encoder.query_tokens.requires_grad_(False)
         if cfg.llm.freeze:
             self.language_model.requires_grad_(False)
-
-    # ----------------------------------------------------------------- batches
-    def prepare_batch(self, samples: dict[str, Any], device: torch.device | None = None) -> dict[str, Any]:
-        """Tokenize a loader batch ({"image", "text_input", optional "prompt"}) into tensors."""
-        return prepare_llm_batch(self.tokenizer, self.cfg, samples, device)
 
     # ----------------------------------------------------------------- forward
     def image_embeddings(self, image: torch.Tensor) -> torch.Tensor:
@@ -202,10 +89,12 @@ class Blip2ForLLM(nn.Module):
         image_embeds = image_embeds.to(token_embeds.dtype)
         return token_embeds.masked_scatter(image_slots.unsqueeze(-1), image_embeds)
 
-    def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """Loss of one prepared batch (see :meth:`prepare_batch`); returns {"loss": ...}."""
-        if "input_ids" not in batch:
-            batch = self.prepare_batch(batch, device=batch["image"].device)
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Loss of one batch from the batch builder; returns {"loss": ...}.
+
+        ``batch``: ``image [B, 3, S, S]``, ``input_ids``, ``attention_mask``, ``image_slots``
+        and ``labels``, each ``[B, T]`` (see ``blip2_megatron.data.batch``).
+        """
         embeds = self.input_embeddings(batch["image"], batch["input_ids"], batch["image_slots"])
         out = self.language_model(
             inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"]
@@ -216,40 +105,34 @@ class Blip2ForLLM(nn.Module):
     @torch.no_grad()
     def generate(
         self,
-        samples: dict[str, Any],
-        prompt: str | None = None,
+        image: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        image_slots: torch.Tensor,
         num_beams: int = 5,
         max_new_tokens: int = 30,
         min_new_tokens: int = 8,
         length_penalty: float = 1.0,
         repetition_penalty: float = 1.0,
         num_return_sequences: int = 1,
-        max_length: int | None = None,
-        min_length: int | None = None,
-    ) -> list[str]:
-        """Text continuing ``prompt`` for each image of ``samples["image"]`` (the prompt is not repeated).
+        pad_token_id: int | None = None,
+    ) -> torch.Tensor:
+        """New token ids ``[B * num_return_sequences, <= max_new_tokens]`` after left-padded prompts.
 
-        Lengths count new tokens only, whatever the number of query tokens and the prompt
-        length; ``max_length`` / ``min_length`` are accepted as LAVIS's names for the same.
-        ``samples["prompt"]`` (a list) gives each image its own prompt. Collective over the
-        tensor-parallel group: every TP rank calls it with the same samples.
+        ``input_ids`` / ``attention_mask`` / ``image_slots`` come from the batch builder's
+        ``generation_inputs``. Lengths count new tokens only. Collective over the
+        tensor-parallel group: every TP rank calls it with the same inputs.
         """
-        if not (self.pre_process and self.post_process):
+        if not self.holds_whole_model:
             raise RuntimeError(
-                "generation needs the whole model on one rank (model.llm.pp=1); a model trained with "
-                "pp > 1 cannot be evaluated until its checkpoint is resharded, which is not supported yet"
+                "generation needs the whole model on one rank: load the run with model.llm.pp=1 "
+                "(any run loads in any layout; see launch/convert.py reshard)"
             )
-        max_new_tokens = max_length if max_length is not None else max_new_tokens
-        min_new_tokens = min_length if min_length is not None else min_new_tokens
-        image = samples["image"]
-        prompts = samples.get("prompt") or [self.cfg.prompt if prompt is None else prompt] * image.shape[0]
-        inputs = build_llm_inputs(self.tokenizer, self.cfg, list(prompts), None, padding_side="left")
-        inputs = inputs.to(image.device)
-        embeds = self.input_embeddings(image, inputs.input_ids, inputs.image_slots)
-        tokens = generation.generate(
+        embeds = self.input_embeddings(image, input_ids, image_slots)
+        return generation.generate(
             self.language_model,
             embeds,
-            inputs.attention_mask,
+            attention_mask,
             num_beams=num_beams,
             max_new_tokens=max_new_tokens,
             min_new_tokens=min_new_tokens,
@@ -257,32 +140,52 @@ class Blip2ForLLM(nn.Module):
             repetition_penalty=repetition_penalty,
             num_return_sequences=num_return_sequences,
             eos_token_id=self.cfg.llm.eos_token_id,
-            pad_token_id=self.tokenizer.pad_token_id,
+            pad_token_id=self.cfg.llm.pad_token_id if pad_token_id is None else pad_token_id,
         )
-        texts = self.tokenizer.batch_decode(tokens, skip_special_tokens=True)
-        return [text.strip() for text in texts]
 
-    @torch.no_grad()
-    def predict_answers(
-        self,
-        samples: dict[str, Any],
-        prompt: str = "Question: {} Short answer:",
-        num_beams: int = 5,
-        max_new_tokens: int = 10,
-        min_new_tokens: int = 1,
-        length_penalty: float = -1.0,
-        **kwargs: Any,
-    ) -> list[str]:
-        """Short answers to ``samples["text_input"]`` (questions) about ``samples["image"]``, as LAVIS."""
-        questions = samples["text_input"]
-        if isinstance(questions, str):
-            questions = [questions]
-        prompts = [prompt.format(q) if "{}" in prompt else q for q in questions]
-        return self.generate(
-            {"image": samples["image"], "prompt": prompts},
-            num_beams=num_beams,
-            max_new_tokens=max_new_tokens,
-            min_new_tokens=min_new_tokens,
-            length_penalty=length_penalty,
-            **kwargs,
-        )
+
+class Blip2PipeStage(nn.Module):
+    """One pipeline stage of a BLIP-2 LLM model (DeepSpeed ``PipelineModule`` layer).
+
+    Stage 0 holds the ViT, Q-Former, projection and token embeddings plus its share of
+    decoder layers; the last stage its layers, the final norm, the head and the loss;
+    stages between hold layers only. Stages exchange ``(hidden_states, attention_mask)``;
+    the first stage reads ``(image, input_ids, attention_mask, image_slots)``.
+
+    Every stage must hand DeepSpeed the same optimizer groups (weight decay / none): ZeRO
+    runs one grad-norm collective per group over all stages, and an empty parameter list
+    is refused outright. A stage whose trainable parameters lack a kind (all frozen layers:
+    both) gets a one-element placeholder of that kind; it is added to the output times
+    zero, so it has a (zero) gradient and changes nothing.
+    """
+
+    def __init__(self, model: Blip2ForLLM, stage_id: int, num_stages: int):
+        super().__init__()
+        self.model = model
+        self.stage_id = stage_id
+        self.first = stage_id == 0
+        self.last = stage_id == num_stages - 1
+        device = next(model.parameters()).device
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        self.placeholders = nn.ParameterList()
+        if not any(p.ndim >= 2 for p in trainable):
+            self.placeholders.append(nn.Parameter(torch.zeros(1, 1, device=device)))
+        if not any(p.ndim < 2 for p in trainable):
+            self.placeholders.append(nn.Parameter(torch.zeros(1, device=device)))
+
+    def forward(self, inputs: tuple[torch.Tensor, ...]) -> Any:
+        lm = self.model.language_model
+        if self.first:
+            image, input_ids, attention_mask, image_slots = inputs
+            embeds = self.model.input_embeddings(image, input_ids, image_slots.bool())
+            out = lm(inputs_embeds=embeds, attention_mask=attention_mask)
+        else:
+            hidden_states, attention_mask = inputs
+            out = lm(hidden_states=hidden_states, attention_mask=attention_mask)
+        output = out.logits if self.last else out.hidden_states
+        for placeholder in self.placeholders:
+            output = output + 0.0 * placeholder.sum().to(output.dtype)
+        return output if self.last else (output, attention_mask)
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.model.language_model.causal_lm_loss(logits, labels)

@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -52,11 +51,11 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from blip2_megatron.config import LLMConfig
+from blip2_megatron.data.batch import IGNORE_INDEX
 from blip2_megatron.parallel import state
 
 logger = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100  # label value that takes no loss (Hugging Face's convention)
 OPT_POSITION_OFFSET = 2  # OPT's learned position table has 2 extra leading rows (a fairseq legacy)
 INIT_STD = 0.02  # Hugging Face's initializer_range for OPT and LLaMA
 
@@ -66,21 +65,34 @@ def padded_vocab_size(vocab_size: int, tp: int) -> int:
     return math.ceil(vocab_size / tp) * tp
 
 
-@dataclass
-class LMOutput:
-    """What :meth:`ParallelCausalLM.forward` returns.
+class LMOutput(dict):
+    """What :meth:`ParallelCausalLM.forward` returns: a dict with attribute access.
 
     ``logits`` are vocab-parallel: this rank's ``[B, T, padded_vocab / tp]`` slice, padded
     columns at ``-inf`` (``None`` on a stage without the head). ``loss`` is the mean
     next-token cross entropy over labels != -100 (``None`` without labels).
     ``hidden_states`` is the output of a stage without the head, to be sent to the next
     pipeline stage. ``kv_cache`` is the updated cache when one was passed in.
+
+    A dict (like transformers' ``ModelOutput``) rather than a dataclass: DeepSpeed ZeRO-3
+    finds the output tensors to hook for its backward parameter gathering by walking
+    tuples, lists and dicts only; a dataclass hides them and backward meets freed weights.
     """
 
-    logits: torch.Tensor | None = None
-    loss: torch.Tensor | None = None
-    hidden_states: torch.Tensor | None = None
-    kv_cache: KVCache | None = None
+    def __init__(
+        self,
+        logits: torch.Tensor | None = None,
+        loss: torch.Tensor | None = None,
+        hidden_states: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+    ):
+        super().__init__(logits=logits, loss=loss, hidden_states=hidden_states, kv_cache=kv_cache)
+
+    def __getattr__(self, name: str):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
 
 
 class KVCache:
@@ -436,9 +448,8 @@ class ParallelCausalLM(nn.Module):
 
     Tied embeddings (OPT): when the embedding and the head are on the same stage, the head
     reads the embedding's weight. On pipeline layouts where they are on different stages the
-    head keeps its own copy, loaded from the same checkpoint tensor; the two copies are not
-    kept in sync by training (Megatron all-reduces their gradients), which BLIP-2 does not
-    need since its LLM is frozen.
+    head keeps its own copy (:attr:`holds_tied_head_copy`), loaded from the same checkpoint
+    tensor; as in Megatron, the engine starts both equal and sums their gradients.
     """
 
     def __init__(
@@ -528,6 +539,15 @@ class ParallelCausalLM(nn.Module):
             module = getattr(self, name, None)
             if module is not None and getattr(module, "weight", None) is not None:
                 module.weight[first_padding:] = 0.0
+
+    @property
+    def holds_tied_head_copy(self) -> bool:
+        """This stage's head is a copy of a tied embedding that lives on the first stage (PP > 1).
+
+        The copy and the embedding are one weight of the model: they start equal and their
+        gradients are summed over the embedding group (``training/engine.py``).
+        """
+        return self.tie_word_embeddings and self.post_process and not self.pre_process
 
     # ------------------------------------------------------------------ pieces
     def get_input_embeddings(self) -> nn.Module:

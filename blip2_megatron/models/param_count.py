@@ -26,8 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from blip2_megatron.config import Blip2Config
-from blip2_megatron.config_utils import ConfigError
+from blip2_megatron.config import Blip2Config, ConfigError
 
 LLM_PREFIX = "language_model."
 VOCAB_PARAMS = ("embed_tokens.weight", "lm_head.weight")  # rows are vocabulary entries
@@ -48,18 +47,6 @@ def meta_device() -> Iterator[None]:
         yield
 
 
-class _IdsOnlyTokenizer:
-    """What the stage-1 model reads from its tokenizer while being built: ids and length."""
-
-    def __init__(self, cfg: Blip2Config):
-        q = cfg.qformer
-        self.bos_token_id, self.pad_token_id, self.bos_token = q.bos_token_id, q.pad_token_id, "[DEC]"
-        self._len = q.vocab_size
-
-    def __len__(self) -> int:
-        return self._len
-
-
 def build_meta_model(cfg: Blip2Config) -> nn.Module:
     """The whole model of ``cfg`` on the meta device (frozen parts frozen), for names and shapes.
 
@@ -70,8 +57,8 @@ def build_meta_model(cfg: Blip2Config) -> nn.Module:
 
     with meta_device():
         if cfg.kind == "stage1":
-            return Blip2Stage1(cfg, _IdsOnlyTokenizer(cfg))
-        return Blip2ForLLM(cfg, tokenizer=None)
+            return Blip2Stage1(cfg)
+        return Blip2ForLLM(cfg)
 
 
 # ------------------------------------------------------------------------------ report

@@ -271,7 +271,7 @@ class QFormer(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """BERT's initialisation (normal 0.02, zero biases, unit LayerNorms); query FFN = text FFN.
+        """BERT's initialisation (normal ``initializer_range``, zero biases, unit LayerNorms); query FFN = text FFN.
 
         LAVIS starts the query FFN as a copy of the (pretrained) text FFN; the same copy is
         made here so that loading BERT weights and calling :meth:`copy_text_ffn_to_query_ffn`
@@ -279,7 +279,7 @@ class QFormer(nn.Module):
         """
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, std=0.02)
+                nn.init.normal_(module.weight, std=self.cfg.initializer_range)
             if isinstance(module, nn.Linear) and module.bias is not None:
                 nn.init.zeros_(module.bias)
             elif isinstance(module, nn.LayerNorm):

@@ -35,7 +35,9 @@ class QueryEncoder(nn.Module):
         self.visual_encoder = VisionEncoder(cfg.vision)
         self.qformer = QFormer(cfg.qformer, with_text=with_text)
         q = cfg.qformer
-        self.query_tokens = nn.Parameter(torch.empty(1, q.num_query_tokens, q.hidden_size).normal_(std=0.02))
+        self.query_tokens = nn.Parameter(
+            torch.empty(1, q.num_query_tokens, q.hidden_size).normal_(std=q.initializer_range)
+        )
 
     @property
     def num_query_tokens(self) -> int:

@@ -19,11 +19,8 @@ The three losses are summed without weights:
 
 from __future__ import annotations
 
-import hashlib
 import logging
-from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -31,13 +28,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from blip2_megatron.config import Blip2Config, QFormerConfig
+from blip2_megatron.data.batch import IGNORE_INDEX
 from blip2_megatron.models.qformer import KeyValue, QFormer
 from blip2_megatron.models.query_encoder import QueryEncoder
 from blip2_megatron.models.vision import VisionEncoder, freeze_vision, frozen_vision_dtype
 
 logger = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
 LABEL_SMOOTHING = 0.1  # ITC and ITG (LAVIS); ITM uses plain CE
 TEMP_INIT = 0.07
 TEMP_RANGE = (0.001, 0.5)
@@ -50,25 +47,6 @@ TEMP_RANGE = (0.001, 0.5)
 class TextTokens:
     input_ids: torch.Tensor  # [B, T]
     attention_mask: torch.Tensor  # [B, T] 1 = real token
-
-
-def image_id_codes(image_ids: Any, device: torch.device) -> torch.Tensor | None:
-    """Map image ids (ints, strings such as "coco_123", or a tensor) to int64 codes.
-
-    The code is a 64-bit BLAKE2 hash of ``str(id)``: deterministic in every process (unlike
-    Python's ``hash``), so ranks agree on which gathered pairs share an image, and ``123``
-    and ``"123"`` name the same image. ``None`` stays ``None`` (no ids: only the diagonal
-    is positive).
-    """
-    if image_ids is None:
-        return None
-    if isinstance(image_ids, torch.Tensor):
-        image_ids = image_ids.reshape(-1).tolist()
-    codes = [
-        int.from_bytes(hashlib.blake2b(str(i).encode(), digest_size=8).digest(), "little", signed=True)
-        for i in image_ids
-    ]
-    return torch.tensor(codes, dtype=torch.long, device=device)
 
 
 class BatchGatherer:
@@ -175,9 +153,9 @@ class QFormerLMHead(nn.Module):
         self.transform = QFormerPredictionTransform(cfg)
         self.decoder = nn.Linear(cfg.hidden_size, cfg.vocab_size)
         with torch.no_grad():
-            nn.init.normal_(self.transform.dense.weight, std=0.02)
+            nn.init.normal_(self.transform.dense.weight, std=cfg.initializer_range)
             nn.init.zeros_(self.transform.dense.bias)
-            nn.init.normal_(self.decoder.weight, std=0.02)
+            nn.init.normal_(self.decoder.weight, std=cfg.initializer_range)
             nn.init.zeros_(self.decoder.bias)
         if word_embeddings is not None:
             self.decoder.weight = word_embeddings.weight
@@ -192,48 +170,28 @@ class QFormerLMHead(nn.Module):
 class Blip2Stage1(nn.Module):
     """ViT + Q-Former with ITC / ITM / ITG heads.
 
-    ``forward({"image": [B, 3, S, S], "text_input": list[str], "image_id": optional list})``
-    returns ``{"loss", "loss_itc", "loss_itm", "loss_lm"}``. ``dp_group`` (constructor
-    argument or attribute) is the data-parallel group ITC negatives and ITM hard negatives
-    are gathered over; ``None`` uses the local batch only.
+    ``forward(batch)`` takes the stage-1 batch builder's tensors (``image``, ``input_ids``
+    and ``attention_mask`` of the captions padded to ``qformer.max_txt_len``, optional
+    ``image_codes``) and returns ``{"loss", "loss_itc", "loss_itm", "loss_lm"}``.
+    ``dp_group`` (constructor argument or attribute) is the data-parallel group ITC
+    negatives and ITM hard negatives are gathered over; ``None`` uses the local batch only.
     """
 
-    def __init__(self, cfg: Blip2Config, tokenizer: Any, dp_group: dist.ProcessGroup | None = None):
+    def __init__(self, cfg: Blip2Config, dp_group: dist.ProcessGroup | None = None):
         super().__init__()
         q = cfg.qformer
         self.cfg = cfg
-        self.tokenizer = tokenizer
         self.dp_group = dp_group
-        self.bos_token_id, self.pad_token_id = self._check_tokenizer(tokenizer, q)
-        if q.max_txt_len > q.max_position_embeddings:
-            raise ValueError(
-                f"qformer.max_txt_len={q.max_txt_len} exceeds "
-                f"qformer.max_position_embeddings={q.max_position_embeddings}"
-            )
         self.query_encoder = QueryEncoder(cfg, with_text=True)
         self.vision_proj = nn.Linear(q.hidden_size, q.embed_dim)
         self.text_proj = nn.Linear(q.hidden_size, q.embed_dim)
         self.itm_head = nn.Linear(q.hidden_size, 2)
-        self.temp = nn.Parameter(torch.tensor(TEMP_INIT))
+        # One element, not a 0-dim tensor: DeepSpeed broadcasts parameters as byte views,
+        # which a 0-dim tensor cannot give (LAVIS stores a 0-dim "temp"; convert/ reshapes).
+        self.temp = nn.Parameter(torch.full((1,), TEMP_INIT))
         self.lm_head = QFormerLMHead(q, self.qformer.embeddings.word_embeddings)
         if cfg.vision.freeze:
             freeze_vision(self.query_encoder.visual_encoder, frozen_vision_dtype(cfg.vision))
-
-    @staticmethod
-    def _check_tokenizer(tokenizer: Any, q: QFormerConfig) -> tuple[int, int]:
-        """(bos id, pad id), checked against the config so embeddings and labels agree."""
-        bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else q.bos_token_id
-        if bos != q.bos_token_id:
-            raise ValueError(
-                f"tokenizer's bos token ({tokenizer.bos_token!r}, id {bos}) differs from qformer.bos_token_id="
-                f"{q.bos_token_id}; the Q-Former tokenizer needs [DEC] as bos (BERT + [DEC])"
-            )
-        pad = tokenizer.pad_token_id
-        if pad != q.pad_token_id:
-            raise ValueError(f"tokenizer's pad id {pad} differs from qformer.pad_token_id={q.pad_token_id}")
-        if len(tokenizer) > q.vocab_size:
-            raise ValueError(f"tokenizer has {len(tokenizer)} tokens but qformer.vocab_size={q.vocab_size}")
-        return bos, pad
 
     @property
     def qformer(self) -> QFormer:
@@ -242,18 +200,6 @@ class Blip2Stage1(nn.Module):
     @property
     def visual_encoder(self) -> VisionEncoder:
         return self.query_encoder.visual_encoder
-
-    # ----------------------------------------------------------------- inputs
-    def tokenize(self, texts: Sequence[str], device: torch.device | None = None) -> TextTokens:
-        """BERT tokens padded/truncated to ``qformer.max_txt_len`` (fixed length, as LAVIS)."""
-        enc = self.tokenizer(
-            list(texts),
-            padding="max_length",
-            truncation=True,
-            max_length=self.cfg.qformer.max_txt_len,
-            return_tensors="pt",
-        )
-        return TextTokens(enc["input_ids"].to(device), enc["attention_mask"].to(device))
 
     # ----------------------------------------------------------------- losses
     def compute_itc(
@@ -308,9 +254,10 @@ class Blip2Stage1(nn.Module):
 
     def compute_itg(self, tokens: TextTokens, query_key_values: list[KeyValue]) -> torch.Tensor:
         """Next-token CE of the caption with [DEC] as first token, conditioned on the queries."""
+        q = self.cfg.qformer
         input_ids = tokens.input_ids.clone()
-        input_ids[:, 0] = self.bos_token_id
-        labels = input_ids.masked_fill(input_ids == self.pad_token_id, IGNORE_INDEX)
+        input_ids[:, 0] = q.bos_token_id
+        labels = input_ids.masked_fill(input_ids == q.pad_token_id, IGNORE_INDEX)
         hidden = self.qformer.decode_text(
             input_ids, tokens.attention_mask, query_key_values
         ).last_hidden_state
@@ -321,16 +268,13 @@ class Blip2Stage1(nn.Module):
         logits = self.lm_head(hidden[:, :-1][keep])
         return F.cross_entropy(logits.float(), targets[keep], label_smoothing=LABEL_SMOOTHING)
 
-    def forward(self, samples: dict[str, Any]) -> dict[str, torch.Tensor]:
-        image = samples["image"]
-        device = image.device
-        batch = image.shape[0]
-        texts = samples["text_input"]
-        if len(texts) != batch:
-            raise ValueError(f"batch has {batch} images but {len(texts)} texts")
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        image = batch["image"]
+        tokens = TextTokens(batch["input_ids"], batch["attention_mask"])
+        if tokens.input_ids.shape[0] != image.shape[0]:
+            raise ValueError(f"batch has {image.shape[0]} images but {tokens.input_ids.shape[0]} texts")
         with torch.no_grad():
             self.temp.clamp_(*TEMP_RANGE)
-        tokens = self.tokenize(texts, device)
 
         image_embeds = self.query_encoder.encode_image(image)
         query_out = self.query_encoder.query_output(image_embeds, return_key_values=True)
@@ -338,9 +282,8 @@ class Blip2Stage1(nn.Module):
         text_out = self.qformer.encode_text(tokens.input_ids, tokens.attention_mask)
         text_feat = F.normalize(self.text_proj(text_out.last_hidden_state[:, 0]), dim=-1)
 
-        gatherer = BatchGatherer(self.dp_group, batch, device)
-        codes = image_id_codes(samples.get("image_id"), device)
-        itc = self.compute_itc(image_feats, text_feat, codes, gatherer)
+        gatherer = BatchGatherer(self.dp_group, image.shape[0], image.device)
+        itc = self.compute_itc(image_feats, text_feat, batch.get("image_codes"), gatherer)
         loss_itm = self.compute_itm(image_embeds, tokens, itc, gatherer)
         loss_lm = self.compute_itg(tokens, query_out.key_values)
         return {
@@ -370,38 +313,26 @@ class Blip2Stage1(nn.Module):
         queries = self.query_encoder.query_output(image_embeds).last_hidden_state
         return F.normalize(self.vision_proj(queries), dim=-1)
 
-    def text_embeds_itc(
-        self,
-        texts: Sequence[str] | None = None,
-        *,
-        input_ids: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Normalised ITC text features ``[B, embed_dim]`` from strings or tokens."""
-        if input_ids is None:
-            tokens = self.tokenize(texts, self.temp.device)
-            input_ids, attention_mask = tokens.input_ids, tokens.attention_mask
+    def text_embeds_itc(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Normalised ITC text features ``[B, embed_dim]`` of Q-Former tokens."""
         out = self.qformer.encode_text(input_ids, attention_mask)
         return F.normalize(self.text_proj(out.last_hidden_state[:, 0]), dim=-1)
 
     def itm_scores(
         self,
-        image: torch.Tensor | None = None,
-        texts: Sequence[str] | None = None,
-        *,
-        image_embeds: torch.Tensor | None = None,
-        input_ids: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
+        image_embeds: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
         as_probability: bool = False,
     ) -> torch.Tensor:
         """ITM score ``[B]`` of pairs (image i, text i): the positive-class logit, or its softmax probability.
 
-        Retrieval re-ranking passes cached ViT features (``image_embeds``) and tokens.
+        ``image_embeds`` are ViT features (:meth:`encode_image`), so retrieval re-ranking
+        encodes each image once.
         """
-        if image_embeds is None:
-            image_embeds = self.query_encoder.encode_image(image)
-        if input_ids is None:
-            tokens = self.tokenize(texts, image_embeds.device)
-            input_ids, attention_mask = tokens.input_ids, tokens.attention_mask
         logits = self._itm_logits(image_embeds, input_ids, attention_mask)
         return logits.float().softmax(dim=-1)[:, 1] if as_probability else logits[:, 1]
+
+    def encode_image(self, image: torch.Tensor) -> torch.Tensor:
+        """ViT features after ln_vision ``[B, N, Dv]``."""
+        return self.query_encoder.encode_image(image)

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from blip2_megatron import accelerator
-from blip2_megatron.config_utils import ConfigError
+from blip2_megatron.config import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +31,10 @@ class LaunchEnv:
     rank: int
     world_size: int
     local_rank: int
+
+
+# The bound on every collective, set when torch.distributed starts (train.collective_timeout_s).
+_collective_timeout = datetime.timedelta(seconds=600)
 
 
 def launch_env() -> LaunchEnv:
@@ -66,12 +70,14 @@ def init_distributed(timeout_s: float = 600) -> LaunchEnv:
     ``timeout_s`` bounds every collective: a rank that waits longer for a lost peer fails
     instead of hanging the job.
     """
+    global _collective_timeout
     env = launch_env()
     if dist.is_initialized():
         return env
+    _collective_timeout = datetime.timedelta(seconds=timeout_s)
     accelerator.set_device(env.local_rank)
     backend = accelerator.communication_backend()
-    timeout = datetime.timedelta(seconds=timeout_s)
+    timeout = _collective_timeout
     if "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ:
         dist.init_process_group(backend, rank=env.rank, world_size=env.world_size, timeout=timeout)
     elif env.world_size == 1:
@@ -112,6 +118,8 @@ def initialize_model_parallel(tp: int = 1, pp: int = 1) -> None:
         pipeline_model_parallel_size=pp,
         order="tp-dp-pp",
         create_gloo_process_groups=False,
+        # The same bound as the world group: a lost peer fails every group's collectives.
+        distributed_timeout_minutes=_collective_timeout.total_seconds() / 60,
     )
 
 
@@ -157,3 +165,14 @@ def dp_group() -> dist.ProcessGroup:
 
 def is_initialized() -> bool:
     return parallel_state.model_parallel_is_initialized()
+
+
+def embedding_group() -> dist.ProcessGroup | None:
+    """The group of the first and last pipeline stage of this rank's pipeline (None when PP = 1).
+
+    A head tied to the token embedding lives on both stages when PP > 1; its two copies
+    are kept equal over this group (megatron-core builds it with the pipeline groups).
+    """
+    if pp_size() == 1 or not parallel_state.is_rank_in_embedding_group():
+        return None
+    return parallel_state.get_embedding_group()

@@ -1,8 +1,8 @@
 """Throughput benchmark: N training steps after warm-up, with a step-time breakdown.
 
-Runs the job's model through the same DeepSpeed engine as training, on synthetic
-in-memory batches (no decode cost; isolates the model and the parallel layout) or on the
-job's real data. With ``baseline="hf"`` the same model size, batch, frozen/trained split
+Runs the job's model through the same engine as training (``training/engine.py``, any
+TP x PP layout) on batches from the same batch builder: synthetic in-memory samples (no
+decode cost; isolates the model and the parallel layout) or the job's real data. With ``baseline="hf"`` the same model size, batch, frozen/trained split
 and dtype also run through ``transformers``' Blip2ForConditionalGeneration in a child
 process, and the speed and memory ratios are reported side by side.
 """
@@ -21,13 +21,13 @@ import torch
 import torch.distributed as dist
 
 from blip2_megatron import accelerator
-from blip2_megatron.models.factory import build_model
+from blip2_megatron.config import JobConfig
+from blip2_megatron.data.batch import build_batch_builder
 from blip2_megatron.parallel import state
 from blip2_megatron.parallel.state import launch_env
-from blip2_megatron.training.config import JobConfig
 from blip2_megatron.training.ds_config import check_layout, read_ds_config
+from blip2_megatron.training.engine import build_engine
 from blip2_megatron.training.throughput import StepTiming, ThroughputMeter, train_flops_per_image
-from blip2_megatron.training.trainer import DataParallelStep, build_engine
 
 logger = logging.getLogger(__name__)
 
@@ -39,8 +39,8 @@ _CAPTIONS = [
 ]
 
 
-def synthetic_batch(job: JobConfig, seed: int = 0) -> dict[str, Any]:
-    """A fixed in-memory batch of the job's micro-batch size and image size."""
+def synthetic_samples(job: JobConfig, seed: int = 0) -> dict[str, Any]:
+    """Fixed in-memory samples (images and captions) of the job's micro-batch size and image size."""
     gen = torch.Generator().manual_seed(seed)
     size = job.model.vision.image_size
     batch = job.data.batch_size
@@ -52,12 +52,13 @@ def synthetic_batch(job: JobConfig, seed: int = 0) -> dict[str, Any]:
 
 
 def _batches(job: JobConfig, use_real_data: bool):
+    builder = build_batch_builder(job.model)
     if use_real_data:
         from blip2_megatron.data.loader import build_train_loader
 
-        loader = build_train_loader(job.data, state.dp_rank(), state.dp_size(), seed=job.train.seed)
+        loader = build_train_loader(job.data, state.dp_rank(), state.dp_size(), job.train.seed, builder)
         return loader.endless()
-    return itertools.repeat(synthetic_batch(job, seed=state.dp_rank()))
+    return itertools.repeat(builder(synthetic_samples(job, seed=state.dp_rank())))
 
 
 def _measure(run_step, batches, steps: int, warmup: int) -> tuple[list[StepTiming], list[dict[str, float]]]:
@@ -84,20 +85,14 @@ def benchmark_ours(
     job: JobConfig, ds_config_path: str, steps: int, warmup: int, use_real_data: bool
 ) -> dict[str, Any]:
     """FPS and the step breakdown of this stack (all ranks; figures reduced on rank 0)."""
-    state.init_distributed()
+    state.init_distributed(job.train.collective_timeout_s)
     ds_raw = read_ds_config(ds_config_path)
     check_layout(job, ds_raw, dist.get_world_size())
-    if job.pp > 1:
-        raise NotImplementedError(
-            "launch/benchmark.py measures PP = 1 layouts; use launch/train.py logs for PP > 1"
-        )
     state.initialize_model_parallel(job.tp, job.pp)
     accelerator.manual_seed(job.train.seed)
     accelerator.reset_peak_memory()
-    model = build_model(job.model, device=accelerator.current_device())
-    engine, _ = build_engine(job, model, ds_raw, total_steps=warmup + steps, steps_per_epoch=warmup + steps)
-    run_step = DataParallelStep(engine, job.train.grad_accum)
-    timings, losses = _measure(run_step, _batches(job, use_real_data), steps, warmup)
+    engine = build_engine(job, ds_raw, total_steps=warmup + steps, steps_per_epoch=warmup + steps)
+    timings, losses = _measure(engine.step, _batches(job, use_real_data), steps, warmup)
     mean = _mean_timing(timings)
     meter = ThroughputMeter(
         global_batch=job.data.batch_size * job.train.grad_accum * state.dp_size(),
@@ -108,7 +103,7 @@ def benchmark_ours(
     )
     figures = meter.record(mean)
     figures["final_loss"] = losses[-1]["loss"]
-    figures["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    figures["trainable_params"] = sum(p.numel() for p in engine.model.parameters() if p.requires_grad)
     return figures
 
 
@@ -123,9 +118,8 @@ def _hf_worker(job_dict: dict[str, Any], steps: int, warmup: int, queue: Any) ->
 def _hf_benchmark(job_dict: dict[str, Any], steps: int, warmup: int) -> dict[str, Any]:
     from transformers import Blip2ForConditionalGeneration
 
+    from blip2_megatron.config import job_config_from_dict
     from blip2_megatron.convert.hf_blip2 import hf_config_from_ours, hf_inputs_from_batch
-    from blip2_megatron.models.factory import build_tokenizers
-    from blip2_megatron.training.config import job_config_from_dict
     from blip2_megatron.training.optim import build_optimizer
 
     job = job_config_from_dict(job_dict)
@@ -142,8 +136,8 @@ def _hf_benchmark(job_dict: dict[str, Any], steps: int, warmup: int) -> dict[str
     if job.model.vision.freeze:
         model.vision_model.eval()
     optimizer = build_optimizer(model, job.train)
-    _, llm_tokenizer = build_tokenizers(job.model)
-    inputs = hf_inputs_from_batch(job.model, llm_tokenizer, synthetic_batch(job), hf_cfg)
+    tokenizer = build_batch_builder(job.model).tokenizer
+    inputs = hf_inputs_from_batch(job.model, tokenizer, synthetic_samples(job), hf_cfg)
     inputs = {k: v.to(accelerator.current_device()) for k, v in inputs.items()}
     dtype = accelerator.DTYPE_BY_NAME[job.train.precision]
     timings = []
@@ -181,7 +175,7 @@ def _hf_benchmark(job_dict: dict[str, Any], steps: int, warmup: int) -> dict[str
 
 def benchmark_hf(job: JobConfig, steps: int, warmup: int) -> dict[str, Any]:
     """Run the transformers baseline in a fresh process (clean memory peak) and return its figures."""
-    from blip2_megatron.training.config import job_config_to_dict
+    from blip2_megatron.config import job_config_to_dict
 
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
@@ -257,6 +251,7 @@ def run_benchmark(
         "data": "real" if use_real_data else "synthetic",
         "world_size": dist.get_world_size(),
         "tp": job.tp,
+        "pp": job.pp,
         "dp": state.dp_size(),
         "precision": job.train.precision,
         "device": accelerator.device_name_for_peak(),

@@ -12,8 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from blip2_megatron.config_utils import ConfigError
-from blip2_megatron.training.config import JobConfig
+from blip2_megatron.config import ConfigError, JobConfig
 
 
 def read_ds_config(path: str | Path) -> dict[str, Any]:
@@ -80,6 +79,8 @@ def fill_ds_config(job: JobConfig, ds_config: dict[str, Any], dp_size: int) -> d
     cfg.setdefault("fp16", {})
     _fill(cfg["bf16"], "enabled", job.train.precision == "bf16")
     _fill(cfg["fp16"], "enabled", job.train.precision == "fp16")
+    if job.pp > 1:
+        _fill_pipeline(cfg)
     zero = cfg.setdefault("zero_optimization", {"stage": 0})
     hidden = job.model.llm.hidden_size if job.model.llm is not None else job.model.qformer.hidden_size
     _fill(zero, "reduce_bucket_size", hidden * hidden)
@@ -89,6 +90,24 @@ def fill_ds_config(job: JobConfig, ds_config: dict[str, Any], dp_size: int) -> d
     if leftover:
         raise ConfigError(f'ds_config keys left as "auto" that the job cannot fill: {leftover}')
     return cfg
+
+
+def _fill_pipeline(cfg: dict[str, Any]) -> None:
+    """Turn off DeepSpeed's TP-partitioned activations between stages (on by default).
+
+    With them each TP rank sends 1/TP of an activation and the receiver re-assembles it from
+    metadata cached at the first micro-batch; captions vary in length, so later activations
+    have other shapes and the re-assembly fails (measured: an all-gather size error at TP 2 x
+    PP 2). Shapes are exchanged per micro-batch instead (the pipeline module's dynamic_shape).
+    """
+    pipeline = cfg.setdefault("pipeline", {})
+    for key in ("pipe_partitioned", "grad_partitioned"):
+        if pipeline.get(key, "auto") is True:
+            raise ConfigError(
+                f"ds_config pipeline.{key}=true cannot run with variable-length captions (DeepSpeed caches "
+                "the first micro-batch's activation shapes for it); remove it or set it to false"
+            )
+        pipeline[key] = False
 
 
 def _walk(node: Any, prefix: str = ""):

@@ -8,7 +8,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from blip2_megatron.training.config import TrainConfig
+from blip2_megatron.config import TrainConfig
 
 
 def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:

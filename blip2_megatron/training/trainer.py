@@ -1,18 +1,18 @@
-"""The training job: process groups -> model -> DeepSpeed engine -> loop -> checkpoints/logs.
+"""The training job: process groups -> loader -> engine -> loop -> checkpoints, logs, evaluation.
 
-:func:`run_training` is what ``launch/train.py`` calls. Parallelism is applied here, in
-one order: megatron-core groups (TP/PP/DP), the model built for this rank's TP shard and
-pipeline stage, then DeepSpeed (ZeRO data parallelism, or the pipeline engine when PP > 1).
+:func:`run_training` is what ``launch/train.py`` calls: megatron-core groups (TP/PP/DP),
+the loader of this rank's DP shard with the batch builder in its workers, the engine
+(``training/engine.py``: the model under DeepSpeed, any layout), the loop, and the
+evaluation the job asks for at the end.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
 import signal
-import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,16 +20,16 @@ import torch
 import torch.distributed as dist
 
 from blip2_megatron import accelerator
+from blip2_megatron.build import build_model, inference_config, predictor_for
+from blip2_megatron.config import JobConfig, save_job_config
+from blip2_megatron.data.batch import BatchBuilder, build_batch_builder
 from blip2_megatron.data.loader import build_train_loader
-from blip2_megatron.eval.report import write_json_atomic
-from blip2_megatron.models.factory import build_model
+from blip2_megatron.io import write_json_atomic
 from blip2_megatron.parallel import state
-from blip2_megatron.parallel.mpu import MegatronMpu
 from blip2_megatron.training import checkpoint
-from blip2_megatron.training.config import JobConfig, save_job_config
-from blip2_megatron.training.ds_config import check_layout, fill_ds_config, read_ds_config
-from blip2_megatron.training.optim import WarmupCosineSchedule, build_optimizer
-from blip2_megatron.training.throughput import StepTiming, ThroughputMeter, train_flops_per_image
+from blip2_megatron.training.ds_config import check_layout, read_ds_config, zero_stage
+from blip2_megatron.training.engine import Engine, build_engine
+from blip2_megatron.training.throughput import ThroughputMeter, train_flops_per_image
 
 logger = logging.getLogger(__name__)
 
@@ -92,42 +92,6 @@ class RunLog:
         )
 
 
-class DataParallelStep:
-    """One optimizer step with the plain DeepSpeed engine (PP = 1): micro-batches x accum."""
-
-    def __init__(self, engine: Any, grad_accum: int):
-        self.engine = engine
-        self.grad_accum = grad_accum
-        self.device = accelerator.current_device()
-
-    def __call__(self, batches: Iterator[dict[str, Any]]) -> tuple[dict[str, float], StepTiming]:
-        timing = StepTiming()
-        sums: dict[str, float] = {}
-        for _ in range(self.grad_accum):
-            start = time.perf_counter()
-            samples = next(batches)
-            batch = self.engine.module.prepare_batch(samples, device=self.device)
-            timing.data += time.perf_counter() - start
-
-            start = time.perf_counter()
-            losses = self.engine(batch)
-            accelerator.synchronize()
-            timing.forward += time.perf_counter() - start
-
-            start = time.perf_counter()
-            self.engine.backward(losses["loss"])
-            accelerator.synchronize()
-            timing.backward += time.perf_counter() - start
-
-            start = time.perf_counter()
-            self.engine.step()
-            accelerator.synchronize()
-            timing.optimizer += time.perf_counter() - start
-            for name, value in losses.items():
-                sums[name] = sums.get(name, 0.0) + float(value.detach())
-        return {k: v / self.grad_accum for k, v in sums.items()}, timing
-
-
 def _mean_over_dp(values: dict[str, float]) -> dict[str, float]:
     if not values:
         return values
@@ -148,24 +112,21 @@ def _prepare_output(job: JobConfig) -> Path:
     return out
 
 
-def build_engine(
-    job: JobConfig, model: torch.nn.Module, ds_raw: dict[str, Any], total_steps: int, steps_per_epoch: int
-):
-    """DeepSpeed engine over ``model`` with our optimizer and schedule (PP = 1)."""
-    import deepspeed
+def _evaluate(engine: Engine, job: JobConfig, builder: BatchBuilder, checkpoint_dir: Path, output_dir: Path):
+    """The job's evaluation at the end of training, on every rank."""
+    from blip2_megatron.eval.runner import run_evaluation
 
-    ds_config = fill_ds_config(job, ds_raw, state.dp_size())
-    optimizer = build_optimizer(model, job.train)
-    scheduler = WarmupCosineSchedule(optimizer, job.train, total_steps, steps_per_epoch)
-    engine, _, _, _ = deepspeed.initialize(
-        model=model,
-        optimizer=optimizer,
-        lr_scheduler=scheduler,
-        config=ds_config,
-        mpu=MegatronMpu(),
-        dist_init_required=False,
-    )
-    return engine, scheduler
+    if not engine.pipeline and engine.zero_stage != 3:
+        return run_evaluation(predictor_for(engine.model, job.model, builder), job, output_dir)
+    # Pipeline stages cannot generate and ZeRO-3 holds a 1/DP slice of each weight: evaluate
+    # a whole model read from the checkpoint just written, split over TP only.
+    eval_job = dataclasses.replace(job, model=inference_config(job.model, dist.get_world_size()))
+    tp = eval_job.tp
+    logger.info("evaluating with TP %d (training ran TP %d x PP %d)", tp, job.tp, job.pp)
+    state.initialize_model_parallel(tp, 1)
+    accelerator.manual_seed(job.train.seed)
+    model = build_model(eval_job.model, device=accelerator.current_device(), trained=checkpoint_dir)
+    return run_evaluation(predictor_for(model, eval_job.model), eval_job, output_dir)
 
 
 def run_training(job: JobConfig, ds_config_path: str | Path) -> dict[str, Any]:
@@ -179,30 +140,25 @@ def run_training(job: JobConfig, ds_config_path: str | Path) -> dict[str, Any]:
     output_dir = _prepare_output(job)
     preemption = PreemptionFlag()
 
-    loader = build_train_loader(job.data, dp_rank=dp_rank, dp_size=dp_size, seed=job.train.seed)
+    builder = build_batch_builder(job.model)
+    loader = build_train_loader(
+        job.data, dp_rank=dp_rank, dp_size=dp_size, seed=job.train.seed, batch_builder=builder
+    )
     steps_per_epoch = max(loader.batches_per_epoch // job.train.grad_accum, 1)
     total_steps = job.train.max_steps or job.train.epochs * steps_per_epoch
 
+    resume = checkpoint.resolve_resume(job, zero_stage(ds_raw))
     # Same seed everywhere for initialisation (replicated modules must start equal), then
     # one stream per data-parallel rank: TP/PP ranks of one DP rank draw the same dropout.
     accelerator.manual_seed(job.train.seed)
-    if job.pp > 1:
-        from blip2_megatron.parallel.pipeline import build_pipeline_engine
-
-        engine, scheduler, run_step = build_pipeline_engine(job, ds_raw, total_steps, steps_per_epoch)
-    else:
-        model = build_model(job.model, device=accelerator.current_device())
-        if hasattr(model, "dp_group") and dp_size > 1:
-            model.dp_group = state.dp_group()  # stage 1: ITC negatives gathered over data-parallel ranks
-        engine, scheduler = build_engine(job, model, ds_raw, total_steps, steps_per_epoch)
-        run_step = DataParallelStep(engine, job.train.grad_accum)
+    trained = resume.path if resume is not None and not resume.engine_files_fit else None
+    engine = build_engine(job, ds_raw, total_steps, steps_per_epoch, trained=trained)
     accelerator.manual_seed(job.train.seed + dp_rank)
 
     start_step = 0
-    resume = checkpoint.resolve_resume(job)
     if resume is not None:
-        trainer_state = checkpoint.load_checkpoint(engine, job, *resume)
-        start_step = int(trainer_state["step"])
+        trainer_state = checkpoint.restore(engine, resume)
+        start_step = resume.step
         loader.load_state_dict(trainer_state["loader"])
 
     global_batch = job.data.batch_size * job.train.grad_accum * dp_size
@@ -231,10 +187,11 @@ def run_training(job: JobConfig, ds_config_path: str | Path) -> dict[str, Any]:
     batches = loader.endless()
     step = start_step
     last_saved = start_step if resume else None
+    last_checkpoint = resume.path if resume else None
     window: list[dict[str, float]] = []
     stopped_by = None
     while step < total_steps:
-        losses, timing = run_step(batches)
+        losses, timing = engine.step(batches)
         step += 1
         figures = meter.record(timing)
         window.append(losses)
@@ -245,7 +202,7 @@ def run_training(job: JobConfig, ds_config_path: str | Path) -> dict[str, Any]:
                 "step": step,
                 "epoch": loader.epoch,
                 **mean_losses,
-                "lr": scheduler.get_last_lr()[0],
+                "lr": engine.scheduler.get_last_lr()[0],
                 **figures,
             }
             if not all(math.isfinite(v) for v in mean_losses.values()):
@@ -255,13 +212,15 @@ def run_training(job: JobConfig, ds_config_path: str | Path) -> dict[str, Any]:
             stopped_by = preemption.signal_name or "signal on another rank"
             break
         if job.train.save_interval and step % job.train.save_interval == 0 and step < total_steps:
-            checkpoint.save_checkpoint(
+            last_checkpoint = checkpoint.save_checkpoint(
                 engine, job, step, {"loader": loader.state_dict(), "epoch": loader.epoch}
             )
             last_saved = step
 
     if last_saved != step:
-        checkpoint.save_checkpoint(engine, job, step, {"loader": loader.state_dict(), "epoch": loader.epoch})
+        last_checkpoint = checkpoint.save_checkpoint(
+            engine, job, step, {"loader": loader.state_dict(), "epoch": loader.epoch}
+        )
 
     summary: dict[str, Any] = {
         "event": "summary",
@@ -282,16 +241,7 @@ def run_training(job: JobConfig, ds_config_path: str | Path) -> dict[str, Any]:
         **meter.summary(),
     }
     if job.eval.enabled and stopped_by is None:
-        if job.pp > 1:
-            logger.warning(
-                "eval.enabled is ignored with model.llm.pp=%d: generation needs the whole model on one rank, "
-                "and resharding a pipeline checkpoint to pp=1 is not supported yet",
-                job.pp,
-            )
-        else:
-            from blip2_megatron.eval.runner import run_evaluation
-
-            summary.update(run_evaluation(engine.module, job, output_dir))
+        summary.update(_evaluate(engine, job, builder, last_checkpoint, output_dir))
     if rank0:
         log.write(summary)
         write_json_atomic(summary, output_dir / "summary.json")

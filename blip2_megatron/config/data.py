@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from blip2_megatron.config_utils import ConfigError, check_choice, check_positive
+from blip2_megatron.config.base import ConfigError, check_choice, check_positive
 
 #: Dataset kinds: webdataset shards, the three annotation formats, and the built-in sample set.
 DATASET_KINDS = ("wds", "coco", "vg", "cc_sbu_align", "sample")

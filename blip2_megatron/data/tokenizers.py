@@ -17,11 +17,21 @@ from pathlib import Path
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from blip2_megatron.config_utils import ConfigError
+from blip2_megatron.config import Blip2Config, ConfigError
 
 logger = logging.getLogger(__name__)
 
 BUILTIN_TINY = "builtin:tiny"
+# Files of a Hugging Face tokenizer (any of them marks a directory as holding one).
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+)
 TINY_VOCAB_SIZE = 512
 
 # Words of the built-in sample dataset's captions and of ordinary short captions/questions.
@@ -124,3 +134,32 @@ def build_tokenizer(spec: str, kind: str, arch: str = "opt") -> PreTrainedTokeni
         tok.add_special_tokens({"pad_token": "[PAD]"})
     tok.padding_side = "right"
     return tok
+
+
+def holds_tokenizer(path: str | Path) -> bool:
+    """Whether ``path`` is a directory with Hugging Face tokenizer files."""
+    path = Path(path)
+    return path.is_dir() and any((path / name).is_file() for name in TOKENIZER_FILES)
+
+
+def llm_tokenizer_spec(cfg: Blip2Config) -> str:
+    """Where the LLM tokenizer of ``cfg`` comes from.
+
+    ``llm.tokenizer`` if set; else ``llm.weights`` (a Hugging Face LLM directory); else the
+    last ``init_checkpoint`` directory that holds tokenizer files (a Hugging Face Blip2
+    directory supplies the LLM too).
+    """
+    if cfg.llm is None:
+        raise ConfigError(f"model.kind={cfg.kind!r} has no LLM tokenizer")
+    if cfg.llm.tokenizer:
+        return cfg.llm.tokenizer
+    if cfg.llm.weights:
+        return cfg.llm.weights
+    sources = [p.strip() for p in cfg.init_checkpoint.split(",") if p.strip()]
+    with_tokenizer = [p for p in sources if holds_tokenizer(p)]
+    if with_tokenizer:
+        return with_tokenizer[-1]
+    raise ConfigError(
+        "no LLM tokenizer: set model.llm.tokenizer (a local tokenizer directory or 'builtin:tiny') or "
+        "model.llm.weights (a Hugging Face LLM directory with tokenizer files)"
+    )

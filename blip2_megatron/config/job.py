@@ -4,7 +4,7 @@ A job YAML looks like::
 
     name: stage2_opt2.7b
     model: {flavour: blip2_opt2.7b, llm: {weights: /models/opt-2.7b, tp: 2}}
-    data: {...}        # blip2_megatron.data.config.DataConfig
+    data: {...}        # blip2_megatron.config.DataConfig
     train: {...}       # TrainConfig below
     eval: {...}        # EvalConfig below
 
@@ -22,8 +22,7 @@ from typing import Any
 
 import yaml
 
-from blip2_megatron.config import Blip2Config, build_model_config
-from blip2_megatron.config_utils import (
+from blip2_megatron.config.base import (
     ConfigError,
     check_choice,
     check_positive,
@@ -33,7 +32,9 @@ from blip2_megatron.config_utils import (
     parse_overrides,
     to_dict,
 )
-from blip2_megatron.data.config import DataConfig
+from blip2_megatron.config.data import DataConfig
+from blip2_megatron.config.model import Blip2Config, build_model_config
+from blip2_megatron.io import write_text_atomic
 
 DEFAULT_JOB = "tiny_stage2"
 
@@ -208,7 +209,4 @@ def job_config_to_dict(job: JobConfig) -> dict[str, Any]:
 
 def save_job_config(job: JobConfig, path: Path) -> None:
     """Write the resolved config (atomically: temp file then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(job_config_to_dict(job), sort_keys=False))
-    tmp.replace(path)
+    write_text_atomic(yaml.safe_dump(job_config_to_dict(job), sort_keys=False), path)

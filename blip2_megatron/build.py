@@ -1,0 +1,321 @@
+"""Assembly: a config becomes a model with its weights (the only place that does both).
+
+Where starting weights come from:
+
+* ``model.init_checkpoint``: comma-separated sources for the vision encoder, Q-Former,
+  queries, projection (and stage-1 heads): a Hugging Face Blip2 directory, LAVIS ``.pth``
+  files (``blip2_pretrained.pth``, ``blip2_pretrained_opt2.7b.pth``, ``eva_vit_g.pth``), a
+  safetensors file with our own names, or a run directory of ours (LAVIS's stage-1 ->
+  stage-2 hand-off: the run's base weights, then what it trained). Later sources override
+  earlier ones; parts the model does not have (a stage-1 Q-Former's text layers in a
+  stage-2 model) are skipped.
+* ``model.llm.weights``: a Hugging Face OPT / LLaMA directory, read shard by shard for this
+  rank's tensor-parallel slice and pipeline stage. A Hugging Face Blip2 directory in
+  ``init_checkpoint`` also supplies the LLM when ``llm.weights`` is empty.
+* ``trained``: a checkpoint of one of our runs, saved in any TP x PP layout, loaded last.
+
+The model remembers which parameters came from files (``base_weight_names``): a training
+checkpoint stores everything else, so a randomly initialised frozen part is never lost.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from blip2_megatron import accelerator
+from blip2_megatron.config import Blip2Config, ConfigError, JobConfig, load_job_config
+from blip2_megatron.convert.hf_blip2 import (
+    HF_LLM_PREFIX,
+    PROJECTION_PREFIX,
+    check_hf_blip2_checkpoint,
+    hf_blip2_model_config,
+)
+from blip2_megatron.convert.hf_llm import HFTensors, llm_config_from_hf, load_hf_llm_weights, read_hf_config
+from blip2_megatron.convert.run_checkpoint import (
+    CONFIG,
+    WEIGHTS,
+    RunWeights,
+    find_checkpoint,
+    load_run_weights,
+    read_trainer_state,
+    run_dir_of,
+)
+from blip2_megatron.convert.vision_qformer import hf_vision_qformer_to_ours, lavis_to_ours, load_into
+from blip2_megatron.data.batch import BatchBuilder, LLMBatchBuilder, build_batch_builder
+from blip2_megatron.inference import Blip2Predictor
+from blip2_megatron.io import iter_checkpoint_files, load_state_dict_file
+from blip2_megatron.models.blip2 import Blip2ForLLM, Blip2PipeStage
+from blip2_megatron.models.llm import ParallelCausalLM
+from blip2_megatron.models.stage1 import Blip2Stage1
+from blip2_megatron.parallel import state
+from blip2_megatron.parallel.pipeline import stage_layer_ranges
+
+logger = logging.getLogger(__name__)
+
+# LAVIS / MiniGPT-4 names of the query -> LLM projection.
+LAVIS_PROJECTION_PREFIXES = ("opt_proj.", "llm_proj.", "llama_proj.", "t5_proj.")
+
+
+# ------------------------------------------------------------------------------ sources
+def _sources(cfg: Blip2Config) -> list[Path]:
+    return [Path(p.strip()) for p in cfg.init_checkpoint.split(",") if p.strip()]
+
+
+def _read_hf_dir(path: Path) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    for file in iter_checkpoint_files(path):
+        tensors.update(load_state_dict_file(file))
+    return tensors
+
+
+def _run_source(path: Path, cfg: Blip2Config) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """A run of ours as an initial-weight source: its own base weights, then what it saved."""
+    checkpoint = find_checkpoint(path)
+    base = read_trainer_state(checkpoint).get("base_weights", {})
+    ours: dict[str, torch.Tensor] = {}
+    llm: dict[str, torch.Tensor] = {}
+    for source in [p.strip() for p in (base.get("init_checkpoint") or "").split(",") if p.strip()]:
+        more, more_llm = _convert_source(Path(source), cfg)
+        ours.update(more)
+        llm.update(more_llm)
+    for name, tensor in RunWeights(checkpoint / WEIGHTS).full_tensors():
+        if not name.startswith(HF_LLM_PREFIX):
+            ours[name] = tensor
+    logger.info("initial weights from run checkpoint %s", checkpoint)
+    return ours, llm
+
+
+def _convert_source(path: Path, cfg: Blip2Config) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(our non-LLM tensors, HF-named LLM tensors) from one init_checkpoint source."""
+    if not path.exists():
+        raise FileNotFoundError(f"model.init_checkpoint: {path} does not exist")
+    if path.is_dir() and find_checkpoint(path) is not None:
+        return _run_source(path, cfg)
+    if path.is_dir():
+        raw = _read_hf_dir(path)
+        ours, rest = hf_vision_qformer_to_ours(raw)
+        llm = {k[len(HF_LLM_PREFIX) :]: raw[k] for k in rest if k.startswith(HF_LLM_PREFIX)}
+        for key in rest:
+            if key.startswith(PROJECTION_PREFIX):
+                ours[key] = raw[key]
+        return ours, llm
+    raw = load_state_dict_file(path)
+    if any(k.startswith("query_encoder.") for k in raw):  # already our names
+        return dict(raw), {}
+    ours, rest = lavis_to_ours(raw, num_vision_layers=cfg.vision.num_layers)
+    for key in rest:
+        for prefix in LAVIS_PROJECTION_PREFIXES:
+            if key.startswith(prefix):
+                ours[PROJECTION_PREFIX + key[len(prefix) :]] = raw[key]
+    return ours, {}
+
+
+def _without_llm(model: nn.Module) -> nn.Module:
+    """A view of ``model`` without ``language_model`` (loaded separately, shard by shard)."""
+    view = nn.Module()
+    for name, child in model.named_children():
+        if name != "language_model":
+            view.add_module(name, child)
+    for name, param in model.named_parameters(recurse=False):
+        view.register_parameter(name, param)
+    return view
+
+
+def load_initial_weights(model: nn.Module, cfg: Blip2Config) -> set[str]:
+    """Load ``init_checkpoint`` and ``llm.weights`` into ``model`` (one pipeline stage of it).
+
+    Returns the names of the parameters that came from files.
+    """
+    target = _without_llm(model)
+    own = set(target.state_dict())
+    from_files: set[str] = set()
+    hf_llm: dict[str, torch.Tensor] = {}
+    for source in _sources(cfg):
+        ours, llm = _convert_source(source, cfg)
+        hf_llm.update(llm)
+        # Parts that live on other pipeline stages (or that this model kind lacks) are not
+        # this model's business; load_into logs what the source lacks by name.
+        mine = {k: v for k, v in ours.items() if k in own}
+        report = load_into(target, mine)
+        from_files |= set(mine) - set(report.skipped)
+        logger.info("initialised from %s", source)
+    language_model = getattr(model, "language_model", None)
+    if language_model is not None:
+        if cfg.llm.weights:
+            load_hf_llm_weights(language_model, cfg.llm.weights)
+        elif hf_llm:
+            load_hf_llm_weights(language_model, HFTensors.from_state_dict(hf_llm))
+        if cfg.llm.weights or hf_llm:
+            from_files |= {HF_LLM_PREFIX + name for name, _ in language_model.named_parameters()}
+    return from_files & {name for name, _ in model.named_parameters()}
+
+
+# ------------------------------------------------------------------------------ models
+def build_model(
+    cfg: Blip2Config,
+    device: torch.device | str | None = None,
+    pre_process: bool = True,
+    post_process: bool = True,
+    layer_range: tuple[int, int] | None = None,
+    trained: str | Path | None = None,
+) -> nn.Module:
+    """The model ``cfg`` describes (this rank's TP shard / pipeline stage), weights loaded, frozen parts frozen.
+
+    ``trained`` is a run or checkpoint directory of ours whose saved tensors are loaded
+    last (any layout: this rank reads its own slice).
+    """
+    if cfg.kind == "stage1":
+        model: nn.Module = Blip2Stage1(cfg)
+    else:
+        model = Blip2ForLLM(cfg, pre_process=pre_process, post_process=post_process, layer_range=layer_range)
+    model.base_weight_names = frozenset(load_initial_weights(model, cfg))  # frozen parts keep their dtype
+    if trained is not None:
+        load_trained_weights(model, trained)
+    if device is not None:
+        model.to(device)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    logger.info("model %s: %.2fM parameters, %.2fM trainable", cfg.kind, total / 1e6, trainable / 1e6)
+    return model
+
+
+def load_trained_weights(model: nn.Module, trained: str | Path) -> list[str]:
+    """Load a run's saved tensors into ``model`` (whole or a stage, any TP size)."""
+    checkpoint = find_checkpoint(trained)
+    if checkpoint is None:
+        raise FileNotFoundError(f"{trained} holds no finished checkpoint (no trainer_state.json / latest)")
+    required = [name for name, p in model.named_parameters() if p.requires_grad]
+    tp_rank, tp_size = (state.tp_rank(), state.tp_size()) if state.is_initialized() else (0, 1)
+    return load_run_weights(model, checkpoint / WEIGHTS, tp_rank, tp_size, required=required)
+
+
+def build_llm_from_hf(
+    model_dir: str | Path,
+    pre_process: bool = True,
+    post_process: bool = True,
+    layer_range: tuple[int, int] | None = None,
+    params_dtype: torch.dtype = torch.float32,
+    **config_overrides: Any,
+) -> ParallelCausalLM:
+    """A :class:`ParallelCausalLM` (stage) built from a Hugging Face directory with its weights."""
+    cfg = llm_config_from_hf(read_hf_config(model_dir), weights=str(model_dir), **config_overrides)
+    model = ParallelCausalLM(cfg, pre_process, post_process, layer_range, params_dtype, init_weights=False)
+    load_hf_llm_weights(model, model_dir)
+    return model
+
+
+def build_pipeline_stage(
+    cfg: Blip2Config,
+    stage: int,
+    num_stages: int,
+    device: torch.device | str | None = None,
+    trained: str | Path | None = None,
+) -> Blip2PipeStage:
+    """Pipeline stage ``stage`` of ``num_stages`` (its decoder layers and the parts it holds)."""
+    if cfg.llm is None:
+        raise ConfigError(
+            "pipeline parallelism splits the LLM; stage-1 models have none (set model.llm.pp=1)"
+        )
+    layer_range = stage_layer_ranges(cfg.llm.num_layers, num_stages)[stage]
+    model = build_model(
+        cfg,
+        device=device,
+        pre_process=stage == 0,
+        post_process=stage == num_stages - 1,
+        layer_range=layer_range,
+        trained=trained,
+    )
+    return Blip2PipeStage(model, stage, num_stages)
+
+
+def build_from_hf_blip2(
+    model_dir: str | Path, device: torch.device | str | None = None, **overrides: Any
+) -> tuple[Blip2ForLLM, Blip2Config, LLMBatchBuilder]:
+    """``(model in eval mode, its config, batch builder)`` from a local transformers Blip2 directory.
+
+    The tokenizer is read from the same directory (or ``llm.tokenizer``). ``overrides`` are
+    Blip2Config fields, dotted or nested (``**{"llm.tp": 2}``, ``prompt=""``). Model-parallel
+    groups are started (TP = ``llm.tp``, PP = 1) unless running; when running, ``llm.tp``
+    follows them.
+    """
+    model_dir = Path(model_dir)
+    tp = state.tp_size() if state.is_initialized() else None
+    cfg = hf_blip2_model_config(model_dir, overrides, tp=tp)
+    if cfg.llm.pp != 1:
+        raise ConfigError("a transformers Blip2 directory loads whole on each rank: llm.pp must be 1")
+    if not state.is_initialized():
+        state.initialize_model_parallel(cfg.llm.tp, 1)
+    check_hf_blip2_checkpoint(model_dir, cfg)
+    builder = build_batch_builder(cfg)
+    model = build_model(cfg, device=device)
+    model.eval()
+    logger.info(
+        "loaded a transformers Blip2 (%s, %d layers) from %s", cfg.llm.arch, cfg.llm.num_layers, model_dir
+    )
+    return model, cfg, builder
+
+
+# ------------------------------------------------------------------------------ inference
+def inference_config(cfg: Blip2Config, world_size: int, tp: int | None = None) -> Blip2Config:
+    """``cfg`` laid out for generation on ``world_size`` ranks: the whole LLM per rank (PP = 1).
+
+    Without an explicit ``tp``, the model is split over as many TP ranks as it was split
+    over TP x PP ranks in training (so each rank holds the share of the weights it held
+    then), as far as the world size and the attention heads allow.
+    """
+    llm = cfg.llm
+    if llm is None:
+        return cfg
+    if tp is None:
+        split = llm.tp * llm.pp
+        tp = next(
+            t
+            for t in range(split, 0, -1)
+            if split % t == 0 and world_size % t == 0 and llm.num_heads % t == 0 and llm.kv_heads % t == 0
+        )
+    return dataclasses.replace(cfg, llm=dataclasses.replace(llm, tp=tp, pp=1))
+
+
+def predictor_for(model: nn.Module, cfg: Blip2Config, builder: BatchBuilder | None = None) -> Blip2Predictor:
+    """A text-level predictor (generate / predict_answers / retrieval features) around ``model``."""
+    return Blip2Predictor(model, cfg, builder or build_batch_builder(cfg))
+
+
+def load_trained_model(
+    checkpoint: str | Path | None = None,
+    config: str | None = None,
+    overrides: list[str] | None = None,
+    device: torch.device | str | None = None,
+) -> tuple[Blip2Predictor, JobConfig, Path | None]:
+    """``(predictor in eval mode, job config, run dir)`` for evaluation, prediction and export.
+
+    ``checkpoint`` is a run or checkpoint directory of ours, saved in any TP x PP layout;
+    without it, ``config`` (a job) gives a model with its initial weights. The model is
+    laid out by :func:`inference_config` unless the overrides set ``model.llm.tp``.
+    """
+    overrides = list(overrides or [])
+    ckpt = None
+    run_dir = None
+    if checkpoint:
+        ckpt = find_checkpoint(checkpoint)
+        if ckpt is None:
+            raise FileNotFoundError(
+                f"{checkpoint} holds no finished checkpoint (no trainer_state.json / latest)"
+            )
+        run_dir = run_dir_of(ckpt)
+        config = config or str(ckpt / CONFIG)
+    job = load_job_config(config, overrides)
+    env = state.init_distributed()
+    tp_override = next((int(o.split("=", 1)[1]) for o in overrides if o.startswith("model.llm.tp=")), None)
+    job.model = inference_config(job.model, env.world_size, tp=tp_override)
+    state.initialize_model_parallel(job.tp, 1)
+    accelerator.manual_seed(job.train.seed)  # randomly initialised parts equal on every rank
+    model = build_model(job.model, device=device or accelerator.current_device(), trained=ckpt)
+    model.eval()
+    return predictor_for(model, job.model), job, run_dir

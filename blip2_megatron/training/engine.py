@@ -1,0 +1,272 @@
+"""The training engine: the one place that calls ``deepspeed.initialize``, for any layout.
+
+:func:`build_engine` applies parallelism from outside in one fixed order: megatron-core's
+groups must already be running (``state.initialize_model_parallel``); the model is built
+for this rank's TP shard (and pipeline stage when PP > 1) by ``blip2_megatron.build``;
+then DeepSpeed wraps it, as a ZeRO data-parallel engine over megatron-core's groups
+(PP = 1, through the ``mpu`` adapter) or as a ``PipelineEngine`` whose own grid must equal
+megatron-core's (PP > 1). :class:`Engine` runs one optimizer step on batches from the
+batch builder, the same way for training and the benchmark.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from deepspeed.pipe import LayerSpec, PipelineModule
+from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+from torch import nn
+
+from blip2_megatron import accelerator
+from blip2_megatron.build import build_model, build_pipeline_stage
+from blip2_megatron.config import JobConfig
+from blip2_megatron.convert.run_checkpoint import unwrap_stage
+from blip2_megatron.models.blip2 import Blip2PipeStage
+from blip2_megatron.parallel import state
+from blip2_megatron.parallel.mpu import MegatronMpu
+from blip2_megatron.parallel.pipeline import check_grid_matches_megatron
+from blip2_megatron.training.ds_config import fill_ds_config, zero_stage
+from blip2_megatron.training.optim import WarmupCosineSchedule, build_optimizer
+from blip2_megatron.training.throughput import StepTiming
+
+logger = logging.getLogger(__name__)
+
+Batch = dict[str, Any]
+
+
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    """Tensors of ``batch`` on ``device`` (other values as they are)."""
+    return {
+        k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()
+    }
+
+
+def pipeline_inputs(batch: Batch) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+    """An LLM batch as the pipeline engine reads it: (first-stage inputs, last-stage labels)."""
+    inputs = (batch["image"], batch["input_ids"], batch["attention_mask"], batch["image_slots"].long())
+    return inputs, batch["labels"]
+
+
+class _StageSpec(LayerSpec):
+    """A pipeline stage built by the assembly layer, only on the ranks of that stage."""
+
+    def __init__(self, job: JobConfig, stage: int, device: torch.device, trained: Path | None):
+        super().__init__(Blip2PipeStage)
+        self.job, self.stage, self.device, self.trained = job, stage, device, trained
+
+    def build(self, log: bool = False) -> Blip2PipeStage:
+        return build_pipeline_stage(self.job.model, self.stage, self.job.pp, self.device, self.trained)
+
+    def __repr__(self) -> str:
+        return f"Blip2PipeStage({self.stage} of {self.job.pp})"
+
+
+class _Blip2PipelineModule(PipelineModule):
+    """DeepSpeed's PipelineModule with OPT's tied embedding / head shared across stages.
+
+    DeepSpeed ties weights it builds through ``TiedLayerSpec``; ours are inside whole
+    stages, so the pair is named here: the first stage's token embedding and the last
+    stage's head copy, over megatron-core's embedding group. The engine sums their
+    gradients over that group before each optimizer step (``get_tied_weights_and_groups``),
+    so both copies take the same steps, as the single tied weight of an unsplit model does.
+    """
+
+    def tied_embedding(self) -> tuple[torch.Tensor, Any] | None:
+        group = state.embedding_group()
+        lm = unwrap_stage(self.forward_funcs[0]).language_model
+        if group is None or not lm.tie_word_embeddings:
+            return None
+        weight = lm.embed_tokens.weight if lm.pre_process else lm.lm_head.weight
+        return weight, group
+
+    def get_tied_weights_and_groups(self) -> list[tuple[torch.Tensor, Any]]:
+        tied = self.tied_embedding()
+        return super().get_tied_weights_and_groups() + ([tied] if tied else [])
+
+    @torch.no_grad()
+    def synchronize_tied_embedding(self) -> None:
+        """Copy the first stage's embedding into the last stage's head (they may start apart)."""
+        tied = self.tied_embedding()
+        if tied is not None:
+            weight, group = tied
+            first = min(torch.distributed.get_process_group_ranks(group))
+            torch.distributed.broadcast(weight, src=first, group=group)
+
+
+def build_pipeline_module(
+    job: JobConfig, device: torch.device, trained: Path | None = None
+) -> PipelineModule:
+    """DeepSpeed PipelineModule over our stages (only this rank's stage is built).
+
+    ``dynamic_shape``: captions vary in length, so the activations a stage sends vary from
+    micro-batch to micro-batch; without it the engine would reuse the first batch's shapes.
+    """
+    topology = PipeModelDataParallelTopology(num_pp=job.pp, num_mp=job.tp, num_dp=state.dp_size())
+    check_grid_matches_megatron(topology)
+    specs = [_StageSpec(job, stage, device, trained) for stage in range(job.pp)]
+    module = _Blip2PipelineModule(
+        layers=specs, topology=topology, partition_method="uniform", loss_fn=None, dynamic_shape=True
+    )
+    module.loss_fn = module.forward_funcs[0].loss
+    module.synchronize_tied_embedding()
+    return module
+
+
+class _PipelineBatches:
+    """Loader batches as the (inputs, labels) pairs the pipeline engine pulls, timed."""
+
+    def __init__(self, batches: Iterator[Batch], device: torch.device):
+        self.batches = batches
+        self.device = device
+        self.data_time = 0.0
+
+    def __iter__(self) -> _PipelineBatches:
+        return self
+
+    def __next__(self) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+        start = time.perf_counter()
+        batch = to_device(next(self.batches), self.device)
+        self.data_time += time.perf_counter() - start
+        return pipeline_inputs(batch)
+
+
+@dataclass
+class Engine:
+    """A DeepSpeed engine (ZeRO or pipeline) with our optimizer, schedule and step function.
+
+    ``model`` is this rank's BLIP-2 module: the whole model (PP = 1) or its pipeline stage's
+    part; ``ds`` the DeepSpeed engine around it.
+    """
+
+    ds: Any
+    scheduler: WarmupCosineSchedule
+    model: nn.Module
+    job: JobConfig
+
+    @property
+    def pipeline(self) -> bool:
+        return self.job.pp > 1
+
+    @property
+    def zero_stage(self) -> int:
+        return int(self.ds.zero_optimization_stage())
+
+    def step(self, batches: Iterator[Batch]) -> tuple[dict[str, float], StepTiming]:
+        """One optimizer step (all its micro-batches); returns this DP rank's mean losses and timing."""
+        if self.pipeline:
+            return self._pipeline_step(batches)
+        timing = StepTiming()
+        sums: dict[str, float] = {}
+        device = accelerator.current_device()
+        accum = self.job.train.grad_accum
+        for _ in range(accum):
+            start = time.perf_counter()
+            batch = to_device(next(batches), device)
+            timing.data += time.perf_counter() - start
+
+            start = time.perf_counter()
+            losses = self.ds(batch)
+            accelerator.synchronize()
+            timing.forward += time.perf_counter() - start
+
+            start = time.perf_counter()
+            self.ds.backward(losses["loss"])
+            accelerator.synchronize()
+            timing.backward += time.perf_counter() - start
+
+            start = time.perf_counter()
+            self.ds.step()
+            accelerator.synchronize()
+            timing.optimizer += time.perf_counter() - start
+            for name, value in losses.items():
+                sums[name] = sums.get(name, 0.0) + float(value.detach())
+        return {k: v / accum for k, v in sums.items()}, timing
+
+    def _pipeline_step(self, batches: Iterator[Batch]) -> tuple[dict[str, float], StepTiming]:
+        feed = _PipelineBatches(batches, accelerator.current_device())
+        start = time.perf_counter()
+        loss = self.ds.train_batch(data_iter=feed)
+        accelerator.synchronize()
+        total = time.perf_counter() - start
+        # The pipeline engine interleaves forward and backward; it reports the DP-mean loss.
+        return {"loss": float(loss)}, StepTiming(data=feed.data_time, forward=total - feed.data_time)
+
+    @torch.no_grad()
+    def eval_loss(self, batch: Batch) -> float:
+        """Loss of one batch without training (dropout off), in this layout."""
+        device = accelerator.current_device()
+        if self.pipeline:
+            feed = iter([pipeline_inputs(to_device(batch, device))])
+            return float(self.ds.eval_batch(data_iter=feed, num_micro_batches=1))
+        was_training = self.ds.module.training
+        self.ds.module.eval()
+        try:
+            return float(self.ds(to_device(batch, device))["loss"])
+        finally:
+            self.ds.module.train(was_training)
+
+    def gathered_parameters(self, names: list[str]) -> contextlib.AbstractContextManager:
+        """Context in which the named parameters of :attr:`model` hold their full local values.
+
+        ZeRO-3 keeps each parameter partitioned over DP ranks between uses; this gathers
+        them (collective: every DP rank must enter). A no-op for other stages.
+        """
+        if self.zero_stage != 3:
+            return contextlib.nullcontext()
+        import deepspeed
+
+        params = dict(self.model.named_parameters())
+        return deepspeed.zero.GatheredParameters([params[n] for n in names], modifier_rank=None)
+
+
+def build_engine(
+    job: JobConfig,
+    ds_raw: dict[str, Any],
+    total_steps: int,
+    steps_per_epoch: int,
+    trained: Path | None = None,
+) -> Engine:
+    """The model of ``job`` for this rank under DeepSpeed, with our optimizer and LR schedule.
+
+    Megatron-core's groups must be running with ``job.tp`` / ``job.pp``. ``trained``: a
+    checkpoint whose saved weights the model starts from (a resume in another layout).
+    """
+    import deepspeed
+
+    device = accelerator.current_device()
+    ds_config = fill_ds_config(job, ds_raw, state.dp_size())
+    if job.pp > 1:
+        module: nn.Module = build_pipeline_module(job, device, trained)
+        mpu = None  # the pipeline engine brings its own grid (checked equal to megatron-core's)
+    else:
+        module = build_model(job.model, device=device, trained=trained)
+        if hasattr(module, "dp_group") and state.dp_size() > 1:
+            module.dp_group = state.dp_group()  # stage 1: ITC negatives gathered over data-parallel ranks
+        mpu = MegatronMpu()
+    optimizer = build_optimizer(module, job.train)
+    scheduler = WarmupCosineSchedule(optimizer, job.train, total_steps, steps_per_epoch)
+    ds_engine, _, _, _ = deepspeed.initialize(
+        model=module,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        config=ds_config,
+        mpu=mpu,
+        dist_init_required=False,
+    )
+    model = unwrap_stage(module.forward_funcs[0]) if job.pp > 1 else module
+    logger.info(
+        "engine: %s, ZeRO stage %d, TP %d x PP %d x DP %d",
+        "pipeline" if job.pp > 1 else "data parallel",
+        zero_stage(ds_config),
+        job.tp,
+        job.pp,
+        state.dp_size(),
+    )
+    return Engine(ds=ds_engine, scheduler=scheduler, model=model, job=job)
