@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -74,46 +75,62 @@ def _read_hf_dir(path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _run_source(path: Path, cfg: Blip2Config) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """A run of ours as an initial-weight source: its own base weights, then what it saved."""
+@dataclass
+class _InitialWeights:
+    """What the ``init_checkpoint`` sources give, in order: our-named tensors, and where the LLM comes from.
+
+    ``llm`` is the last source that holds an LLM: ``("hf", path or HF-named tensors)`` or
+    ``("run", checkpoint directory)`` (a run that saved its LLM: trained or randomly
+    initialised); ``model.llm.weights`` overrides it.
+    """
+
+    ours: dict[str, torch.Tensor] = field(default_factory=dict)
+    llm: tuple[str, Any] | None = None
+
+
+def _collect_run(path: Path, cfg: Blip2Config, weights: _InitialWeights) -> None:
+    """A run of ours: its own base weights first, then what it saved."""
     checkpoint = find_checkpoint(path)
     base = read_trainer_state(checkpoint).get("base_weights", {})
-    ours: dict[str, torch.Tensor] = {}
-    llm: dict[str, torch.Tensor] = {}
     for source in [p.strip() for p in (base.get("init_checkpoint") or "").split(",") if p.strip()]:
-        more, more_llm = _convert_source(Path(source), cfg)
-        ours.update(more)
-        llm.update(more_llm)
-    for name, tensor in RunWeights(checkpoint / WEIGHTS).full_tensors():
+        _collect(Path(source), cfg, weights)
+    if base.get("llm"):
+        weights.llm = ("hf", base["llm"])
+    saved = RunWeights(checkpoint / WEIGHTS)
+    for name in saved.keys():
         if not name.startswith(HF_LLM_PREFIX):
-            ours[name] = tensor
+            weights.ours[name] = saved.read(name)
+    if any(name.startswith(HF_LLM_PREFIX) for name in saved.keys()):
+        weights.llm = ("run", checkpoint)
     logger.info("initial weights from run checkpoint %s", checkpoint)
-    return ours, llm
 
 
-def _convert_source(path: Path, cfg: Blip2Config) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """(our non-LLM tensors, HF-named LLM tensors) from one init_checkpoint source."""
+def _collect(path: Path, cfg: Blip2Config, weights: _InitialWeights) -> None:
+    """Add one init_checkpoint source (a run, a HF Blip2 directory or a weight file) to ``weights``."""
     if not path.exists():
         raise FileNotFoundError(f"model.init_checkpoint: {path} does not exist")
     if path.is_dir() and find_checkpoint(path) is not None:
-        return _run_source(path, cfg)
-    if path.is_dir():
+        _collect_run(path, cfg, weights)
+    elif path.is_dir():
         raw = _read_hf_dir(path)
         ours, rest = hf_vision_qformer_to_ours(raw)
+        weights.ours.update(ours)
+        weights.ours.update({k: raw[k] for k in rest if k.startswith(PROJECTION_PREFIX)})
         llm = {k[len(HF_LLM_PREFIX) :]: raw[k] for k in rest if k.startswith(HF_LLM_PREFIX)}
+        if llm:
+            weights.llm = ("hf", llm)
+    else:
+        raw = load_state_dict_file(path)
+        if any(k.startswith("query_encoder.") for k in raw):  # already our names
+            weights.ours.update(raw)
+            return
+        ours, rest = lavis_to_ours(raw, num_vision_layers=cfg.vision.num_layers)
+        weights.ours.update(ours)
         for key in rest:
-            if key.startswith(PROJECTION_PREFIX):
-                ours[key] = raw[key]
-        return ours, llm
-    raw = load_state_dict_file(path)
-    if any(k.startswith("query_encoder.") for k in raw):  # already our names
-        return dict(raw), {}
-    ours, rest = lavis_to_ours(raw, num_vision_layers=cfg.vision.num_layers)
-    for key in rest:
-        for prefix in LAVIS_PROJECTION_PREFIXES:
-            if key.startswith(prefix):
-                ours[PROJECTION_PREFIX + key[len(prefix) :]] = raw[key]
-    return ours, {}
+            for prefix in LAVIS_PROJECTION_PREFIXES:
+                if key.startswith(prefix):
+                    weights.ours[PROJECTION_PREFIX + key[len(prefix) :]] = raw[key]
+    logger.info("initialised from %s", path)
 
 
 def _without_llm(model: nn.Module) -> nn.Module:
@@ -132,27 +149,27 @@ def load_initial_weights(model: nn.Module, cfg: Blip2Config) -> set[str]:
 
     Returns the names of the parameters that came from files.
     """
+    weights = _InitialWeights()
+    for source in _sources(cfg):
+        _collect(source, cfg, weights)
     target = _without_llm(model)
     own = set(target.state_dict())
-    from_files: set[str] = set()
-    hf_llm: dict[str, torch.Tensor] = {}
-    for source in _sources(cfg):
-        ours, llm = _convert_source(source, cfg)
-        hf_llm.update(llm)
-        # Parts that live on other pipeline stages (or that this model kind lacks) are not
-        # this model's business; load_into logs what the source lacks by name.
-        mine = {k: v for k, v in ours.items() if k in own}
-        report = load_into(target, mine)
-        from_files |= set(mine) - set(report.skipped)
-        logger.info("initialised from %s", source)
+    # Parts that live on other pipeline stages (or that this model kind lacks: a stage-1
+    # Q-Former's text layers in a stage-2 model) are not this model's business.
+    mine = {k: v for k, v in weights.ours.items() if k in own}
+    from_files = set(mine) - set(load_into(target, mine).skipped) if mine else set()
     language_model = getattr(model, "language_model", None)
-    if language_model is not None:
-        if cfg.llm.weights:
-            load_hf_llm_weights(language_model, cfg.llm.weights)
-        elif hf_llm:
-            load_hf_llm_weights(language_model, HFTensors.from_state_dict(hf_llm))
-        if cfg.llm.weights or hf_llm:
-            from_files |= {HF_LLM_PREFIX + name for name, _ in language_model.named_parameters()}
+    llm = ("hf", cfg.llm.weights) if cfg.llm is not None and cfg.llm.weights else weights.llm
+    if language_model is not None and llm is not None:
+        kind, source = llm
+        if kind == "hf":
+            load_hf_llm_weights(
+                language_model, source if isinstance(source, str) else HFTensors.from_state_dict(source)
+            )
+        else:
+            tp_rank, tp_size = (state.tp_rank(), state.tp_size()) if state.is_initialized() else (0, 1)
+            load_run_weights(model, source / WEIGHTS, tp_rank, tp_size, prefix=HF_LLM_PREFIX)
+        from_files |= {HF_LLM_PREFIX + name for name, _ in language_model.named_parameters()}
     return from_files & {name for name, _ in model.named_parameters()}
 
 

@@ -15,3 +15,11 @@ def single_process_group():
     state.initialize_model_parallel(1, 1)
     yield
     state.destroy()
+
+
+@pytest.fixture(scope="session")
+def sample(tmp_path_factory):
+    """The built-in dataset (generated once per test session, about 15 s)."""
+    from blip2_megatron.data.sample_dataset import ensure_sample_dataset
+
+    return ensure_sample_dataset(tmp_path_factory.mktemp("builtin") / "sample")

@@ -1,7 +1,7 @@
-"""`launch/train.py` end to end: the DeepSpeed launcher, logs, checkpoints, resume, pre-emption.
+"""`launch/train.py` end to end: pre-emption, resume, and errors before training.
 
-These run the real command lines users type (DeepSpeed's launcher with 2 CPU ranks, plain
-python) on the tiny default job and the built-in dataset.
+These run the real command lines users type on the tiny default job and the built-in
+dataset. Every parallel layout under the DeepSpeed launcher: test_journey_layouts.py.
 """
 
 from __future__ import annotations
@@ -44,48 +44,6 @@ def _common(run_dir: Path, sample_root: Path) -> list[str]:
     ]
 
 
-@pytest.fixture(scope="module")
-def sample_root(tmp_path_factory) -> Path:
-    from blip2_megatron.data.sample_dataset import ensure_sample_dataset
-
-    root = tmp_path_factory.mktemp("data") / "sample"
-    ensure_sample_dataset(root)
-    return root
-
-
-@pytest.mark.slow
-@pytest.mark.dist
-def test_deepspeed_launcher_two_ranks_trains_logs_fps_and_resumes(tmp_path, sample_root):
-    run = tmp_path / "run"
-    base = ["deepspeed", "--num_gpus", "2", TRAIN, "--ds_config", str(REPO / "ds_configs" / "zero2.json")]
-    args = [
-        *_common(run, sample_root),
-        "train.max_steps=24",
-        "train.save_interval=12",
-        "train.warmup_steps=2",
-    ]
-    proc = subprocess.run([*base, *args], env=_env(), capture_output=True, text=True, timeout=600, cwd=REPO)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    output = proc.stdout + proc.stderr
-    assert "fps=" in output and "loss=" in output
-    losses = _step_losses(run)
-    assert sorted(losses) == list(range(1, 25))
-    first, last = sum(losses[s] for s in (1, 2, 3)) / 3, sum(losses[s] for s in (22, 23, 24)) / 3
-    assert last < first - 0.5, losses
-    summary = json.loads((run / "summary.json").read_text())
-    assert summary["world_size"] == 2 and summary["dp"] == 2 and summary["fps_mean"] > 0
-    assert (run / "checkpoints" / "latest").read_text() == "step_00000024"
-    assert (run / "checkpoints" / "step_00000012" / "trainer_state.json").exists()
-
-    # A later job with the same output directory resumes from `latest` and goes on.
-    args = [*_common(run, sample_root), "train.max_steps=26"]
-    proc = subprocess.run([*base, *args], env=_env(), capture_output=True, text=True, timeout=600, cwd=REPO)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "resumed from" in proc.stdout + proc.stderr
-    steps = [r["step"] for r in _records(run) if "event" not in r]
-    assert steps[-2:] == [25, 26]
-
-
 def _train(run: Path, sample_root: Path, extra: list[str]) -> subprocess.Popen:
     args = [
         sys.executable,
@@ -101,16 +59,16 @@ def _train(run: Path, sample_root: Path, extra: list[str]) -> subprocess.Popen:
 
 
 @pytest.mark.slow
-def test_preempted_and_resumed_run_equals_uninterrupted_run(tmp_path, sample_root):
+def test_preempted_and_resumed_run_equals_uninterrupted_run(tmp_path, sample):
     straight = tmp_path / "straight"
-    proc = _train(straight, sample_root, [])
+    proc = _train(straight, sample.root, [])
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out[-3000:]
     reference = _step_losses(straight)
     assert sorted(reference) == list(range(1, 11))
 
     interrupted = tmp_path / "interrupted"
-    proc = _train(interrupted, sample_root, [])
+    proc = _train(interrupted, sample.root, [])
     deadline = time.time() + 300
     while max(_step_losses(interrupted), default=0) < 3:
         assert proc.poll() is None and time.time() < deadline, "run ended before it could be pre-empted"
@@ -122,7 +80,7 @@ def test_preempted_and_resumed_run_equals_uninterrupted_run(tmp_path, sample_roo
     assert stopped_at < 10, "the signal was not acted on"
     assert (interrupted / "checkpoints" / "latest").read_text() == f"step_{stopped_at:08d}"
 
-    proc = _train(interrupted, sample_root, [])
+    proc = _train(interrupted, sample.root, [])
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out[-3000:]
     resumed = _step_losses(interrupted)

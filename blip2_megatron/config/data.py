@@ -45,6 +45,8 @@ class DataConfig:
     """VQAv2 questions json (official format, or LAVIS's list with "image" and "question")."""
     vqa_annotations: str = ""
     """VQAv2 annotations json with answers (optional for test-dev)."""
+    vqa_image_template: str = "val2014/COCO_val2014_{image_id:012d}.jpg"
+    """Image path of a VQAv2 question under image_root, from its image_id (test-dev: "test2015/COCO_test2015_{image_id:012d}.jpg")."""
     sample_root: str = "data/sample_dataset"
     """kind=sample: where the built-in synthetic dataset is generated (once) and read from."""
     image_size: int = 224

@@ -290,16 +290,18 @@ def load_run_weights(
     tp_rank: int,
     tp_size: int,
     required: Iterable[str] = (),
+    prefix: str = "",
 ) -> list[str]:
     """Copy the slices this rank needs from a checkpoint's ``weights/`` into ``model``.
 
     ``model`` is a whole model or one pipeline stage of any TP size. ``required`` are local
     parameter names that must be in the checkpoint (the trainable ones): a missing one, a
     checkpoint tensor the whole model has no place for, or a wrong shape raises
-    :class:`CheckpointMismatchError` naming the tensor. Returns the local names loaded.
+    :class:`CheckpointMismatchError` naming the tensor. ``prefix``: only tensors whose
+    (whole-model) name starts with it are considered. Returns the local names loaded.
     """
     weights = RunWeights(weights_dir)
-    names = global_names(model)
+    names = {local: name for local, name in global_names(model).items() if name.startswith(prefix)}
     params = dict(model.named_parameters())
     missing = sorted(set(required) - {local for local, name in names.items() if name in weights})
     if missing:
@@ -307,7 +309,7 @@ def load_run_weights(
             f"{weights.path}: {len(missing)} trained tensors the model needs are missing: {missing[:10]}"
         )
     if _holds_whole_model(model):
-        unexpected = sorted(set(weights.keys()) - set(names.values()))
+        unexpected = sorted({k for k in weights.keys() if k.startswith(prefix)} - set(names.values()))
         if unexpected:
             raise CheckpointMismatchError(
                 f"{weights.path}: {len(unexpected)} tensors have no place in the model: {unexpected[:10]} "

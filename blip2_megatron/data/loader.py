@@ -280,6 +280,11 @@ class TrainLoader:
         return self._stream.spec.batches_per_epoch
 
     @property
+    def num_sources(self) -> int:
+        """Data sources mixed (shard patterns, or the annotation file)."""
+        return len(self._stream.spec.sources)
+
+    @property
     def stats(self) -> dict[str, int]:
         """Skipped samples by reason (e.g. ``{"truncated_image": 2, "missing_caption": 1}``), all workers."""
         return dict(self._skipped)
@@ -378,6 +383,12 @@ def prepare_data(cfg: DataConfig) -> DataConfig:
         "val_gt": cfg.val_gt or str(paths.val_gt),
         "test_gt": cfg.test_gt or str(paths.test_gt),
     }
+    if not cfg.vqa_questions:
+        filled.update(
+            vqa_questions=str(paths.vqa_questions),
+            vqa_annotations=str(paths.vqa_annotations),
+            vqa_image_template=paths.vqa_image_template,
+        )
     return dataclasses.replace(cfg, **filled)
 
 
@@ -484,8 +495,10 @@ def build_eval_dataset(cfg: DataConfig, split: str = "val", task: str = "caption
     image_processor = ImageEvalProcessor(cfg.image_size)
     if task == "vqa":
         if not cfg.vqa_questions:
+            cfg = prepare_data(cfg)  # the built-in data has VQA questions too
+        if not cfg.vqa_questions:
             raise ValueError("data.vqa_questions is required for VQA evaluation")
-        records = load_vqa_records(cfg.vqa_questions, cfg.vqa_annotations or None)
+        records = load_vqa_records(cfg.vqa_questions, cfg.vqa_annotations or None, cfg.vqa_image_template)
         return VQADataset(records, image_resolver(cfg), image_processor, QuestionProcessor(cfg.max_words))
     if split not in ("val", "test"):
         raise ValueError(f"split={split!r}; choose 'val' or 'test'")

@@ -9,12 +9,24 @@ caption it. Some (shape, colour) pairs never occur in training; the val / test i
 include them (flagged ``"held_out": true``) to show whether attributes are learnt
 separately.
 
+Besides captions, every format a shipped job reads has a built-in counterpart, so each
+job runs at tiny size on this data: a second shard source (mixed sources, MiniGPT-4
+stage 1), a COCO-Karpathy training file with LAVIS's string ids ("coco_12"), VQAv2
+questions and annotations with answer types (colour / shape: "other", position:
+"yes/no", count: "number"), and MiniGPT-4's cc_sbu_align layout with longer descriptions.
+
 Layout under ``root`` (everything deterministic for a seed):
 
     train/00000.tar ...       img2dataset-style shards ({key}.jpg, .txt, .json) + _stats.json
+    extra/00000.tar ...       a second, smaller shard source (other captions of other scenes)
     images/{val,test}/*.jpg   eval images
+    images/coco_train/*.jpg   images of coco_train.json
     val.json, test.json       LAVIS Karpathy-style: [{"image", "caption": [refs], "image_id", "held_out"}]
     val_gt.json, test_gt.json COCO caption ground truth (pycocotools / pycocoevalcap COCO())
+    coco_train.json           Karpathy train layout: [{"image", "caption", "image_id": "coco_N"}]
+    vqa/questions_val.json    VQAv2 official layout over the val images (image paths:
+    vqa/annotations_val.json  ``val/{image_id:06d}.jpg`` under images/)
+    cc_sbu_align/filter_cap.json, cc_sbu_align/image/{id}.jpg   MiniGPT-4 stage 2 layout
     manifest.json             the parameters it was built with; written last
 """
 
@@ -40,7 +52,7 @@ from blip2_megatron.data.wds import ShardWriter
 logger = logging.getLogger(__name__)
 
 #: Bumped whenever generation changes, so an old dataset on disk is not silently reused.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 SHAPES = ("circle", "square", "triangle")
 COLOURS = {
@@ -72,6 +84,17 @@ TEMPLATES = (
 _AN_BEFORE_VOWEL = re.compile(r"\ba ([aeiou])")  # "a orange circle" -> "an orange circle"
 #: (shape, colour) pairs that only appear in val / test.
 HELD_OUT = frozenset({("triangle", "blue"), ("circle", "orange"), ("square", "purple")})
+#: MiniGPT-4-style detailed descriptions (cc_sbu_align).
+DESCRIPTIONS = (
+    "The image shows a {size} {colour} {shape} {where}. The rest of the picture is a plain pastel "
+    "background with a little noise, and there is nothing else in it.",
+    "In this picture there is a single {colour} {shape}, {size} and placed {where}. No other object "
+    "is visible; the background is a light, even colour.",
+)
+#: VQA image paths of the built-in data, relative to images/ (``data.vqa_image_template``).
+VQA_IMAGE_TEMPLATE = "val/{image_id:06d}.jpg"
+COCO_TRAIN_IMAGES = 800
+CC_SBU_ALIGN_IMAGES = 200
 
 
 @dataclass(frozen=True)
@@ -95,6 +118,17 @@ class ShapeScene:
     def captions(self) -> list[str]:
         return [self.caption(template) for template in TEMPLATES]
 
+    def questions(self, rng: np.random.Generator) -> list[tuple[str, str, str]]:
+        """VQA (question, answer, answer type) about this scene: colour, shape, position, count."""
+        asked = list(POSITIONS)[rng.integers(len(POSITIONS))]
+        where = POSITIONS[asked][1]
+        return [
+            (f"what color is the {self.shape}?", self.colour, "other"),
+            ("what shape is in the picture?", self.shape, "other"),
+            (f"is the {self.shape} {where}?", "yes" if asked == self.position else "no", "yes/no"),
+            ("how many shapes are there?", "1", "number"),
+        ]
+
 
 @dataclass(frozen=True)
 class SampleDatasetPaths:
@@ -110,6 +144,16 @@ class SampleDatasetPaths:
     test_annotation: Path
     val_gt: Path
     test_gt: Path
+    extra_shards: str
+    """Brace pattern of the second shard source."""
+    coco_train_annotation: Path
+    """Karpathy-layout training captions (images under image_root)."""
+    vqa_questions: Path
+    vqa_annotations: Path
+    vqa_image_template: str
+    """VQA image paths under image_root, by image id."""
+    cc_sbu_align_annotation: Path
+    """MiniGPT-4 stage-2 filter_cap.json (images in the image/ folder beside it)."""
 
 
 def random_scene(rng: np.random.Generator, allow_held_out: bool) -> ShapeScene:
@@ -174,12 +218,20 @@ def _write_eval_split(
         (root / "images" / relative).write_bytes(_jpeg_bytes(render_scene(scene, rng, image_size)))
         captions = scene.captions()
         entries.append(
-            {"image": relative, "caption": captions, "image_id": image_id, "held_out": scene.held_out}
+            {
+                "image": relative,
+                "caption": captions,
+                "image_id": image_id,
+                "held_out": scene.held_out,
+                "scene": scene,
+            }
         )
         gt_images.append({"id": image_id, "file_name": relative, "width": image_size, "height": image_size})
         for caption in captions:
             gt_annotations.append({"image_id": image_id, "caption": caption, "id": len(gt_annotations) + 1})
-    (root / f"{split}.json").write_text(json.dumps(entries, indent=1))
+    (root / f"{split}.json").write_text(
+        json.dumps([{k: v for k, v in entry.items() if k != "scene"} for entry in entries], indent=1)
+    )
     ground_truth = {
         "info": {"description": f"blip2-megatron synthetic shapes, {split} split"},
         "licenses": [],
@@ -188,6 +240,79 @@ def _write_eval_split(
         "annotations": gt_annotations,
     }
     (root / f"{split}_gt.json").write_text(json.dumps(ground_truth))
+    if split == "val":
+        _write_vqa(root, entries, np.random.default_rng([first_id, count]))
+
+
+def _write_vqa(root: Path, val_entries: list[dict], rng: np.random.Generator) -> None:
+    """VQAv2's official question and annotation files over the val images (10 answers each, as VQAv2)."""
+    questions, annotations = [], []
+    for entry in val_entries:
+        scene = entry["scene"]
+        for index, (question, answer, answer_type) in enumerate(scene.questions(rng)):
+            question_id = entry["image_id"] * 10 + index
+            questions.append(
+                {"image_id": entry["image_id"], "question": question, "question_id": question_id}
+            )
+            annotations.append(
+                {
+                    "question_id": question_id,
+                    "image_id": entry["image_id"],
+                    "answer_type": answer_type,
+                    "multiple_choice_answer": answer,
+                    "answers": [{"answer": answer, "answer_id": i + 1} for i in range(10)],
+                }
+            )
+    (root / "vqa").mkdir()
+    (root / "vqa" / "questions_val.json").write_text(json.dumps({"questions": questions}))
+    (root / "vqa" / "annotations_val.json").write_text(json.dumps({"annotations": annotations}))
+
+
+def _write_coco_train(root: Path, count: int, rng: np.random.Generator, image_size: int) -> None:
+    """Karpathy-layout training captions with LAVIS's string image ids."""
+    (root / "images" / "coco_train").mkdir(parents=True)
+    entries = []
+    for index in range(count):
+        scene = random_scene(rng, allow_held_out=False)
+        relative = f"coco_train/{index:06d}.jpg"
+        (root / "images" / relative).write_bytes(_jpeg_bytes(render_scene(scene, rng, image_size)))
+        caption = scene.caption(TEMPLATES[rng.integers(len(TEMPLATES))])
+        entries.append({"image": relative, "caption": caption, "image_id": f"coco_{index}"})
+    (root / "coco_train.json").write_text(json.dumps(entries, indent=1))
+
+
+def _write_cc_sbu_align(root: Path, count: int, rng: np.random.Generator, image_size: int) -> None:
+    """MiniGPT-4's stage-2 layout: filter_cap.json + image/{image_id}.jpg with detailed descriptions."""
+    folder = root / "cc_sbu_align"
+    (folder / "image").mkdir(parents=True)
+    annotations = []
+    for index in range(count):
+        scene = random_scene(rng, allow_held_out=False)
+        (folder / "image" / f"{index}.jpg").write_bytes(_jpeg_bytes(render_scene(scene, rng, image_size)))
+        template = DESCRIPTIONS[rng.integers(len(DESCRIPTIONS))]
+        where = POSITIONS[scene.position][1]
+        text = template.format(size=scene.size, colour=scene.colour, shape=scene.shape, where=where)
+        annotations.append({"image_id": str(index), "caption": text})
+    (folder / "filter_cap.json").write_text(json.dumps({"annotations": annotations}, indent=1))
+
+
+def _write_shards(
+    folder: Path,
+    prefix: str,
+    count: int,
+    num_shards: int,
+    rng: np.random.Generator,
+    image_size: int,
+    progress: bool,
+) -> None:
+    with ShardWriter(folder, samples_per_shard=math.ceil(count / num_shards)) as writer:
+        for index in tqdm(
+            range(count), desc=f"sample dataset ({folder.name})", unit="img", disable=not progress
+        ):
+            scene = random_scene(rng, allow_held_out=False)
+            caption = scene.caption(TEMPLATES[rng.integers(len(TEMPLATES))])
+            meta = {"image_id": f"{prefix}_{index:06d}", **asdict(scene)}
+            writer.write(_jpeg_bytes(render_scene(scene, rng, image_size)), caption, meta=meta)
 
 
 def build_sample_dataset(
@@ -202,17 +327,16 @@ def build_sample_dataset(
 ) -> None:
     """Generate the dataset into ``root`` (which must not exist yet)."""
     root.mkdir(parents=True)
-    rng = np.random.default_rng(seed)
-    per_shard = math.ceil(num_train / num_shards)
-    with ShardWriter(root / "train", samples_per_shard=per_shard) as writer:
-        for index in tqdm(range(num_train), desc="sample dataset", unit="img", disable=not progress):
-            scene = random_scene(rng, allow_held_out=False)
-            caption = scene.caption(TEMPLATES[rng.integers(len(TEMPLATES))])
-            meta = {"image_id": f"train_{index:06d}", **asdict(scene)}
-            writer.write(_jpeg_bytes(render_scene(scene, rng, image_size)), caption, meta=meta)
-    # Separate generators per split, so changing num_train leaves val / test unchanged.
+    _write_shards(
+        root / "train", "train", num_train, num_shards, np.random.default_rng(seed), image_size, progress
+    )
+    # Separate generators per part, so changing num_train leaves the others unchanged.
     _write_eval_split(root, "val", num_val, 1, np.random.default_rng([seed, 1]), image_size)
     _write_eval_split(root, "test", num_test, 100001, np.random.default_rng([seed, 2]), image_size)
+    extra = max(num_train // 4, 2)
+    _write_shards(root / "extra", "extra", extra, 2, np.random.default_rng([seed, 3]), image_size, progress)
+    _write_coco_train(root, COCO_TRAIN_IMAGES, np.random.default_rng([seed, 4]), image_size)
+    _write_cc_sbu_align(root, CC_SBU_ALIGN_IMAGES, np.random.default_rng([seed, 5]), image_size)
 
 
 def _paths(root: Path, num_train: int, num_shards: int) -> SampleDatasetPaths:
@@ -226,6 +350,12 @@ def _paths(root: Path, num_train: int, num_shards: int) -> SampleDatasetPaths:
         test_annotation=root / "test.json",
         val_gt=root / "val_gt.json",
         test_gt=root / "test_gt.json",
+        extra_shards=str(root / "extra" / "{00000..00001}.tar"),
+        coco_train_annotation=root / "coco_train.json",
+        vqa_questions=root / "vqa" / "questions_val.json",
+        vqa_annotations=root / "vqa" / "annotations_val.json",
+        vqa_image_template=VQA_IMAGE_TEMPLATE,
+        cc_sbu_align_annotation=root / "cc_sbu_align" / "filter_cap.json",
     )
 
 
@@ -235,6 +365,11 @@ def load_sample_dataset(root: str | Path) -> SampleDatasetPaths:
     if not manifest.is_file():
         raise FileNotFoundError(f"no sample dataset at {root} (no manifest.json)")
     params = json.loads(manifest.read_text())
+    if params.get("format_version") != FORMAT_VERSION:
+        raise ValueError(
+            f"the sample dataset at {root} has format version {params.get('format_version')}, this code "
+            f"writes {FORMAT_VERSION} (it adds files the jobs read); delete {root} and it is rebuilt on the next run"
+        )
     return _paths(Path(root), params["num_train"], params["num_shards"])
 
 

@@ -151,6 +151,10 @@ def pp_size() -> int:
     return parallel_state.get_pipeline_model_parallel_world_size()
 
 
+def pp_group() -> dist.ProcessGroup:
+    return parallel_state.get_pipeline_model_parallel_group()
+
+
 def dp_rank() -> int:
     return parallel_state.get_data_parallel_rank()
 

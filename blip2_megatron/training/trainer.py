@@ -104,6 +104,26 @@ def _mean_over_dp(values: dict[str, float]) -> dict[str, float]:
     return dict(zip(names, tensor.tolist()))
 
 
+def _count_over_model_parallel(engine: Engine) -> int:
+    """Trainable parameters of the whole model: this rank's, summed over its TP and PP peers.
+
+    Parameters replicated over TP (the ViT, the Q-Former, norms) count once.
+    """
+    from blip2_megatron.convert.run_checkpoint import partition_dim
+
+    count = 0
+    for param in engine.model.parameters():
+        if param.requires_grad:
+            replicated = partition_dim(param) is None
+            count += param.ds_numel if hasattr(param, "ds_numel") else param.numel()
+            if replicated and state.tp_rank() != 0:
+                count -= param.ds_numel if hasattr(param, "ds_numel") else param.numel()
+    total = torch.tensor([count], dtype=torch.int64, device=accelerator.current_device())
+    for group in (state.tp_group(), state.pp_group()):
+        dist.all_reduce(total, group=group)
+    return int(total.item())
+
+
 def _prepare_output(job: JobConfig) -> Path:
     out = Path(job.train.output_dir)
     if dist.get_rank() == 0:
@@ -238,6 +258,8 @@ def run_training(job: JobConfig, ds_config_path: str | Path) -> dict[str, Any]:
         "precision": job.train.precision,
         "stopped_by_signal": stopped_by,
         "data_skipped": dict(getattr(loader, "stats", {}) or {}),
+        "data_sources": loader.num_sources,
+        "trainable_params": _count_over_model_parallel(engine),
         **meter.summary(),
     }
     if job.eval.enabled and stopped_by is None:

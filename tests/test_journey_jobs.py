@@ -1,0 +1,142 @@
+"""Every shipped job runs as written, at tiny size on the built-in data (``journeys.tiny_overrides``).
+
+Each job keeps its own settings (model kind, frozen parts, prompt / template, relative image
+size, data format and mixing, precision, schedule); only the sizes, weights, tokenizers and
+data paths become tiny. Training jobs train a few steps through ``launch/train.py`` (and
+evaluate where the job evaluates); the evaluation-only job runs through ``launch/evaluate.py``.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from journeys import DS_CONFIGS, TINY_IMAGE_SIZE, launch, step_records, summary, tiny_overrides
+
+from blip2_megatron.config import load_job_config, shipped_job_names
+
+pytestmark = [pytest.mark.slow, pytest.mark.journey]
+
+EVAL_ONLY = {"vqa_zeroshot_opt2.7b"}
+TRAINING_JOBS = [name for name in shipped_job_names() if name not in EVAL_ONLY]
+
+
+def _model_settings(job) -> dict:
+    """What makes a job what it is, independent of model size."""
+    m = job.model
+    text = (
+        {}
+        if m.kind == "stage1"
+        else {  # a stage-1 model has no LLM text layout
+            "prompt": m.prompt,
+            "prompt_template": m.prompt_template,
+            "end_sym": m.end_sym,
+            "max_txt_len": m.max_txt_len,
+        }
+    )
+    return {
+        "kind": m.kind,
+        **text,
+        "freeze_qformer": m.freeze_qformer,
+        "vision.freeze": m.vision.freeze,
+        "vision.grad_checkpointing": m.vision.grad_checkpointing,
+        "llm.freeze": None if m.llm is None else m.llm.freeze,
+        "data.kind": job.data.kind,
+        "data.sources": len(job.data.train_shards),
+        "data.mix_weights": job.data.mix_weights,
+        "train.precision": job.train.precision,
+        "train.schedule": job.train.schedule,
+    }
+
+
+@pytest.mark.parametrize("name", TRAINING_JOBS)
+def test_shipped_job_trains_at_tiny_size_with_its_own_settings(name, sample, tmp_path):
+    run = tmp_path / name
+    overrides = [
+        *tiny_overrides(name, sample),
+        f"train.output_dir={run}",
+        "train.max_steps=3",
+        "train.log_interval=1",
+        "train.save_interval=0",
+        "eval.max_samples=4",
+        "eval.num_beams=2",
+    ]
+    real, tiny = load_job_config(name), load_job_config(name, overrides)
+    nproc = real.tp * real.pp if real.tp * real.pp > 1 else 0  # a TP / PP job needs that many ranks
+    launch(
+        "train.py",
+        "--ds_config",
+        str(DS_CONFIGS / "zero2.json"),
+        "--config",
+        name,
+        *overrides,
+        nproc=nproc,
+        timeout=600,
+    )
+    ran = load_job_config(str(run / "config.yaml"))
+    assert _model_settings(ran) == _model_settings(real) == _model_settings(tiny)
+    assert (
+        ran.model.vision.image_size == TINY_IMAGE_SIZE[real.model.vision.image_size]
+    )  # the same relative size
+    assert sorted(step_records(run)) == [1, 2, 3]
+    stats = summary(run)
+    assert stats["precision"] == real.train.precision and stats["data_sources"] == max(
+        len(real.data.train_shards), 1
+    )
+    if real.eval.enabled:
+        assert stats["num_evaluated"] == 4, stats
+
+
+def test_evaluation_only_job_runs_and_scores_by_answer_type(sample, tmp_path):
+    name = "vqa_zeroshot_opt2.7b"
+    out = tmp_path / "vqa"
+    launch(
+        "evaluate.py",
+        "--config",
+        name,
+        "--output",
+        str(out),
+        *tiny_overrides(name, sample),
+        "eval.max_samples=16",
+        "eval.num_beams=2",
+    )
+    metrics = json.loads((out / "eval" / "metrics_vqa.json").read_text())
+    assert metrics["num_evaluated"] == 16
+    assert {"overall", "yes/no", "number", "other"} <= set(metrics)
+    answers = json.loads((out / "eval" / "vqa_answers.json").read_text())
+    assert len(answers) == 16 and all(isinstance(a["answer"], str) for a in answers)
+
+
+def test_evaluation_with_every_image_missing_fails_and_says_why(sample, tmp_path):
+    name = "vqa_zeroshot_opt2.7b"
+    proc = launch(
+        "evaluate.py",
+        "--config",
+        name,
+        "--output",
+        str(tmp_path / "vqa"),
+        *tiny_overrides(name, sample),
+        f"data.image_root={tmp_path / 'nowhere'}",
+        check=False,
+    )
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "nothing to score" in proc.stderr and "600 missing image" in proc.stderr
+
+
+def test_every_shipped_job_names_its_settings_in_its_yaml():
+    """Kind, frozen parts and image size are the job's, not its flavour's: a tiny variant keeps them."""
+    from importlib import resources
+
+    from blip2_megatron.config import merge_dicts
+
+    def read(name: str) -> dict:
+        raw = yaml.safe_load((resources.files("blip2_megatron") / "configs" / f"{name}.yaml").read_text())
+        base = raw.pop("base", None)
+        return merge_dicts(read(base), raw) if base else raw
+
+    for name in shipped_job_names():
+        model = read(name)["model"]
+        assert "kind" in model, f"{name}.yaml names no model.kind"
+        if not model["flavour"].startswith("tiny"):
+            assert "vision" in model and "freeze" in model["vision"], f"{name}.yaml names no vision.freeze"
