@@ -43,6 +43,8 @@ def read_step_records(run_dir: Path) -> tuple[list[dict[str, Any]], dict[str, An
             bad += 1
         elif record.get("event") == "summary":
             summary = record
+        elif "event" in record:
+            continue  # validation results and other events: not a training step
         elif isinstance(record.get("step"), int):
             by_step[record["step"]] = record
     if bad:

@@ -53,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
+    from blip2_megatron.io import CheckpointMismatchError
+    from blip2_megatron.training.faults import TrainingStopped
     from blip2_megatron.training.trainer import run_training
 
     try:
@@ -60,6 +62,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
+    except CheckpointMismatchError as err:
+        print(f"checkpoint error: {err}", file=sys.stderr)
+        return 2
+    except TrainingStopped as err:
+        print(f"training stopped: {err}", file=sys.stderr)
+        return err.exit_code
     finally:
         from blip2_megatron.parallel import state
 

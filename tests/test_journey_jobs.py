@@ -4,6 +4,8 @@ Each job keeps its own settings (model kind, frozen parts, prompt / template, re
 size, data format and mixing, precision, schedule); only the sizes, weights, tokenizers and
 data paths become tiny. Training jobs train a few steps through ``launch/train.py`` (and
 evaluate where the job evaluates); the evaluation-only job runs through ``launch/evaluate.py``.
+The README's own commands train most shipped jobs this way already (``test_readme.py``, with
+the same settings check): here run the rest.
 """
 
 from __future__ import annotations
@@ -19,10 +21,24 @@ from blip2_megatron.config import load_job_config, shipped_job_names
 pytestmark = [pytest.mark.slow, pytest.mark.journey]
 
 EVAL_ONLY = {"vqa_zeroshot_opt2.7b"}
-TRAINING_JOBS = [name for name in shipped_job_names() if name not in EVAL_ONLY]
 
 
-def _model_settings(job) -> dict:
+def readme_trained_jobs() -> set[str]:
+    """Shipped jobs a README command trains (test_readme.py runs them at tiny size)."""
+    from test_readme import readme_commands
+
+    jobs = set()
+    for command in readme_commands():
+        words = command.split()
+        if "launch/train.py" in words:
+            jobs.add(words[words.index("--config") + 1] if "--config" in words else "tiny_stage2")
+    return jobs
+
+
+TRAINING_JOBS = [name for name in shipped_job_names() if name not in EVAL_ONLY | readme_trained_jobs()]
+
+
+def model_settings(job) -> dict:
     """What makes a job what it is, independent of model size."""
     m = job.model
     text = (
@@ -50,6 +66,10 @@ def _model_settings(job) -> dict:
     }
 
 
+def test_the_readme_and_this_file_train_every_shipped_job():
+    assert set(TRAINING_JOBS) | readme_trained_jobs() | EVAL_ONLY == set(shipped_job_names())
+
+
 @pytest.mark.parametrize("name", TRAINING_JOBS)
 def test_shipped_job_trains_at_tiny_size_with_its_own_settings(name, sample, tmp_path):
     run = tmp_path / name
@@ -75,7 +95,7 @@ def test_shipped_job_trains_at_tiny_size_with_its_own_settings(name, sample, tmp
         timeout=600,
     )
     ran = load_job_config(str(run / "config.yaml"))
-    assert _model_settings(ran) == _model_settings(real) == _model_settings(tiny)
+    assert model_settings(ran) == model_settings(real) == model_settings(tiny)
     assert (
         ran.model.vision.image_size == TINY_IMAGE_SIZE[real.model.vision.image_size]
     )  # the same relative size

@@ -95,7 +95,7 @@ def train_layout(rank: int, world: int, llm_dir: str, tp: int, pp: int, zero: in
     lengths = sorted({b["input_ids"].shape[1] for b in [builder(s) for s in _global_samples()]})
     losses = []
     for _ in range(STEPS):
-        step_losses, _ = engine.step(batches)
+        step_losses = engine.step(batches).losses
         # The pipeline engine already averages over DP; the plain engine reports this rank's.
         losses.append(step_losses["loss"] if pp > 1 else _mean_over_dp(step_losses)["loss"])
     with engine.gathered_parameters(list(params)):

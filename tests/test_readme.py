@@ -238,10 +238,20 @@ def _check_output(words: list[str], proc: subprocess.CompletedProcess, scratch: 
     out = proc.stdout + proc.stderr
     if "launch/train.py" in words:
         assert "saved checkpoint" in out and "fps=" in out, out[-2000:]
+        if "--config" in words and words[words.index("--config") + 1] not in SHIPPED_TINY:
+            # A shipped job at tiny size keeps what makes it that job (kind, frozen parts, template...).
+            from test_journey_jobs import model_settings
+
+            from blip2_megatron.config import load_job_config
+
+            job = words[words.index("--config") + 1]
+            ran = load_job_config(str(scratch / _output_dir(words) / "config.yaml"))
+            assert model_settings(ran) == model_settings(load_job_config(job)), job
     elif "launch/predict.py" in words:
+        # One "<image>\t<text>" line per image (a few-step model may well say nothing).
         images = [w for w in words if w.endswith(".jpg")]
         lines = [line for line in proc.stdout.splitlines() if "\t" in line]
-        assert len(lines) == len(images) and all(line.split("\t")[1] for line in lines), proc.stdout
+        assert [line.split("\t")[0] for line in lines] == images and "ERROR" not in proc.stdout, proc.stdout
     elif "launch/evaluate.py" in words:
         assert int(re.search(r'"num_evaluated": (\d+)', proc.stdout).group(1)) > 0, proc.stdout[-2000:]
     elif "launch/convert.py" in words or "data_tools/make_sample_dataset.py" in words:

@@ -64,6 +64,7 @@ class TrainConfig:
     resume: str = "auto"  # "auto" (latest in output_dir if any), "none", or a checkpoint directory
     warmup_log_steps: int = 2  # steps left out of the summary's mean FPS
     collective_timeout_s: int = 600  # a collective waiting longer (a lost rank) fails the job
+    max_bad_steps: int = 10  # non-finite steps in a row (each skipped) that stop the job, after saving
 
     def __post_init__(self) -> None:
         check_choice("train.schedule", self.schedule, ("cosine", "cosine_epoch", "constant"))
@@ -78,6 +79,7 @@ class TrainConfig:
         check_positive("train.save_interval", self.save_interval, allow_zero=True)
         check_positive("train.grad_clip", self.grad_clip, allow_zero=True)
         check_positive("train.collective_timeout_s", self.collective_timeout_s)
+        check_positive("train.max_bad_steps", self.max_bad_steps)
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise ConfigError(f"train.betas={self.betas} must be two numbers in [0, 1)")
         if self.min_lr > self.lr:
@@ -89,6 +91,9 @@ class EvalConfig:
     """Evaluation run after (or during) training, and by launch/evaluate.py."""
 
     enabled: bool = False  # evaluate at the end of training (launch/evaluate.py always evaluates)
+    interval: int = 0  # also evaluate every N steps / epochs (eval.interval_unit) while training; 0 = never
+    interval_unit: str = "steps"  # "steps" or "epochs" (LAVIS validates every epoch)
+    keep_best: bool = True  # keep the checkpoint with the best agg_metric as `best` (never pruned)
     task: str = "caption"  # "caption" (pycocoevalcap), "vqa" (VQAv2 accuracy), "retrieval" (stage 1)
     split: str = "val"  # annotation split to evaluate
     max_samples: int = 0  # evaluate the first N samples only; 0 = all
@@ -103,6 +108,8 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         check_choice("eval.task", self.task, ("caption", "vqa", "retrieval"))
+        check_choice("eval.interval_unit", self.interval_unit, ("steps", "epochs"))
+        check_positive("eval.interval", self.interval, allow_zero=True)
         check_positive("eval.batch_size", self.batch_size)
         check_positive("eval.num_beams", self.num_beams)
         check_positive("eval.max_new_tokens", self.max_new_tokens)

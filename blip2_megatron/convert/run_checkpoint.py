@@ -10,6 +10,7 @@ A run directory (``train.output_dir``)::
             weights/            the model's own tensors, layout-free (below)
             ...                 the DeepSpeed engine's files (exact resume in the same layout)
         latest                  the tag of the newest finished checkpoint
+        best                    which one validated best (eval.interval), never pruned
 
 ``weights/`` holds every parameter that is not in a base weight file: the trained ones,
 and frozen ones that were randomly initialised (no file holds them). Each (pipeline stage,
@@ -42,6 +43,7 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
+BEST = "best"  # {"tag", "step", "metric"} of the checkpoint with the best validation metric
 PARTIAL_SUFFIX = ".partial"
 TRAINER_STATE = "trainer_state.json"
 CONFIG = "config.yaml"

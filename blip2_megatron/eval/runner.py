@@ -27,7 +27,7 @@ from blip2_megatron.config import JobConfig
 from blip2_megatron.data.loader import EvalLoader, build_eval_dataset, caption_ground_truth
 from blip2_megatron.eval.caption import caption_agg_metric, gather_results, score_captions, write_result_json
 from blip2_megatron.eval.report import format_metrics_table, save_metrics
-from blip2_megatron.eval.retrieval import rerank_topk, retrieval_metrics
+from blip2_megatron.eval.retrieval import rerank_topk, retrieval_agg_metric, retrieval_metrics
 from blip2_megatron.eval.vqa import vqa_accuracy
 from blip2_megatron.inference import DEFAULT_VQA_PROMPT, Blip2Predictor
 from blip2_megatron.parallel import state
@@ -231,6 +231,7 @@ def evaluate_retrieval(
     scores_i2t = rerank_topk(sim_i2t, k, itm_i2t, group=_dp_group())
     scores_t2i = rerank_topk(sim_i2t.t().contiguous(), k, itm_t2i, group=_dp_group())
     metrics = retrieval_metrics(scores_i2t, scores_t2i, txt2img, img2txt)
+    metrics["agg_metric"] = retrieval_agg_metric(metrics)
     metrics.update(num_evaluated=len(img2txt), **skips)
     if _is_rank0():
         save_metrics(metrics, output_dir / "eval" / f"metrics_retrieval_{split}.json")

@@ -64,10 +64,10 @@ def _batches(job: JobConfig, use_real_data: bool):
 def _measure(run_step, batches, steps: int, warmup: int) -> tuple[list[StepTiming], list[dict[str, float]]]:
     timings, losses = [], []
     for index in range(warmup + steps):
-        step_losses, timing = run_step(batches)
+        result = run_step(batches)
         if index >= warmup:
-            timings.append(timing)
-            losses.append(step_losses)
+            timings.append(result.timing)
+            losses.append(result.losses)
     return timings, losses
 
 

@@ -20,11 +20,24 @@ Resuming in another layout (a run resharded with ``launch/convert.py reshard``, 
 checkpoint with another ``model.llm.tp`` / ``pp``) starts from ``weights/``: the model is
 built with them before DeepSpeed wraps it, step, schedule and data position are restored,
 and the Adam moments start afresh (logged).
+
+Integrity and safety. ``manifest.json`` records the size and SHA-256 of every file, written
+last; a resume checks it (the ranks share the hashing) and names the first damaged file.
+``train.resume=auto`` then falls back to the previous complete checkpoint; an explicit
+checkpoint is an error. DeepSpeed unpickles its own files without restriction, so before it
+may, each is loaded with ``weights_only=True`` (DeepSpeed's few plain record types allowed):
+a file holding anything else, a crafted pickle, is refused. Before a save, the free space is
+checked against the size of the last checkpoint; a save that still fails (a full disk, a
+lost file system) stops the job with the cause named, and the next start removes its
+``.partial`` leftovers.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
+import pickle
 import random
 import shutil
 from dataclasses import dataclass
@@ -38,6 +51,7 @@ import torch.distributed as dist
 from blip2_megatron import accelerator
 from blip2_megatron.config import JobConfig, save_job_config
 from blip2_megatron.convert.run_checkpoint import (
+    BEST,
     CHECKPOINTS,
     CONFIG,
     LATEST,
@@ -57,8 +71,20 @@ from blip2_megatron.convert.run_checkpoint import (
 )
 from blip2_megatron.io import CheckpointMismatchError, write_json_atomic, write_text_atomic
 from blip2_megatron.parallel import state
+from blip2_megatron.training.faults import EXIT_SAVE_FAILED, TrainingStopped, abort_rank
 
 logger = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+_HASH_CHUNK = 16 << 20
+
+
+class CheckpointCorruptError(CheckpointMismatchError):
+    """A checkpoint file is missing, truncated or altered since it was written (the message names it)."""
+
+
+class UnsafeCheckpointFileError(CheckpointMismatchError):
+    """A checkpoint file would need arbitrary unpickling to load (a crafted or foreign file)."""
 
 
 def checkpoint_root(job: JobConfig) -> Path:
@@ -94,22 +120,58 @@ class ResumePoint:
 
 
 def resolve_resume(job: JobConfig, zero: int) -> ResumePoint | None:
-    """The checkpoint ``train.resume`` names ("auto": this run's ``latest``), or None."""
+    """The checkpoint ``train.resume`` names ("auto": this run's newest intact one), or None.
+
+    Collective: every rank calls it (the files are checked by all ranks together).
+    """
     mode = job.train.resume
     if mode == "none":
         return None
     if mode == "auto":
-        root = checkpoint_root(job)
-        tag = read_latest(root)
-        if tag is None:
-            return None
-        path = root / tag
-    else:
-        path = find_checkpoint(mode)
-        if path is None:
-            raise FileNotFoundError(
-                f"train.resume={mode!r} is neither a checkpoint nor a run with a 'latest' one"
+        candidates = finished_checkpoints(checkpoint_root(job))
+        tag = read_latest(checkpoint_root(job))
+        # `latest` first (it is what a clean run left), then older ones, newest first.
+        candidates.sort(key=lambda p: (p.name != tag, -_step_of(p)))
+        for path in candidates:
+            try:
+                verify_checkpoint(path)
+            except CheckpointMismatchError as err:
+                logger.error("cannot resume from %s: %s; trying an older checkpoint", path, err)
+                continue
+            return _resume_point(job, zero, path)
+        if candidates:
+            raise CheckpointCorruptError(
+                f"no intact checkpoint under {checkpoint_root(job)}: every one of {[p.name for p in candidates]} "
+                "is damaged (see the errors above); set train.resume=none to start afresh"
             )
+        return None
+    path = find_checkpoint(mode)
+    if path is None:
+        raise FileNotFoundError(
+            f"train.resume={mode!r} is neither a checkpoint nor a run with a 'latest' one"
+        )
+    verify_checkpoint(path)  # an explicit choice is not replaced by another checkpoint
+    return _resume_point(job, zero, path)
+
+
+def _step_of(path: Path) -> int:
+    try:
+        return int(path.name.split("_")[-1])
+    except ValueError:
+        return -1
+
+
+def finished_checkpoints(root: Path) -> list[Path]:
+    """Checkpoint directories under ``root`` that finished writing (renamed from ``.partial``)."""
+    if not root.is_dir():
+        return []
+    return sorted(
+        (p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(PARTIAL_SUFFIX)),
+        key=_step_of,
+    )
+
+
+def _resume_point(job: JobConfig, zero: int, path: Path) -> ResumePoint:
     trainer_state = read_trainer_state(path)
     needed = base_weights(job)
     if trainer_state.get("base_weights") != needed:
@@ -123,6 +185,8 @@ def resolve_resume(job: JobConfig, zero: int) -> ResumePoint | None:
         saved.get("tp") == current["tp"]
         and saved.get("pp") == current["pp"]
         and saved.get("zero") == current["zero"]
+        # ZeRO partitions the optimizer state over the DP ranks; DeepSpeed cannot re-cut it.
+        and (saved.get("dp") == current["dp"] or current["zero"] == 0)
         and any(path.glob("*model_states.pt"))
     )
     if not fits:
@@ -134,6 +198,123 @@ def resolve_resume(job: JobConfig, zero: int) -> ResumePoint | None:
             current,
         )
     return ResumePoint(path, trainer_state, fits)
+
+
+def clean_partial_checkpoints(job: JobConfig) -> None:
+    """Remove the ``.partial`` leftovers of saves that never finished (global rank 0)."""
+    root = checkpoint_root(job)
+    if dist.get_rank() == 0 and root.is_dir():
+        for leftover in root.glob(f"*{PARTIAL_SUFFIX}"):
+            logger.warning("removing %s, left by a save that did not finish", leftover)
+            shutil.rmtree(leftover, ignore_errors=True)
+    dist.barrier()
+
+
+# ------------------------------------------------------------------------------ integrity
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _files(checkpoint: Path) -> list[str]:
+    return sorted(
+        str(p.relative_to(checkpoint)) for p in checkpoint.rglob("*") if p.is_file() and p.name != MANIFEST
+    )
+
+
+def _hash_shared(checkpoint: Path, names: list[str]) -> dict[str, dict[str, Any]]:
+    """Size and SHA-256 of ``names`` under ``checkpoint``; each rank hashes its share, all get all."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    mine = {}
+    for name in names[rank::world]:
+        path = checkpoint / name
+        mine[name] = {"size": path.stat().st_size, "sha256": _sha256(path)} if path.is_file() else None
+    if world == 1:
+        return mine
+    shares: list[Any] = [None] * world
+    dist.all_gather_object(shares, mine)
+    return {name: entry for share in shares for name, entry in share.items()}
+
+
+def write_manifest(checkpoint: Path) -> None:
+    """Record every file of a finished checkpoint (collective; rank 0 writes)."""
+    names = _files(checkpoint)
+    entries = _hash_shared(checkpoint, names)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        write_json_atomic({"files": entries}, checkpoint / MANIFEST)
+
+
+def verify_checkpoint(checkpoint: Path) -> None:
+    """Raise :class:`CheckpointCorruptError` naming the first file that differs from the manifest.
+
+    Then check that DeepSpeed's pickled files hold nothing but tensors and DeepSpeed's plain
+    records (:class:`UnsafeCheckpointFileError` otherwise). Collective: every rank calls it.
+    """
+    manifest_path = checkpoint / MANIFEST
+    try:
+        expected = read_json(manifest_path)["files"]
+    except (OSError, ValueError, KeyError) as err:
+        raise CheckpointCorruptError(f"{manifest_path} is missing or unreadable ({err})") from None
+    found = _hash_shared(checkpoint, sorted(expected))
+    for name in sorted(expected):
+        if found.get(name) is None:
+            raise CheckpointCorruptError(f"{checkpoint / name} is missing")
+        if found[name]["size"] != expected[name]["size"]:
+            raise CheckpointCorruptError(
+                f"{checkpoint / name} has {found[name]['size']} bytes, {expected[name]['size']} were written (truncated?)"
+            )
+        if found[name]["sha256"] != expected[name]["sha256"]:
+            raise CheckpointCorruptError(
+                f"{checkpoint / name} differs from what was written (its SHA-256 changed)"
+            )
+    check_pickles_are_plain(checkpoint)
+
+
+def _deepspeed_record_types() -> list[type]:
+    """The plain classes DeepSpeed pickles into its checkpoint files besides tensors and containers."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def check_pickles_are_plain(checkpoint: Path) -> None:
+    """Refuse a checkpoint whose ``.pt`` files need arbitrary unpickling (before DeepSpeed unpickles them).
+
+    Collective: the ranks share the files; every rank raises on the first unsafe one.
+    """
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    unsafe = []
+    with torch.serialization.safe_globals(_deepspeed_record_types()):
+        for path in sorted(checkpoint.glob("*.pt"))[rank::world]:
+            try:
+                try:
+                    torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                except RuntimeError as err:
+                    if "mmap" not in str(err):
+                        raise
+                    torch.load(path, map_location="cpu", weights_only=True)  # an old-format pickle
+            except pickle.UnpicklingError as err:
+                unsafe.append(f"{path} (torch said: {str(err).splitlines()[0]})")
+    if world > 1:
+        shares: list[Any] = [None] * world
+        dist.all_gather_object(shares, unsafe)
+        unsafe = [entry for share in shares for entry in share]
+    if unsafe:
+        raise UnsafeCheckpointFileError(
+            f"refused {unsafe[0]}: it holds Python objects other than tensors and DeepSpeed's plain records, so "
+            "loading it would run code from the file (a crafted or foreign checkpoint?)"
+        )
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    import json
+
+    return json.loads(Path(path).read_text())
 
 
 # ------------------------------------------------------------------------------ saving
@@ -187,20 +368,60 @@ def save_weights(engine: Any, folder: Path) -> None:
             write_pieces(folder / pieces_file_name(state.pp_rank(), state.tp_rank()), pieces)
 
 
+def _check_free_space(root: Path, job: JobConfig) -> None:
+    """Stop before a save that cannot fit: the new checkpoint needs about as much as the last one."""
+    previous = finished_checkpoints(root)
+    if not previous or dist.get_rank() != 0:
+        ok = torch.ones(1)
+    else:
+        needed = sum(p.stat().st_size for p in previous[-1].rglob("*") if p.is_file())
+        free = shutil.disk_usage(root).free
+        ok = torch.tensor([1.0 if free > 1.1 * needed else 0.0])
+        if not ok.item():
+            logger.error(
+                "%s has %.1f MB free but a checkpoint takes %.1f MB (%s)",
+                root,
+                free / 2**20,
+                needed / 2**20,
+                previous[-1].name,
+            )
+    dist.broadcast(ok, src=0)
+    if not ok.item():
+        raise TrainingStopped(
+            f"no room for another checkpoint in {root} (see the log); the last complete checkpoint "
+            f"{previous[-1].name} and latest are intact: free space and restart to resume",
+            EXIT_SAVE_FAILED,
+        )
+
+
 def save_checkpoint(engine: Any, job: JobConfig, step: int, trainer_state: dict[str, Any]) -> Path:
-    """Write a checkpoint for ``step`` on every rank; return its final directory."""
+    """Write a checkpoint for ``step`` on every rank; return its final directory.
+
+    A write that fails on any rank (a full disk, a file system gone) stops the job on every
+    rank with :class:`TrainingStopped` naming the cause; ``latest`` still names the previous
+    checkpoint.
+    """
     root = checkpoint_root(job)
     tag = tag_for_step(step)
     partial = root / (tag + PARTIAL_SUFFIX)
     rank = dist.get_rank()
     if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    _check_free_space(root, job)
+    if rank == 0:
         shutil.rmtree(partial, ignore_errors=True)  # leftovers of a crashed save
-        (partial / WEIGHTS).mkdir(parents=True)
-    dist.barrier()
-    engine.ds.save_checkpoint(str(root), tag=partial.name, save_latest=False, exclude_frozen_parameters=True)
-    save_weights(engine, partial / WEIGHTS)
-    torch.save(_rng_state(), partial / f"rng_rank{rank}.pt")
-    dist.barrier()
+    failure = _write_rank_files(engine, root, partial, rank)
+    failed = torch.tensor([0.0 if failure is None else 1.0])
+    dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+    if failed.item():
+        if rank == 0:
+            shutil.rmtree(partial, ignore_errors=True)
+        raise TrainingStopped(
+            f"checkpoint {tag} could not be written: {failure or 'a write failed on another rank'}; the previous "
+            f"checkpoint ({read_latest(root) or 'none'}) and latest are intact",
+            EXIT_SAVE_FAILED,
+        )
     if rank == 0:
         full_state = dict(
             trainer_state,
@@ -211,6 +432,9 @@ def save_checkpoint(engine: Any, job: JobConfig, step: int, trainer_state: dict[
         )
         write_json_atomic(full_state, partial / TRAINER_STATE)
         save_job_config(job, partial / CONFIG)
+    dist.barrier()
+    write_manifest(partial)
+    if rank == 0:
         final = root / tag
         if final.exists():  # a checkpoint of the same step from an earlier attempt
             shutil.rmtree(final)
@@ -222,10 +446,67 @@ def save_checkpoint(engine: Any, job: JobConfig, step: int, trainer_state: dict[
     return root / tag
 
 
+def _write_rank_files(engine: Any, root: Path, partial: Path, rank: int) -> str | None:
+    """This rank's files of a checkpoint; the cause of a failure, or None.
+
+    DeepSpeed's save runs collectives of its own: a rank whose write fails inside it cannot
+    tell the others in step, so it stops at once (the launcher ends the rest); the next
+    start removes the partial checkpoint. Failures in our own writes are agreed on.
+    """
+    if rank == 0:
+        (partial / WEIGHTS).mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    try:
+        engine.ds.save_checkpoint(
+            str(root), tag=partial.name, save_latest=False, exclude_frozen_parameters=True
+        )
+    except (OSError, RuntimeError) as err:  # torch.save reports a full disk as an iostream RuntimeError
+        abort_rank(
+            _WriteError(err, root), f"writing checkpoint {partial.name} (DeepSpeed's files)", EXIT_SAVE_FAILED
+        )
+    try:
+        save_weights(engine, partial / WEIGHTS)
+        torch.save(_rng_state(), partial / f"rng_rank{rank}.pt")
+        os.sync()  # the files are on disk before `latest` may name them
+    except (OSError, RuntimeError) as err:
+        logger.error("rank %d could not write its part of %s: %s", rank, partial.name, err)
+        return str(_WriteError(err, root))
+    return None
+
+
+class _WriteError(Exception):
+    """A failed write, with what the file system had left (a full disk reads as an iostream error)."""
+
+    def __init__(self, error: BaseException, root: Path):
+        free = shutil.disk_usage(root).free / 2**20 if root.exists() else float("nan")
+        cause = getattr(error, "strerror", None) or str(error).splitlines()[0]
+        where = getattr(error, "filename", None) or root
+        if free < 1:
+            cause = f"No space left on device ({cause})"
+        super().__init__(f"{cause} ({where}; {free:.1f} MB free)")
+
+
 def _prune(root: Path, keep_last: int) -> None:
-    finished = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(PARTIAL_SUFFIX))
-    for old in finished[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+    """Delete all but the newest ``keep_last`` checkpoints; the ``best`` one stays whatever its age."""
+    best = read_best(root)
+    for old in finished_checkpoints(root)[:-keep_last]:
+        if best is None or old.name != best["tag"]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def read_best(root: Path) -> dict[str, Any] | None:
+    """``{"tag", "step", "metric"}`` of the best validated checkpoint under ``root``, if any."""
+    try:
+        return read_json(root / BEST)
+    except (OSError, ValueError):
+        return None
+
+
+def mark_best(checkpoint: Path, step: int, metric: float) -> None:
+    """Name ``checkpoint`` as the best validated one: ``best`` beside ``latest`` (global rank 0 writes)."""
+    if dist.get_rank() == 0:
+        write_json_atomic({"tag": checkpoint.name, "step": step, "metric": metric}, checkpoint.parent / BEST)
+        logger.info("best checkpoint: %s (agg_metric %.4f)", checkpoint.name, metric)
 
 
 # ------------------------------------------------------------------------------ resuming

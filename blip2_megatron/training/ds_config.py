@@ -50,6 +50,19 @@ def check_layout(job: JobConfig, ds_config: dict[str, Any], world_size: int) -> 
             f"ZeRO stage 3 with tensor parallelism (model.llm.tp={tp}) is not supported: ZeRO-3 would "
             "partition the already-sharded tensor-parallel weights; use ZeRO-1/2 with TP, or TP=1 with ZeRO-3"
         )
+    if pp > 1 and job.eval.interval:
+        raise ConfigError(
+            f"eval.interval with model.llm.pp={pp}: generation needs the whole model on a rank, which the "
+            "pipeline stages never hold while training; evaluate saved checkpoints with launch/evaluate.py "
+            "(any layout), or keep eval.enabled for the evaluation at the end"
+        )
+    if stage == 3 and job.eval.interval and world_size // (tp * pp) > 1:
+        raise ConfigError(
+            "eval.interval with ZeRO stage 3 over several data-parallel ranks: ZeRO-3 gathers each weight "
+            "with a collective as it is used, and generation runs a different number of steps on each rank, "
+            "so the ranks would wait on each other forever; use ZeRO-1/2 for periodic validation, or "
+            "evaluate saved checkpoints with launch/evaluate.py"
+        )
     if job.train.precision == "fp16" and "bf16" in str(ds_config.get("bf16", {}).get("enabled", "")).lower():
         raise ConfigError("ds_config enables bf16 while train.precision=fp16")
     return world_size // (tp * pp)

@@ -1,4 +1,4 @@
-"""The training engine: the one place that calls ``deepspeed.initialize``, for any layout.
+"""The training engine: the one place that sets DeepSpeed up (its ``initialize``), for any layout.
 
 :func:`build_engine` applies parallelism from outside in one fixed order: megatron-core's
 groups must already be running (``state.initialize_model_parallel``); the model is built
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from blip2_megatron.parallel import state
 from blip2_megatron.parallel.mpu import MegatronMpu
 from blip2_megatron.parallel.pipeline import check_grid_matches_megatron
 from blip2_megatron.training.ds_config import fill_ds_config, zero_stage
+from blip2_megatron.training.faults import EXIT_NON_FINITE, TrainingStopped
 from blip2_megatron.training.optim import WarmupCosineSchedule, build_optimizer
 from blip2_megatron.training.throughput import StepTiming
 
@@ -137,6 +139,27 @@ class _PipelineBatches:
         return pipeline_inputs(batch)
 
 
+def _finite_on_every_rank(loss: torch.Tensor) -> bool:
+    """Whether ``loss`` is finite on every rank (one small all-reduce: all ranks must agree to skip)."""
+    bad = (~torch.isfinite(loss.detach())).float().reshape(1)
+    torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+    return not bool(bad.item())
+
+
+def _zero_gradient_loss(module: nn.Module) -> torch.Tensor:
+    """A loss whose gradients are exact zeros for every trainable parameter (a dropped micro-batch)."""
+    return sum((p.sum() * 0.0 for p in module.parameters() if p.requires_grad), torch.zeros(()))
+
+
+@dataclass
+class StepResult:
+    """What one optimizer step did."""
+
+    losses: dict[str, float]  # this DP rank's mean over the step's micro-batches; empty when skipped
+    timing: StepTiming
+    skipped: bool  # non-finite loss (or fp16 overflow): nothing was applied
+
+
 @dataclass
 class Engine:
     """A DeepSpeed engine (ZeRO or pipeline) with our optimizer, schedule and step function.
@@ -158,45 +181,74 @@ class Engine:
     def zero_stage(self) -> int:
         return int(self.ds.zero_optimization_stage())
 
-    def step(self, batches: Iterator[Batch]) -> tuple[dict[str, float], StepTiming]:
-        """One optimizer step (all its micro-batches); returns this DP rank's mean losses and timing."""
+    def step(self, batches: Iterator[Batch]) -> StepResult:
+        """One optimizer step (all its micro-batches): this DP rank's mean losses, timing, skipped or not.
+
+        A non-finite loss on any rank skips the step on every rank before anything is
+        applied (no backward, no optimizer step, the LR schedule does not advance, as
+        Megatron skips a step); with gradient accumulation, a non-finite micro-batch after
+        the first is dropped (its gradients are zeros). fp16 overflow is DeepSpeed's loss
+        scaler's to skip, and counts the same.
+        """
         if self.pipeline:
             return self._pipeline_step(batches)
         timing = StepTiming()
         sums: dict[str, float] = {}
         device = accelerator.current_device()
         accum = self.job.train.grad_accum
-        for _ in range(accum):
+        overflows_before = self.ds.skipped_steps
+        skipped = False
+        for index in range(accum):
             start = time.perf_counter()
             batch = to_device(next(batches), device)
             timing.data += time.perf_counter() - start
+            if skipped:
+                continue  # the step is skipped: its remaining micro-batches are consumed, not run
 
             start = time.perf_counter()
             losses = self.ds(batch)
-            accelerator.synchronize()
             timing.forward += time.perf_counter() - start
+            loss = losses["loss"]
+            if not _finite_on_every_rank(loss):
+                if index == 0:
+                    skipped = True
+                    continue
+                loss = _zero_gradient_loss(self.ds.module)  # drop this micro-batch, keep the step
 
             start = time.perf_counter()
-            self.ds.backward(losses["loss"])
-            accelerator.synchronize()
+            self.ds.backward(loss)
             timing.backward += time.perf_counter() - start
 
             start = time.perf_counter()
             self.ds.step()
-            accelerator.synchronize()
             timing.optimizer += time.perf_counter() - start
             for name, value in losses.items():
                 sums[name] = sums.get(name, 0.0) + float(value.detach())
-        return {k: v / accum for k, v in sums.items()}, timing
+        accelerator.synchronize()
+        skipped = skipped or self.ds.skipped_steps > overflows_before
+        return StepResult({} if skipped else {k: v / accum for k, v in sums.items()}, timing, skipped)
 
-    def _pipeline_step(self, batches: Iterator[Batch]) -> tuple[dict[str, float], StepTiming]:
+    def _pipeline_step(self, batches: Iterator[Batch]) -> StepResult:
         feed = _PipelineBatches(batches, accelerator.current_device())
+        overflows_before = self.ds.skipped_steps
         start = time.perf_counter()
-        loss = self.ds.train_batch(data_iter=feed)
+        loss = float(self.ds.train_batch(data_iter=feed))
         accelerator.synchronize()
         total = time.perf_counter() - start
+        timing = StepTiming(data=feed.data_time, forward=total - feed.data_time)
+        if self.ds.skipped_steps > overflows_before:
+            return StepResult({}, timing, skipped=True)  # DeepSpeed skipped it (fp16 / bf16 overflow check)
+        if not math.isfinite(loss):
+            # The pipeline engine runs backward and the optimizer step inside train_batch;
+            # in fp32 nothing checks the gradients first, so the weights took the step.
+            raise TrainingStopped(
+                "a non-finite loss reached the weights: DeepSpeed's pipeline engine applies the step "
+                "before it can be checked in fp32 (bf16 and fp16 skip it); resume from the last "
+                "checkpoint, which holds the last good state",
+                EXIT_NON_FINITE,
+            )
         # The pipeline engine interleaves forward and backward; it reports the DP-mean loss.
-        return {"loss": float(loss)}, StepTiming(data=feed.data_time, forward=total - feed.data_time)
+        return StepResult({"loss": loss}, timing, skipped=False)
 
     @torch.no_grad()
     def eval_loss(self, batch: Batch) -> float:

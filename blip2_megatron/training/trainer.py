@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import signal
 from pathlib import Path
 from typing import Any
@@ -21,14 +20,16 @@ import torch.distributed as dist
 
 from blip2_megatron import accelerator
 from blip2_megatron.build import build_model, inference_config, predictor_for
-from blip2_megatron.config import JobConfig, save_job_config
+from blip2_megatron.config import ConfigError, JobConfig, save_job_config
 from blip2_megatron.data.batch import BatchBuilder, build_batch_builder
 from blip2_megatron.data.loader import build_train_loader
-from blip2_megatron.io import write_json_atomic
+from blip2_megatron.eval.runner import run_evaluation
+from blip2_megatron.io import CheckpointMismatchError, write_json_atomic
 from blip2_megatron.parallel import state
-from blip2_megatron.training import checkpoint
+from blip2_megatron.training import checkpoint, faults
 from blip2_megatron.training.ds_config import check_layout, read_ds_config, zero_stage
 from blip2_megatron.training.engine import Engine, build_engine
+from blip2_megatron.training.faults import EXIT_NON_FINITE, TrainingStopped
 from blip2_megatron.training.throughput import ThroughputMeter, train_flops_per_image
 
 logger = logging.getLogger(__name__)
@@ -96,8 +97,9 @@ def _mean_over_dp(values: dict[str, float]) -> dict[str, float]:
     if not values:
         return values
     names = sorted(values)
+    # float32: HCCL on Ascend 910B has no float64 reductions.
     tensor = torch.tensor(
-        [values[n] for n in names], dtype=torch.float64, device=accelerator.current_device()
+        [values[n] for n in names], dtype=torch.float32, device=accelerator.current_device()
     )
     dist.all_reduce(tensor, group=state.dp_group())
     tensor /= state.dp_size()
@@ -134,8 +136,6 @@ def _prepare_output(job: JobConfig) -> Path:
 
 def _evaluate(engine: Engine, job: JobConfig, builder: BatchBuilder, checkpoint_dir: Path, output_dir: Path):
     """The job's evaluation at the end of training, on every rank."""
-    from blip2_megatron.eval.runner import run_evaluation
-
     if not engine.pipeline and engine.zero_stage != 3:
         return run_evaluation(predictor_for(engine.model, job.model, builder), job, output_dir)
     # Pipeline stages cannot generate and ZeRO-3 holds a 1/DP slice of each weight: evaluate
@@ -150,132 +150,221 @@ def _evaluate(engine: Engine, job: JobConfig, builder: BatchBuilder, checkpoint_
 
 
 def run_training(job: JobConfig, ds_config_path: str | Path) -> dict[str, Any]:
-    """Train ``job`` with the DeepSpeed config at ``ds_config_path``; return the run summary."""
+    """Train ``job`` with the DeepSpeed config at ``ds_config_path``; return the run summary.
+
+    Raises :class:`~blip2_megatron.training.faults.TrainingStopped` when the job stops on
+    purpose (every rank together: a full disk, too many non-finite steps). Any other
+    failure in a multi-rank job (a lost peer above all) ends this rank at once with a
+    message naming what is known, so that no rank waits for a peer that is gone.
+    """
     state.init_distributed(job.train.collective_timeout_s)
-    ds_raw = read_ds_config(ds_config_path)
-    check_layout(job, ds_raw, dist.get_world_size())
-    state.initialize_model_parallel(job.tp, job.pp)
-    dp_rank, dp_size = state.dp_rank(), state.dp_size()
-    rank0 = dist.get_rank() == 0
-    output_dir = _prepare_output(job)
-    preemption = PreemptionFlag()
+    faults.register_peer()
+    phase = "setting up"
+    try:
+        run = _TrainingRun(job, ds_config_path)
+        phase = "training"
+        run.train()
+        phase = "finishing"
+        return run.finish()
+    except (TrainingStopped, ConfigError, CheckpointMismatchError, FileNotFoundError):
+        raise  # every rank meets these together (configs, checkpoints): a normal exit
+    except Exception as err:
+        if dist.get_world_size() == 1:
+            raise
+        faults.abort_rank(err, phase)
 
-    builder = build_batch_builder(job.model)
-    loader = build_train_loader(
-        job.data, dp_rank=dp_rank, dp_size=dp_size, seed=job.train.seed, batch_builder=builder
-    )
-    steps_per_epoch = max(loader.batches_per_epoch // job.train.grad_accum, 1)
-    total_steps = job.train.max_steps or job.train.epochs * steps_per_epoch
 
-    resume = checkpoint.resolve_resume(job, zero_stage(ds_raw))
-    # Same seed everywhere for initialisation (replicated modules must start equal), then
-    # one stream per data-parallel rank: TP/PP ranks of one DP rank draw the same dropout.
-    accelerator.manual_seed(job.train.seed)
-    trained = resume.path if resume is not None and not resume.engine_files_fit else None
-    engine = build_engine(job, ds_raw, total_steps, steps_per_epoch, trained=trained)
-    accelerator.manual_seed(job.train.seed + dp_rank)
+class _TrainingRun:
+    """One training job on this rank: set-up (loader, engine, resume), the loop, the summary."""
 
-    start_step = 0
-    if resume is not None:
-        trainer_state = checkpoint.restore(engine, resume)
-        start_step = resume.step
-        loader.load_state_dict(trainer_state["loader"])
+    def __init__(self, job: JobConfig, ds_config_path: str | Path):
+        self.job = job
+        ds_raw = read_ds_config(ds_config_path)
+        check_layout(job, ds_raw, dist.get_world_size())
+        state.initialize_model_parallel(job.tp, job.pp)
+        self.dp_rank, self.dp_size = state.dp_rank(), state.dp_size()
+        self.rank0 = dist.get_rank() == 0
+        self.output_dir = _prepare_output(job)
+        self.preemption = PreemptionFlag()
 
-    global_batch = job.data.batch_size * job.train.grad_accum * dp_size
-    meter = ThroughputMeter(
-        global_batch=global_batch,
-        world_size=dist.get_world_size(),
-        flops_per_image=train_flops_per_image(job.model),
-        precision=job.train.precision,
-        warmup_steps=job.train.warmup_log_steps,
-    )
-    log = RunLog(output_dir, enabled=rank0)
-    if rank0:
-        logger.info(
-            "training %s: %d steps (%d per epoch), global batch %d = %d x %d accum x DP %d; TP %d PP %d; output %s",
-            job.name,
-            total_steps,
-            steps_per_epoch,
-            global_batch,
-            job.data.batch_size,
-            job.train.grad_accum,
-            dp_size,
-            job.tp,
-            job.pp,
-            output_dir,
+        self.builder = build_batch_builder(job.model)
+        self.loader = build_train_loader(
+            job.data,
+            dp_rank=self.dp_rank,
+            dp_size=self.dp_size,
+            seed=job.train.seed,
+            batch_builder=self.builder,
         )
-    batches = loader.endless()
-    step = start_step
-    last_saved = start_step if resume else None
-    last_checkpoint = resume.path if resume else None
-    window: list[dict[str, float]] = []
-    stopped_by = None
-    while step < total_steps:
-        losses, timing = engine.step(batches)
-        step += 1
-        figures = meter.record(timing)
-        window.append(losses)
-        if step % job.train.log_interval == 0 or step == total_steps or step == start_step + 1:
-            mean_losses = _mean_over_dp({k: sum(w[k] for w in window) / len(window) for k in window[0]})
-            window.clear()
-            record = {
-                "step": step,
-                "epoch": loader.epoch,
-                **mean_losses,
-                "lr": engine.scheduler.get_last_lr()[0],
-                **figures,
-            }
-            if not all(math.isfinite(v) for v in mean_losses.values()):
-                raise FloatingPointError(f"non-finite loss at step {step}: {mean_losses}")
-            log.step(record, total_steps)
-        if preemption.raised_anywhere():
-            stopped_by = preemption.signal_name or "signal on another rank"
-            break
-        if job.train.save_interval and step % job.train.save_interval == 0 and step < total_steps:
-            last_checkpoint = checkpoint.save_checkpoint(
-                engine, job, step, {"loader": loader.state_dict(), "epoch": loader.epoch}
+        steps_per_epoch = max(self.loader.batches_per_epoch // job.train.grad_accum, 1)
+        self.total_steps = job.train.max_steps or job.train.epochs * steps_per_epoch
+
+        checkpoint.clean_partial_checkpoints(job)
+        resume = checkpoint.resolve_resume(job, zero_stage(ds_raw))
+        # Same seed everywhere for initialisation (replicated modules must start equal), then
+        # one stream per data-parallel rank: TP/PP ranks of one DP rank draw the same dropout.
+        accelerator.manual_seed(job.train.seed)
+        trained = resume.path if resume is not None and not resume.engine_files_fit else None
+        self.engine = build_engine(job, ds_raw, self.total_steps, steps_per_epoch, trained=trained)
+        accelerator.manual_seed(job.train.seed + self.dp_rank)
+
+        self.start_step = self.step = 0
+        self.last_saved: int | None = None
+        self.last_checkpoint: Path | None = None
+        self.best: dict[str, Any] | None = None  # {"metric", "step"} of the best validation so far
+        if resume is not None:
+            trainer_state = checkpoint.restore(self.engine, resume)
+            self.start_step = self.step = self.last_saved = resume.step
+            self.last_checkpoint = resume.path
+            self.loader.load_state_dict(trainer_state["loader"])
+            self.best = checkpoint.read_best(resume.path.parent)
+        self.validated_epoch = self.loader.epoch
+
+        self.global_batch = job.data.batch_size * job.train.grad_accum * self.dp_size
+        self.meter = ThroughputMeter(
+            global_batch=self.global_batch,
+            world_size=dist.get_world_size(),
+            flops_per_image=train_flops_per_image(job.model),
+            precision=job.train.precision,
+            warmup_steps=job.train.warmup_log_steps,
+        )
+        self.bad_steps = faults.NonFiniteSteps(job.train.max_bad_steps)
+        self.log = RunLog(self.output_dir, enabled=self.rank0)
+        self.stopped_by: str | None = None
+        if self.rank0:
+            logger.info(
+                "training %s: %d steps (%d per epoch), global batch %d = %d x %d accum x DP %d; TP %d PP %d; "
+                "output %s",
+                job.name,
+                self.total_steps,
+                steps_per_epoch,
+                self.global_batch,
+                job.data.batch_size,
+                job.train.grad_accum,
+                self.dp_size,
+                job.tp,
+                job.pp,
+                self.output_dir,
             )
-            last_saved = step
 
-    if last_saved != step:
-        last_checkpoint = checkpoint.save_checkpoint(
-            engine, job, step, {"loader": loader.state_dict(), "epoch": loader.epoch}
-        )
+    def save(self) -> None:
+        state_now = {"loader": self.loader.state_dict(), "epoch": self.loader.epoch}
+        self.last_checkpoint = checkpoint.save_checkpoint(self.engine, self.job, self.step, state_now)
+        self.last_saved = self.step
 
-    summary: dict[str, Any] = {
-        "event": "summary",
-        "job": job.name,
-        "steps": step,
-        "epochs": job.train.epochs,
-        "epoch_reached": loader.epoch,
-        "global_batch": global_batch,
-        "per_device_batch": job.data.batch_size,
-        "world_size": dist.get_world_size(),
-        "tp": job.tp,
-        "pp": job.pp,
-        "dp": dp_size,
-        "device": accelerator.device_name_for_peak(),
-        "precision": job.train.precision,
-        "stopped_by_signal": stopped_by,
-        "data_skipped": dict(getattr(loader, "stats", {}) or {}),
-        "data_sources": loader.num_sources,
-        "trainable_params": _count_over_model_parallel(engine),
-        **meter.summary(),
-    }
-    if job.eval.enabled and stopped_by is None:
-        summary.update(_evaluate(engine, job, builder, last_checkpoint, output_dir))
-    if rank0:
-        log.write(summary)
-        write_json_atomic(summary, output_dir / "summary.json")
-        fps = summary["fps_mean"]
-        logger.info(
-            "done: %d steps in %.1fs, mean fps %s after %d warm-up steps; log %s, checkpoints %s",
-            step,
-            summary["total_time_s"],
-            "n/a" if fps is None else f"{fps:.2f}",
-            job.train.warmup_log_steps,
-            output_dir / "log.jsonl",
-            output_dir / "checkpoints",
-        )
-    dist.barrier()
-    return summary
+    def validation_due(self) -> bool:
+        interval, job = self.job.eval.interval, self.job
+        if not interval or self.step >= self.total_steps:
+            return False  # the end of training has its own evaluation (eval.enabled)
+        if job.eval.interval_unit == "steps":
+            return self.step % interval == 0
+        if self.loader.epoch != self.validated_epoch and self.loader.epoch % interval == 0:
+            self.validated_epoch = self.loader.epoch
+            return True
+        return False
+
+    def validate(self, final: bool = False) -> dict[str, Any]:
+        """The job's evaluation now, on every DP rank; keeps the best checkpoint (``best``)."""
+        job = self.job
+        if final:
+            metrics = _evaluate(self.engine, job, self.builder, self.last_checkpoint, self.output_dir)
+        else:
+            folder = self.output_dir / "validation" / checkpoint.tag_for_step(self.step)
+            metrics = run_evaluation(predictor_for(self.engine.model, job.model, self.builder), job, folder)
+        shared = [metrics.get("agg_metric")]
+        dist.broadcast_object_list(shared, src=0)  # scored on rank 0; every rank decides alike
+        value = shared[0]
+        self.log.write({"event": "eval", "step": self.step, **metrics})
+        if job.eval.keep_best and job.eval.interval and value is not None:
+            if self.best is None or value > self.best["metric"]:
+                if self.last_saved != self.step:
+                    self.save()
+                self.best = {"tag": self.last_checkpoint.name, "step": self.step, "metric": value}
+                checkpoint.mark_best(self.last_checkpoint, self.step, value)
+        return metrics
+
+    def train(self) -> None:
+        job, total = self.job, self.total_steps
+        batches = self.loader.endless()
+        window: list[dict[str, float]] = []
+        while self.step < total:
+            result = self.engine.step(batches)
+            self.step += 1
+            figures = self.meter.record(result.timing)
+            if self.bad_steps.record(self.step, result.skipped):
+                self.save()  # the skipped steps changed nothing: this is the last good state
+                raise TrainingStopped(
+                    f"{self.bad_steps.in_a_row} non-finite steps in a row (train.max_bad_steps={job.train.max_bad_steps}); "
+                    f"the last good state is saved as {self.last_checkpoint}. Lower train.lr, check the data, or use "
+                    "bf16 / fp16 loss scaling",
+                    EXIT_NON_FINITE,
+                )
+            if not result.skipped:
+                window.append(result.losses)
+            if window and (
+                self.step % job.train.log_interval == 0
+                or self.step == total
+                or self.step == self.start_step + 1
+            ):
+                mean_losses = _mean_over_dp({k: sum(w[k] for w in window) / len(window) for k in window[0]})
+                window.clear()
+                record = {
+                    "step": self.step,
+                    "epoch": self.loader.epoch,
+                    **mean_losses,
+                    "lr": self.engine.scheduler.get_last_lr()[0],
+                    "skipped_steps": self.bad_steps.total,
+                    **figures,
+                }
+                self.log.step(record, total)
+            if self.preemption.raised_anywhere():
+                self.stopped_by = self.preemption.signal_name or "signal on another rank"
+                break
+            if job.train.save_interval and self.step % job.train.save_interval == 0 and self.step < total:
+                self.save()
+            if self.validation_due():
+                self.validate()
+        if self.last_saved != self.step:
+            self.save()
+
+    def finish(self) -> dict[str, Any]:
+        job = self.job
+        summary: dict[str, Any] = {
+            "event": "summary",
+            "job": job.name,
+            "steps": self.step,
+            "epochs": job.train.epochs,
+            "epoch_reached": self.loader.epoch,
+            "global_batch": self.global_batch,
+            "per_device_batch": job.data.batch_size,
+            "world_size": dist.get_world_size(),
+            "tp": job.tp,
+            "pp": job.pp,
+            "dp": self.dp_size,
+            "device": accelerator.device_name_for_peak(),
+            "precision": job.train.precision,
+            "stopped_by_signal": self.stopped_by,
+            "skipped_steps": self.bad_steps.total,
+            "data_skipped": dict(getattr(self.loader, "stats", {}) or {}),
+            "data_sources": self.loader.num_sources,
+            "trainable_params": _count_over_model_parallel(self.engine),
+            **self.meter.summary(),
+        }
+        if job.eval.enabled and self.stopped_by is None:
+            summary.update(self.validate(final=True))
+        if self.best is not None:
+            summary["best"] = self.best
+        if self.rank0:
+            self.log.write(summary)
+            write_json_atomic(summary, self.output_dir / "summary.json")
+            fps = summary["fps_mean"]
+            logger.info(
+                "done: %d steps in %.1fs, mean fps %s after %d warm-up steps; log %s, checkpoints %s",
+                self.step,
+                summary["total_time_s"],
+                "n/a" if fps is None else f"{fps:.2f}",
+                job.train.warmup_log_steps,
+                self.output_dir / "log.jsonl",
+                self.output_dir / "checkpoints",
+            )
+        dist.barrier()
+        return summary

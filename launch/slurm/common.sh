@@ -8,8 +8,8 @@
 # which compute nodes often do not allow. `srun --ntasks-per-node=1` starts exactly one
 # torchrun per allocated node through slurmd (so SLURM tracks, signals and cleans up every
 # process), and torchrun's c10d rendezvous needs only a host:port that all nodes reach.
-# launch/train.py reads RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* from torchrun and calls
-# deepspeed.initialize itself, so nothing is lost by not using the DeepSpeed launcher.
+# launch/train.py reads RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* from torchrun and sets
+# DeepSpeed up itself, so nothing is lost by not using the DeepSpeed launcher.
 #
 # Signals (verified on a local slurmctld/slurmd 22.05 by tests/test_slurm.py):
 # - `#SBATCH --signal=B:USR1@120` sends USR1 to this batch shell only, 120 s before the time

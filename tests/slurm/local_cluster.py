@@ -117,8 +117,14 @@ class LocalSlurmCluster:
 
     @property
     def env(self) -> dict[str, str]:
-        """Environment for the client commands (sbatch, scontrol, ...) and the jobs they start."""
-        return {**os.environ, "SLURM_CONF": str(self.conf)}
+        """Environment for the client commands (sbatch, scontrol, ...) and the jobs they start.
+
+        Without any launcher's rank variables: a MASTER_PORT left in this process by an
+        in-process test would reach every job (sbatch exports the environment) and replace
+        the rendezvous port the templates derive from the job id.
+        """
+        launcher = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+        return {**{k: v for k, v in os.environ.items() if k not in launcher}, "SLURM_CONF": str(self.conf)}
 
     def start(self, timeout: float = 60.0) -> None:
         """Start everything; on any failure, undo what was started and raise ClusterUnavailable."""
