@@ -4,8 +4,9 @@ Where starting weights come from:
 
 * ``model.init_checkpoint``: comma-separated sources for the vision encoder, Q-Former,
   queries, projection (and stage-1 heads): a Hugging Face Blip2 directory, LAVIS ``.pth``
-  files (``blip2_pretrained.pth``, ``blip2_pretrained_opt2.7b.pth``, ``eva_vit_g.pth``), a
-  safetensors file with our own names, or a run directory of ours (LAVIS's stage-1 ->
+  files (``blip2_pretrained.pth``, ``blip2_pretrained_opt2.7b.pth``, ``eva_vit_g.pth``),
+  MiniGPT-4 checkpoints (their ``llama_proj`` is our projection), a safetensors file with
+  our own names, or a run directory of ours (LAVIS's stage-1 ->
   stage-2 hand-off: the run's base weights, then what it trained). Later sources override
   earlier ones; parts the model does not have (a stage-1 Q-Former's text layers in a
   stage-2 model) are skipped.
@@ -47,7 +48,13 @@ from blip2_megatron.convert.run_checkpoint import (
     read_trainer_state,
     run_dir_of,
 )
-from blip2_megatron.convert.vision_qformer import hf_vision_qformer_to_ours, lavis_to_ours, load_into
+from blip2_megatron.convert.vision_qformer import (
+    PATCH_ENCODER_PREFIX,
+    QUERY_ENCODER_PREFIX,
+    hf_vision_qformer_to_ours,
+    lavis_to_ours,
+    load_into,
+)
 from blip2_megatron.data.batch import BatchBuilder, LLMBatchBuilder, build_batch_builder
 from blip2_megatron.inference import Blip2Predictor
 from blip2_megatron.io import iter_checkpoint_files, load_state_dict_file
@@ -105,15 +112,26 @@ def _collect_run(path: Path, cfg: Blip2Config, weights: _InitialWeights) -> None
     logger.info("initial weights from run checkpoint %s", checkpoint)
 
 
+def _image_path_prefix(cfg: Blip2Config) -> str:
+    """Where the ViT (+ Q-Former) sits in the model: ``query_encoder.`` or, without a Q-Former, ``patch_encoder.``."""
+    return PATCH_ENCODER_PREFIX if cfg.image_encoder == "patches" else QUERY_ENCODER_PREFIX
+
+
 def _collect(path: Path, cfg: Blip2Config, weights: _InitialWeights) -> None:
-    """Add one init_checkpoint source (a run, a HF Blip2 directory or a weight file) to ``weights``."""
+    """Add one init_checkpoint source (a run, a HF Blip2 directory or a weight file) to ``weights``.
+
+    The ViT lands under the model's image path (:func:`_image_path_prefix`), so a LAVIS
+    ``eva_vit_g.pth`` or a Hugging Face Blip2 directory fills a model without a Q-Former
+    too (its Q-Former tensors, if any, are then parts the model does not have).
+    """
     if not path.exists():
         raise FileNotFoundError(f"model.init_checkpoint: {path} does not exist")
+    prefix = _image_path_prefix(cfg)
     if path.is_dir() and find_checkpoint(path) is not None:
         _collect_run(path, cfg, weights)
     elif path.is_dir():
         raw = _read_hf_dir(path)
-        ours, rest = hf_vision_qformer_to_ours(raw)
+        ours, rest = hf_vision_qformer_to_ours(raw, prefix=prefix)
         weights.ours.update(ours)
         weights.ours.update({k: raw[k] for k in rest if k.startswith(PROJECTION_PREFIX)})
         llm = {k[len(HF_LLM_PREFIX) :]: raw[k] for k in rest if k.startswith(HF_LLM_PREFIX)}
@@ -121,10 +139,10 @@ def _collect(path: Path, cfg: Blip2Config, weights: _InitialWeights) -> None:
             weights.llm = ("hf", llm)
     else:
         raw = load_state_dict_file(path)
-        if any(k.startswith("query_encoder.") for k in raw):  # already our names
+        if any(k.startswith((QUERY_ENCODER_PREFIX, PATCH_ENCODER_PREFIX)) for k in raw):  # already our names
             weights.ours.update(raw)
             return
-        ours, rest = lavis_to_ours(raw, num_vision_layers=cfg.vision.num_layers)
+        ours, rest = lavis_to_ours(raw, prefix=prefix, num_vision_layers=cfg.vision.num_layers)
         weights.ours.update(ours)
         for key in rest:
             for prefix in LAVIS_PROJECTION_PREFIXES:

@@ -26,6 +26,7 @@ DS_CONFIGS = REPO / "ds_configs"
 # The tiny ViT has 8-pixel patches at 32 px; a job's larger input keeps its ratio (364 / 224).
 TINY_IMAGE_SIZE = {224: 32, 364: 48, 32: 32}
 TINY_MAX_BATCH = 8
+TINY_MAX_POSITIONS = 512
 
 
 def env(**extra: str) -> dict[str, str]:
@@ -79,6 +80,9 @@ def tiny_overrides(job_name: str, sample: Any) -> list[str]:
         "model.qformer.tokenizer=builtin:tiny",
         "model.llm.weights=",
         "model.llm.tokenizer=builtin:tiny",
+        # The built-in tokenizer spells words outside its small vocabulary letter by letter, so a
+        # job's instruction and caption take several times the tokens they take with the real one.
+        f"model.llm.max_position_embeddings={TINY_MAX_POSITIONS}",
         f"model.vision.image_size={TINY_IMAGE_SIZE[job.model.vision.image_size]}",
         f"data.batch_size={min(data.batch_size, TINY_MAX_BATCH)}",
         "data.num_workers=1",

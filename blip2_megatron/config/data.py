@@ -11,6 +11,8 @@ from blip2_megatron.config.base import ConfigError, check_choice, check_positive
 DATASET_KINDS = ("wds", "coco", "vg", "cc_sbu_align", "sample")
 #: Kinds whose training data is an annotation file plus an image folder.
 ANNOTATION_KINDS = ("coco", "vg", "cc_sbu_align")
+#: How several training sources mix: per sample, or per batch (one source per step).
+MIX_MODES = ("sample", "batch")
 
 
 @dataclass
@@ -23,6 +25,8 @@ class DataConfig:
     """kind=wds: one shard pattern per source (a list, brace pattern such as "/d/{00000..00099}.tar", or "a.tar::b.tar")."""
     mix_weights: list[float] | None = None
     """Sampling weight per entry of train_shards (MiniGPT-4: [115, 14]); None = one source or equal weights."""
+    mix_mode: str = "sample"
+    """How sources mix: "sample" (each sample drawn by mix_weights) or "batch" (each batch from one source, chosen by mix_weights, the same on every DP rank: MiniGPT-4's per-step choice)."""
     resampled: bool = False
     """Draw shards with replacement (pretraining) instead of a seeded shuffle + split by DP rank and worker."""
     samples_per_epoch: int | None = None
@@ -72,6 +76,7 @@ class DataConfig:
             self.train_shards = [self.train_shards]
         if self.kind == "wds" and not self.train_shards:
             raise ConfigError("data.train_shards must name at least one shard pattern when data.kind='wds'")
+        check_choice("data.mix_mode", self.mix_mode, MIX_MODES)
         if self.mix_weights is not None:
             if len(self.mix_weights) != len(self.train_shards):
                 raise ConfigError(

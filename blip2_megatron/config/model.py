@@ -172,32 +172,95 @@ class LLMConfig:
         return self.hidden_size // self.num_heads
 
 
+#: Where the image's slots go in a MiniGPT-4 instruction or template.
+IMAGE_PLACEHOLDER = "<ImageHere>"
+IMAGE_ENCODERS = ("qformer", "patches")
+
+
 @dataclass
 class Blip2Config:
-    """A whole BLIP-2 model: vision encoder + Q-Former (+ projection + LLM)."""
+    """A whole BLIP-2 model: vision encoder + Q-Former (+ projection + LLM).
+
+    ``image_encoder="patches"`` replaces the Q-Former by the ViT's own patch tokens (the
+    MiniGPT-4 LLaMA-2 / MiniGPT-v2 design): CLS dropped, ``patch_group`` consecutive
+    tokens concatenated into one LLM slot, then the projection.
+    """
 
     kind: str = "llm"  # "stage1" (Q-Former pretraining), "llm" (stage 2 / caption FT), "minigpt4"
     vision: VisionConfig = field(default_factory=VisionConfig)
     qformer: QFormerConfig = field(default_factory=QFormerConfig)
     llm: LLMConfig | None = field(default_factory=LLMConfig)
+    image_encoder: str = "qformer"  # "qformer" (query outputs) or "patches" (ViT patch tokens)
+    patch_group: int = 4  # patches: consecutive patch tokens per LLM slot (MiniGPT-v2: 4)
     freeze_qformer: bool = False  # MiniGPT-4: Q-Former and queries frozen, only the projection trains
-    prompt: str = ""  # text prefix before the caption; its tokens get label -100
-    max_txt_len: int = 32  # LLM text tokens (prompt + caption) per sample (MiniGPT-4: 160)
-    end_sym: str = "\n"  # appended to each target text (OPT captions: "\n"; MiniGPT-4: "###")
-    prompt_template: str = ""  # MiniGPT-4: "###Human: <Img><ImageHere></Img> {} ###Assistant: "
+    prompt: str = ""  # text before the caption (MiniGPT-4: default instruction); label -100
+    max_txt_len: int = 32  # text tokens: prompt + caption (MiniGPT-4: answer + end_sym, 160 in stage 2)
+    end_sym: str = "\n"  # appended to each target (OPT: "\n"; MiniGPT-4: "###"; LLaMA-2: "</s>")
+    prompt_template: str = ""  # MiniGPT-4: "###Human: {} ###Assistant: "; "" = no prompt (stage 1)
+    prompt_file: str = ""  # MiniGPT-4: instructions drawn per training sample (shipped name or path)
     init_checkpoint: str = ""  # initial weights: a HF Blip2 directory or LAVIS .pth files, comma-separated
 
     def __post_init__(self) -> None:
         check_choice("model.kind", self.kind, ("stage1", "llm", "minigpt4"))
+        check_choice("model.image_encoder", self.image_encoder, IMAGE_ENCODERS)
         # The Q-Former's cross-attention reads the vision tokens: keep the widths wired together.
         self.qformer.encoder_hidden_size = self.vision.hidden_size
         if self.kind == "stage1":
             self.llm = None
         elif self.llm is None:
             raise ConfigError(f"model.llm is required for model.kind={self.kind!r}")
-        if self.kind == "minigpt4" and "<ImageHere>" not in self.prompt_template:
-            raise ConfigError("model.prompt_template must contain <ImageHere> for model.kind='minigpt4'")
+        if self.image_encoder == "patches":
+            self._check_patches()
+        if self.kind == "minigpt4":
+            self._check_minigpt4_prompt()
+        elif self.prompt_template or self.prompt_file:
+            raise ConfigError(
+                f"model.prompt_template / model.prompt_file lay out MiniGPT-4 conversations; "
+                f"model.kind={self.kind!r} uses model.prompt only"
+            )
         check_positive("model.max_txt_len", self.max_txt_len)
+
+    def _check_patches(self) -> None:
+        if self.kind == "stage1":
+            raise ConfigError(
+                "model.image_encoder='patches' has no Q-Former to pretrain; stage 1 needs 'qformer'"
+            )
+        if self.freeze_qformer:
+            raise ConfigError("model.freeze_qformer=true, but model.image_encoder='patches' has no Q-Former")
+        check_positive("model.patch_group", self.patch_group)
+        if self.vision.num_patches % self.patch_group:
+            raise ConfigError(
+                f"model.patch_group={self.patch_group} must divide the {self.vision.num_patches} patches of "
+                f"vision.image_size={self.vision.image_size} / vision.patch_size={self.vision.patch_size}"
+            )
+
+    def _check_minigpt4_prompt(self) -> None:
+        template = self.prompt_template
+        if template and template.count("{}") != 1:
+            raise ConfigError(
+                f"model.prompt_template={template!r} must hold one '{{}}' where the instruction goes "
+                "(or be '' for no prompt: the image, then the caption)"
+            )
+        images = template.count(IMAGE_PLACEHOLDER) + self.prompt.count(IMAGE_PLACEHOLDER)
+        if images > 1:
+            raise ConfigError(
+                f"model.prompt_template={template!r} and model.prompt={self.prompt!r} hold {IMAGE_PLACEHOLDER} "
+                f"{images} times; the image has one place"
+            )
+
+    @property
+    def num_image_slots(self) -> int:
+        """LLM input positions one image fills: the queries, or the grouped patch tokens."""
+        if self.image_encoder == "patches":
+            return self.vision.num_patches // self.patch_group
+        return self.qformer.num_query_tokens
+
+    @property
+    def image_feature_size(self) -> int:
+        """Width of what the projection reads: the Q-Former width, or patch_group x the ViT width."""
+        if self.image_encoder == "patches":
+            return self.patch_group * self.vision.hidden_size
+        return self.qformer.hidden_size
 
 
 _TINY_VISION = dict(
@@ -258,6 +321,34 @@ _LLAMA_COMMON = dict(
 _VICUNA_7B = dict(_LLAMA_COMMON, hidden_size=4096, num_layers=32, num_heads=32, intermediate_size=11008)
 _VICUNA_13B = dict(_LLAMA_COMMON, hidden_size=5120, num_layers=40, num_heads=40, intermediate_size=13824)
 
+_LLAMA2_CHAT_7B = dict(
+    arch="llama",
+    vocab_size=32000,
+    hidden_size=4096,
+    num_layers=32,
+    num_heads=32,
+    intermediate_size=11008,
+    max_position_embeddings=4096,
+    norm_eps=1e-5,
+    tie_word_embeddings=False,
+    attention_bias=False,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,  # LLaMA-2 has no pad token: padding is never attended nor labelled, <unk> fills it
+)
+# A tiny LLaMA whose eos is the built-in tokenizer's "</s>" (id 2), LLaMA-2's end symbol.
+_TINY_LLAMA = dict(_TINY_LLM, arch="llama", tie_word_embeddings=False, attention_bias=False, eos_token_id=2)
+_MINIGPT4_INSTRUCTION = "<Img><ImageHere></Img> Describe this image in detail."
+_MINIGPT4_LLAMA2 = dict(
+    kind="minigpt4",
+    image_encoder="patches",
+    patch_group=4,
+    prompt=_MINIGPT4_INSTRUCTION,
+    max_txt_len=160,
+    end_sym="</s>",
+    prompt_template="[INST] {} [/INST] ",
+)
+
 # Named model flavours. Each is a partial Blip2Config dict; the defaults fill the rest.
 FLAVOURS: dict[str, dict[str, Any]] = {
     "tiny": dict(kind="llm", vision=_TINY_VISION, qformer=_TINY_QFORMER, llm=_TINY_LLM, prompt="a photo of"),
@@ -272,11 +363,14 @@ FLAVOURS: dict[str, dict[str, Any]] = {
         vision=_EVA_VIT_G,
         llm=_VICUNA_7B,
         freeze_qformer=True,
-        prompt="Describe this image in detail.",
+        prompt=_MINIGPT4_INSTRUCTION,
         max_txt_len=160,
         end_sym="###",
-        prompt_template="###Human: <Img><ImageHere></Img> {} ###Assistant: ",
+        prompt_template="###Human: {} ###Assistant: ",
     ),
+    # MiniGPT-4's LLaMA-2 variant (MiniGPT-v2's image path): no Q-Former, 4 patch tokens per slot.
+    "minigpt4_llama2_7b": dict(_MINIGPT4_LLAMA2, vision=_EVA_VIT_G, llm=_LLAMA2_CHAT_7B),
+    "tiny_minigpt4_llama2": dict(_MINIGPT4_LLAMA2, vision=_TINY_VISION, llm=_TINY_LLAMA),
 }
 
 

@@ -6,6 +6,8 @@ Our names (see ``models/stage1.py`` and ``models/query_encoder.py``)::
     query_encoder.qformer.*           Hugging Face Blip2QFormerModel names (+ embeddings.*)
     query_encoder.query_tokens
     vision_proj.*, text_proj.*, itm_head.*, temp, lm_head.*      (stage 1 only)
+    patch_encoder.visual_encoder.*    the same ViT names in a model without a Q-Former
+                                      (``image_encoder="patches"``): pass ``prefix=PATCH_ENCODER_PREFIX``
 
 Conversions are explicit key-template maps: ``"{}"`` stands for a layer index. Each
 converter returns ``(converted, unconsumed_keys)`` so the caller sees exactly what was
@@ -43,6 +45,7 @@ logger = logging.getLogger(__name__)
 Tensors = dict[str, torch.Tensor]
 
 QUERY_ENCODER_PREFIX = "query_encoder."
+PATCH_ENCODER_PREFIX = "patch_encoder."  # the ViT of a model without a Q-Former (MiniGPT-4 LLaMA-2)
 
 # ----------------------------------------------------------------------------- maps
 # LAVIS EVA ViT-g (eva_vit.py) -> ours (VisionEncoder-relative). q_bias / v_bias are

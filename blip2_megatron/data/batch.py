@@ -11,17 +11,31 @@ models receive tensors only. One builder per model kind:
   and labels.
 
 Sequence layouts (``prefix`` = the tokens the tokenizer's own template puts before a text:
-``</s>`` for OPT, ``<s>`` for LLaMA, nothing for Qwen2; see :func:`template_prefix_ids`)::
+``</s>`` for OPT, ``<s>`` for LLaMA, nothing for Qwen2; see :func:`template_prefix_ids`;
+``[image]`` = ``model.num_image_slots`` empty slots: the queries, or the grouped patches)::
 
-    BLIP-2:    [queries] prefix prompt target end_sym [pad...]
-    MiniGPT-4: prefix "###Human: <Img>" [queries] "</Img> {instruction} ###Assistant: " target end_sym
+    BLIP-2:              [image] prefix prompt target end_sym [pad...]
+    MiniGPT-4 stage 1:   prefix [image] target end_sym                      (no template, no prompt)
+    MiniGPT-4 stage 2:   prefix "###Human: <Img>" [image] "</Img> {instruction} ###Assistant: " target "###"
+    MiniGPT-4 LLaMA-2:   prefix "[INST] <Img>" [image] "</Img> {instruction} [/INST] " target "</s>"
 
-Labels are -100 (:data:`IGNORE_INDEX`) on query slots, prefix, prompt and padding; only the
+Labels are -100 (:data:`IGNORE_INDEX`) on image slots, prefix, prompt and padding; only the
 target and its end symbol are learned. Training pads on the right (to a multiple of
 ``pad_to_multiple_of``, which bounds the number of distinct shapes a pipeline stage or a
 compiled kernel sees); generation pads on the left. BLIP-2 tokenizes prompt and target
-together (LAVIS), so word pieces at the boundary are the ones the LLM was trained with;
-MiniGPT-4 tokenizes the target on its own, as MiniGPT-4 does.
+together (LAVIS), so word pieces at the boundary are the ones the LLM was trained with, and
+``max_txt_len`` bounds prefix + prompt + target; MiniGPT-4 tokenizes each piece on its own
+and cuts only target + end symbol to ``max_txt_len``, as MiniGPT-4 does.
+
+MiniGPT-4 conversations: the instruction (``model.prompt``, a per-sample ``"prompt"``, or
+one drawn from ``model.prompt_file``) goes into ``model.prompt_template`` at ``{}``; the
+image goes where ``<ImageHere>`` stands (in the instruction, as in MiniGPT-4's prompt
+lists, or in an older template). An instruction that does not place the image gets it in
+front: ``<Img><ImageHere></Img> `` inside a template (as MiniGPT-4's chat puts an uploaded
+image before the first question), the bare image without one (stage 1). With a prompt
+file, each training sample draws its instruction with a generator keyed by its
+``sample_key`` (its position in the data, see ``data.loader``), so a resumed run draws
+the same instructions.
 
 Training batches (what the loader yields and the engine feeds the model)::
 
@@ -34,16 +48,63 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from blip2_megatron.config import Blip2Config, ConfigError
+from blip2_megatron.config.model import IMAGE_PLACEHOLDER
 from blip2_megatron.data.tokenizers import build_tokenizer, llm_tokenizer_spec
+from blip2_megatron.data.wds import make_rng
 
 IGNORE_INDEX = -100  # label of a position that takes no loss (Hugging Face's convention)
-IMAGE_PLACEHOLDER = "<ImageHere>"  # MiniGPT-4: where the image's query outputs go in the template
 PAD_TO_MULTIPLE_OF = 8
+#: The image in front of an instruction that does not place it (MiniGPT-4's chat wraps an upload so).
+IMAGE_IN_FRONT = f"<Img>{IMAGE_PLACEHOLDER}</Img> "
+#: Batch key with each sample's position in the data (the train loader adds it).
+SAMPLE_KEY = "sample_key"
+
+
+def shipped_prompt_files() -> list[str]:
+    """Names of the instruction files shipped in ``blip2_megatron/configs/prompts``."""
+    folder = resources.files("blip2_megatron") / "configs" / "prompts"
+    return sorted(p.name[: -len(".txt")] for p in folder.iterdir() if p.name.endswith(".txt"))
+
+
+def prompt_file_path(spec: str) -> Path:
+    """``model.prompt_file`` as a path: an existing file, else a shipped name (``minigpt4_alignment``)."""
+    if Path(spec).is_file():
+        return Path(spec)
+    if spec in shipped_prompt_files():
+        return Path(str(resources.files("blip2_megatron") / "configs" / "prompts" / f"{spec}.txt"))
+    raise ConfigError(
+        f"model.prompt_file={spec!r} is neither a file nor a shipped prompt file; shipped: "
+        f"{shipped_prompt_files()}"
+    )
+
+
+def load_instructions(spec: str) -> list[str]:
+    """The instructions of a prompt file: one per non-blank line, each placing the image once.
+
+    MiniGPT-4 drops lines without ``<ImageHere>`` silently; here such a line is an error
+    naming it, so a typo cannot shrink the list unnoticed.
+    """
+    path = prompt_file_path(spec)
+    instructions = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        line = line.strip()
+        if not line:
+            continue
+        if line.count(IMAGE_PLACEHOLDER) != 1:
+            raise ConfigError(
+                f"{path}:{number}: {line!r} must hold {IMAGE_PLACEHOLDER} once (where the image goes)"
+            )
+        instructions.append(line)
+    if not instructions:
+        raise ConfigError(f"{path} holds no instruction")
+    return instructions
 
 
 def image_id_codes(image_ids: Any) -> torch.Tensor | None:
@@ -89,16 +150,15 @@ class LLMInputs:
 
     input_ids: torch.Tensor  # [B, T]; image slots hold the pad id
     attention_mask: torch.Tensor  # [B, T] 1 = real token (query slots included)
-    image_slots: torch.Tensor  # [B, T] bool, exactly num_query_tokens True per row
+    image_slots: torch.Tensor  # [B, T] bool, exactly model.num_image_slots True per row
     labels: torch.Tensor | None  # [B, T] with -100 where no loss is taken; None for generation
 
 
 class LLMBatchBuilder:
     """Prompts and targets -> the LLM sequence layout with image slots and labels.
 
-    ``tokenizer`` is the LLM's; ``cfg`` the model config (kind, number of queries, prompt,
-    template, end symbol, ``max_txt_len``). ``max_txt_len`` bounds the text part of a
-    sequence (template prefix + prompt + target), as LAVIS truncates it.
+    ``tokenizer`` is the LLM's; ``cfg`` the model config (kind, number of image slots,
+    prompt, template, prompt file, end symbol, ``max_txt_len``).
     """
 
     def __init__(self, tokenizer: Any, cfg: Blip2Config, pad_to_multiple_of: int = PAD_TO_MULTIPLE_OF):
@@ -106,28 +166,56 @@ class LLMBatchBuilder:
             raise ConfigError("an LLM batch builder needs model.llm (model.kind 'llm' or 'minigpt4')")
         if tokenizer.pad_token_id is None:
             raise ConfigError("the LLM tokenizer has no pad token")
+        if tokenizer.pad_token_id >= cfg.llm.vocab_size:
+            # Padding and image slots are looked up in the embedding before they are masked or replaced.
+            raise ConfigError(
+                f"the LLM tokenizer's pad token {tokenizer.pad_token!r} has id {tokenizer.pad_token_id}, outside "
+                f"the model's llm.vocab_size={cfg.llm.vocab_size}; give the tokenizer a pad token of the vocabulary"
+            )
         self.tokenizer = tokenizer
         self.cfg = cfg
         self.pad_to_multiple_of = max(int(pad_to_multiple_of), 1)
         self.prefix = template_prefix_ids(tokenizer)
-        self.num_query_tokens = cfg.qformer.num_query_tokens
+        self.num_image_slots = cfg.num_image_slots
         self.pad_id = tokenizer.pad_token_id
+        self.instructions = load_instructions(cfg.prompt_file) if cfg.prompt_file else []
+        for instruction in [cfg.prompt, *self.instructions] if cfg.kind == "minigpt4" else []:
+            self.conversation(instruction)  # an image placed twice fails here, not mid-training
 
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
 
+    def conversation(self, instruction: str) -> str:
+        """MiniGPT-4: the text around the image for ``instruction``, with one ``<ImageHere>``."""
+        template = self.cfg.prompt_template
+        if IMAGE_PLACEHOLDER not in template + instruction:
+            instruction = (IMAGE_IN_FRONT if template else IMAGE_PLACEHOLDER) + instruction
+        text = template.replace("{}", instruction, 1) if template else instruction
+        if text.count(IMAGE_PLACEHOLDER) != 1:
+            raise ValueError(
+                f"instruction {instruction!r} in model.prompt_template={template!r} places the image "
+                f"{text.count(IMAGE_PLACEHOLDER)} times; it has one place"
+            )
+        return text
+
+    def instruction_for(self, sample_key: str) -> str:
+        """The prompt-file instruction of the sample at ``sample_key`` (the same on every call)."""
+        return self.instructions[make_rng(sample_key, "instruction").randrange(len(self.instructions))]
+
     def _row(self, prompt: str, target: str | None) -> tuple[list[int], list[bool], int]:
         """(ids, is_image_slot, index of the first labelled position) of one sample."""
         cfg = self.cfg
+        slots = self.num_image_slots
         if cfg.kind == "minigpt4":
-            before, after = cfg.prompt_template.split(IMAGE_PLACEHOLDER, 1)
+            before, after = self.conversation(prompt).split(IMAGE_PLACEHOLDER)
             before_ids = self.prefix + self._ids(before)
-            after_ids = self._ids(after.replace("{}", prompt))
-            target_ids = self._ids(target + cfg.end_sym) if target is not None else []
-            text = (after_ids + target_ids)[: max(cfg.max_txt_len - len(before_ids), 1)]
-            ids = before_ids + [self.pad_id] * self.num_query_tokens + text
-            slots = [False] * len(before_ids) + [True] * self.num_query_tokens + [False] * len(text)
-            return ids, slots, len(before_ids) + self.num_query_tokens + len(after_ids)
+            after_ids = self._ids(after)
+            target_ids = self._ids(target + cfg.end_sym)[: cfg.max_txt_len] if target is not None else []
+            ids = before_ids + [self.pad_id] * slots + after_ids + target_ids
+            is_slot = (
+                [False] * len(before_ids) + [True] * slots + [False] * (len(after_ids) + len(target_ids))
+            )
+            return ids, is_slot, len(before_ids) + slots + len(after_ids)
         if target is None:
             text_ids = self._ids(prompt)
             prompt_len = len(text_ids)
@@ -137,9 +225,9 @@ class LLMBatchBuilder:
             text_ids = self._ids(joined)
             prompt_len = len(self._ids(prompt))
         text = (self.prefix + text_ids)[: max(cfg.max_txt_len, len(self.prefix) + 1)]
-        ids = [self.pad_id] * self.num_query_tokens + text
-        slots = [True] * self.num_query_tokens + [False] * len(text)
-        return ids, slots, self.num_query_tokens + len(self.prefix) + prompt_len
+        ids = [self.pad_id] * slots + text
+        is_slot = [True] * slots + [False] * len(text)
+        return ids, is_slot, slots + len(self.prefix) + prompt_len
 
     def layout(
         self, prompts: Sequence[str], targets: Sequence[str] | None = None, padding_side: str = "right"
@@ -153,6 +241,12 @@ class LLMBatchBuilder:
             raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
         rows = [self._row(p, None if targets is None else targets[i]) for i, p in enumerate(prompts)]
         length = max(len(ids) for ids, _, _ in rows)
+        if length > self.cfg.llm.max_position_embeddings:
+            raise ValueError(
+                f"a sequence of {length} tokens (image slots, template, prompt, target) exceeds the LLM's "
+                f"llm.max_position_embeddings={self.cfg.llm.max_position_embeddings}; lower model.max_txt_len "
+                "or use shorter prompts"
+            )
         if padding_side == "right":
             length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
         batch = len(rows)
@@ -174,11 +268,21 @@ class LLMBatchBuilder:
         """A training batch from processed samples.
 
         ``samples``: {"image": [B, 3, S, S], "text_output" (captions) or "text_input",
-        optional "prompt" (per-sample prompts; default ``model.prompt``)}.
+        optional "prompt" (per-sample prompts), "sample_key" (per-sample data positions,
+        needed to draw instructions from ``model.prompt_file``)}. Without per-sample
+        prompts, each sample gets a prompt-file instruction, or else ``model.prompt``.
         """
         targets = list(samples.get("text_output") or samples["text_input"])
-        prompts = samples.get("prompt") or [self.cfg.prompt] * len(targets)
-        inputs = self.layout(list(prompts), targets)
+        prompts = samples.get("prompt")
+        if not prompts and self.instructions:
+            if SAMPLE_KEY not in samples:
+                raise ValueError(
+                    f"model.prompt_file={self.cfg.prompt_file!r} draws each sample's instruction by its position "
+                    f"in the data, but this batch has no {SAMPLE_KEY!r} (the train loader adds it); "
+                    "pass per-sample 'prompt's instead"
+                )
+            prompts = [self.instruction_for(key) for key in samples[SAMPLE_KEY]]
+        inputs = self.layout(list(prompts or [self.cfg.prompt] * len(targets)), targets)
         return {
             "image": samples["image"],
             "input_ids": inputs.input_ids,

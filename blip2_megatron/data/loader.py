@@ -17,9 +17,20 @@ torch's DataLoader returns when worker k plays stream k. Stream ``s`` of rank ``
    ``[r::dp_size][s::S]``, or draws with replacement when resampling); a stream that
    runs out before the epoch's batch count simply starts the next pass,
 2. reads raw samples of each pass through a shuffle buffer (drained at the end of the
-   pass), then draws each sample from source i with probability ``mix_weights[i]``,
+   pass), then mixes the sources (``data.mix_mode``):
+
+   * ``"sample"``: each sample comes from source i with probability ``mix_weights[i]``;
+   * ``"batch"``: each batch comes whole from one source, source i with probability
+     ``mix_weights[i]`` (MiniGPT-4's multi-loader choice per step). The choice for batch
+     ``b`` of the epoch is keyed by (seed, epoch, b) and not by the rank, so every DP rank
+     takes step ``b``'s batch from the same source and the global batch is one source's.
+     (MiniGPT-4 seeds its Python RNG with seed + rank, so there each rank chooses on its
+     own.) A source thus feeds whole steps, and a step's ranks see data of one kind.
+
 3. decodes and processes sample ``i`` of the stream with a generator keyed by (seed,
-   epoch, rank, stream, i); bad samples are skipped and counted by reason,
+   epoch, rank, stream, i); bad samples are skipped and counted by reason. The same key
+   travels with the sample as its ``sample_key`` (the batch builder draws a MiniGPT-4
+   instruction by it),
 4. groups them into batches of ``batch_size``.
 
 Every random choice is keyed by (seed, epoch, ...), so the epoch is a pure function of
@@ -63,6 +74,7 @@ from blip2_megatron.data.annotations import (
     load_caption_records,
     load_vqa_records,
 )
+from blip2_megatron.data.batch import SAMPLE_KEY
 from blip2_megatron.data.processors import (
     CaptionProcessor,
     ImageEvalProcessor,
@@ -110,6 +122,7 @@ class StreamSpec:
 
     sources: list[DataSource]
     weights: list[float]
+    mix_mode: str
     resampled: bool
     seed: int
     dp_rank: int
@@ -182,17 +195,40 @@ def collate_train(samples: list[dict[str, Any]], prompt: str) -> dict[str, Any]:
     ``text_input`` is prompt + caption (what the LLM models read, as LAVIS's caption
     processor builds it); with a prompt the batch also carries ``prompt`` and
     ``text_output`` (the caption alone) so the model can mask the prompt tokens.
+    ``sample_key`` lists each sample's position in the data.
     """
     captions = [sample["text_output"] for sample in samples]
     batch: dict[str, Any] = {
         "image": torch.stack([sample["image"] for sample in samples]),
         "text_input": [prompt + caption for caption in captions],
         "image_id": [sample["image_id"] for sample in samples],
+        SAMPLE_KEY: [sample[SAMPLE_KEY] for sample in samples],
     }
     if prompt:
         batch["prompt"] = [prompt] * len(samples)
         batch["text_output"] = captions
     return batch
+
+
+def batch_source(seed: int, epoch: int, batch_index: int, weights: Sequence[float]) -> int:
+    """mix_mode="batch": the source of batch ``batch_index`` of the epoch (the same on every DP rank)."""
+    (chosen,) = make_rng(seed, epoch, "batch_source", batch_index).choices(
+        range(len(weights)), weights=weights
+    )
+    return chosen
+
+
+def _batch_feeds(
+    spec: StreamSpec, per_source: list[Iterator[dict[str, Any]]], epoch: int, stream_id: int, key: tuple
+) -> Iterator[Iterator[dict[str, Any]]]:
+    """For each batch of one stream, in order: the raw samples it is filled from."""
+    if spec.mix_mode == "batch" and len(per_source) > 1:
+        for k in itertools.count():  # the stream's k-th batch is batch stream_id + k * S of the epoch
+            yield per_source[batch_source(spec.seed, epoch, stream_id + k * spec.num_streams, spec.weights)]
+    else:
+        mixed = mix_sources(per_source, spec.weights, make_rng(*key, "mix"))
+        while True:
+            yield mixed
 
 
 def stream_batches(
@@ -204,27 +240,28 @@ def stream_batches(
     skips = SkipCounter()
     key = (spec.seed, epoch, spec.dp_rank, stream_id)
     per_source = [_source_samples(spec, index, epoch, stream_id, skips) for index in range(len(spec.sources))]
-    samples = mix_sources(per_source, spec.weights, make_rng(*key, "mix"))
-    pending: list[dict[str, Any]] = []
-    batches_done = 0
+    index = 0  # samples drawn by this stream so far (usable or not): the last part of each sample's key
     usable_seen = False
-    for index, raw in enumerate(samples):
+    for batches_done, feed in enumerate(_batch_feeds(spec, per_source, epoch, stream_id, key)):
         replaying = batches_done < skip
-        try:
-            item = _process_sample(spec, raw, make_rng(*key, "sample", index), validate_only=replaying)
-        except SampleError as err:
-            skips.record(err.reason, str(err))
-            if not usable_seen and index + 1 >= _MAX_LEADING_FAILURES:
-                raise RuntimeError(
-                    f"the first {index + 1} samples of stream {stream_id} (DP rank {spec.dp_rank}) were all "
-                    f"unusable ({skips.take()}); check the shards' image / caption files"
-                ) from None
-            continue
-        usable_seen = True
-        pending.append(item)
-        if len(pending) < spec.batch_size:
-            continue
-        batches_done += 1
+        pending: list[dict[str, Any]] = []
+        while len(pending) < spec.batch_size:
+            raw = next(feed)
+            sample_key = "/".join(str(part) for part in (*key, index))
+            try:
+                item = _process_sample(spec, raw, make_rng(*key, "sample", index), validate_only=replaying)
+            except SampleError as err:
+                skips.record(err.reason, str(err))
+                if not usable_seen and index + 1 >= _MAX_LEADING_FAILURES:
+                    raise RuntimeError(
+                        f"the first {index + 1} samples of stream {stream_id} (DP rank {spec.dp_rank}) were "
+                        f"all unusable ({skips.take()}); check the shards' image / caption files"
+                    ) from None
+                continue
+            finally:
+                index += 1
+            usable_seen = True
+            pending.append(item if replaying else {**item, SAMPLE_KEY: sample_key})
         if replaying:
             skips.take()  # counted before the checkpoint already (restored with the state)
         else:
@@ -233,8 +270,7 @@ def stream_batches(
                 batch = spec.batch_builder(batch)  # tokenized here, in the loader's workers
             batch[SKIPPED_KEY] = skips.take()
             yield batch
-        pending = []
-        if batches_done == skip + count:
+        if batches_done + 1 == skip + count:
             return
 
 
@@ -263,8 +299,9 @@ class TrainLoader:
 
     ``for batch in loader`` runs the rest of the current epoch (then the epoch counter
     advances); ``loader.endless()`` chains epochs for step-based loops. A batch is
-    ``{"image": FloatTensor[B, 3, S, S], "text_input": list[str], "image_id": list}``
-    (+ ``"prompt"``, ``"text_output"`` when a prompt is configured).
+    ``{"image": FloatTensor[B, 3, S, S], "text_input": list[str], "image_id": list,
+    "sample_key": list[str]}`` (+ ``"prompt"``, ``"text_output"`` when a prompt is
+    configured), or the batch builder's tensors when the loader has one.
     """
 
     def __init__(self, stream: TrainStream, num_workers: int):
@@ -454,6 +491,7 @@ def build_train_loader(
     spec = StreamSpec(
         sources=sources,
         weights=list(cfg.mix_weights) if cfg.mix_weights else [1.0] * len(sources),
+        mix_mode=cfg.mix_mode,
         resampled=cfg.resampled,
         seed=seed,
         dp_rank=dp_rank,
@@ -467,8 +505,10 @@ def build_train_loader(
         batch_builder=batch_builder,
     )
     logger.info(
-        "train data: %d source(s), %d samples/epoch, %d batches/epoch of %d per DP rank (rank %d of %d)",
+        "train data: %d source(s) mixed per %s, %d samples/epoch, %d batches/epoch of %d per DP rank "
+        "(rank %d of %d)",
         len(sources),
+        cfg.mix_mode,
         samples_per_epoch,
         batches_per_epoch,
         cfg.batch_size,

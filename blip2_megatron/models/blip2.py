@@ -1,7 +1,13 @@
 """BLIP-2 with a decoder-only LLM: stage-2 pretraining, caption fine-tuning, MiniGPT-4.
 
-The image goes through the frozen ViT and the Q-Former; the query outputs are projected
-to the LLM width and take the place of the ``image_slots`` of the LLM's input sequence.
+The image goes through the frozen ViT and then one of two image paths (``model.image_encoder``):
+
+* ``"qformer"`` (BLIP-2, MiniGPT-4): the Q-Former's query outputs (``query_encoder``);
+* ``"patches"`` (MiniGPT-4's LLaMA-2 variant, MiniGPT-v2): the ViT's patch tokens, CLS
+  dropped, ``patch_group`` consecutive tokens concatenated (``patch_encoder``).
+
+Either output is projected to the LLM width (``language_projection``) and takes the place
+of the ``image_slots`` of the LLM's input sequence (``model.num_image_slots`` per image).
 Where the slots are, which tokens carry a loss and how prompts are tokenized is decided by
 the batch builder (``blip2_megatron.data.batch``); this module receives tensors only.
 
@@ -21,13 +27,33 @@ from blip2_megatron.config import Blip2Config
 from blip2_megatron.models import generation
 from blip2_megatron.models.llm import ParallelCausalLM
 from blip2_megatron.models.query_encoder import QueryEncoder
-from blip2_megatron.models.vision import freeze_vision, frozen_vision_dtype
+from blip2_megatron.models.vision import VisionEncoder, freeze_vision, frozen_vision_dtype
 
 logger = logging.getLogger(__name__)
 
 
+class PatchEncoder(nn.Module):
+    """ViT patch tokens grouped for the LLM: ``[B, 3, S, S] -> [B, N / g, g * vision hidden]``.
+
+    The CLS token is dropped and each ``g = patch_group`` consecutive patch tokens (in the
+    ViT's row-major order) are concatenated into one vector, as MiniGPT-4's LLaMA-2 variant
+    and MiniGPT-v2 do. ``visual_encoder`` keeps the name it has in :class:`QueryEncoder`, so
+    the same converters fill it (with the ``patch_encoder.`` prefix).
+    """
+
+    def __init__(self, cfg: Blip2Config):
+        super().__init__()
+        self.visual_encoder = VisionEncoder(cfg.vision)
+        self.patch_group = cfg.patch_group
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        patches = self.visual_encoder(image)[:, 1:, :]  # ln_vision applied, CLS dropped
+        batch, num_patches, width = patches.shape
+        return patches.reshape(batch, num_patches // self.patch_group, self.patch_group * width)
+
+
 class Blip2ForLLM(nn.Module):
-    """Vision encoder + Q-Former + projection + tensor-parallel LLM.
+    """Vision encoder + Q-Former (or grouped patches) + projection + tensor-parallel LLM.
 
     A pipeline stage is the same class with parts absent: ``pre_process`` keeps the image
     path and the token embedding, ``post_process`` the final norm and head, ``layer_range``
@@ -48,8 +74,11 @@ class Blip2ForLLM(nn.Module):
         self.pre_process = pre_process
         self.post_process = post_process
         if pre_process:
-            self.query_encoder = QueryEncoder(cfg)
-            self.language_projection = nn.Linear(cfg.qformer.hidden_size, cfg.llm.hidden_size)
+            if cfg.image_encoder == "patches":
+                self.patch_encoder = PatchEncoder(cfg)
+            else:
+                self.query_encoder = QueryEncoder(cfg)
+            self.language_projection = nn.Linear(cfg.image_feature_size, cfg.llm.hidden_size)
         self.language_model = ParallelCausalLM(
             cfg.llm, pre_process=pre_process, post_process=post_process, layer_range=layer_range
         )
@@ -65,23 +94,28 @@ class Blip2ForLLM(nn.Module):
         """Freeze what the config says is frozen (the ViT keeps eval mode and half weights)."""
         cfg = self.cfg
         if self.pre_process and cfg.vision.freeze:
-            freeze_vision(self.query_encoder.visual_encoder, frozen_vision_dtype(cfg.vision))
+            freeze_vision(self.image_encoder.visual_encoder, frozen_vision_dtype(cfg.vision))
         if self.pre_process and cfg.freeze_qformer:
             self.query_encoder.qformer.requires_grad_(False)
             self.query_encoder.query_tokens.requires_grad_(False)
         if cfg.llm.freeze:
             self.language_model.requires_grad_(False)
 
+    @property
+    def image_encoder(self) -> QueryEncoder | PatchEncoder:
+        """The image path this model was built with (stage 0 of a pipeline only)."""
+        return self.patch_encoder if self.cfg.image_encoder == "patches" else self.query_encoder
+
     # ----------------------------------------------------------------- forward
     def image_embeddings(self, image: torch.Tensor) -> torch.Tensor:
-        """Projected query outputs [B, Q, llm hidden]."""
-        query_output = self.query_encoder(image)
-        return self.language_projection(query_output.to(self.language_projection.weight.dtype))
+        """Projected image features [B, num_image_slots, llm hidden]."""
+        features = self.image_encoder(image)
+        return self.language_projection(features.to(self.language_projection.weight.dtype))
 
     def input_embeddings(
         self, image: torch.Tensor, input_ids: torch.Tensor, image_slots: torch.Tensor
     ) -> torch.Tensor:
-        """Token embeddings with the projected queries scattered into the image slots."""
+        """Token embeddings with the projected image features scattered into the image slots."""
         image_embeds = self.image_embeddings(image)
         token_embeds = self.language_model.get_input_embeddings()(input_ids)
         if isinstance(token_embeds, tuple):
@@ -147,10 +181,11 @@ class Blip2ForLLM(nn.Module):
 class Blip2PipeStage(nn.Module):
     """One pipeline stage of a BLIP-2 LLM model (DeepSpeed ``PipelineModule`` layer).
 
-    Stage 0 holds the ViT, Q-Former, projection and token embeddings plus its share of
-    decoder layers; the last stage its layers, the final norm, the head and the loss;
-    stages between hold layers only. Stages exchange ``(hidden_states, attention_mask)``;
-    the first stage reads ``(image, input_ids, attention_mask, image_slots)``.
+    Stage 0 holds the image path (ViT + Q-Former, or ViT + patch grouping), the projection
+    and the token embeddings plus its share of decoder layers; the last stage its layers,
+    the final norm, the head and the loss; stages between hold layers only. Stages exchange
+    ``(hidden_states, attention_mask)``; the first stage reads ``(image, input_ids,
+    attention_mask, image_slots)``.
 
     Every stage must hand DeepSpeed the same optimizer groups (weight decay / none): ZeRO
     runs one grad-norm collective per group over all stages, and an empty parameter list

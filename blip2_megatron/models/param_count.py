@@ -10,9 +10,10 @@ follow the code that really splits the model:
   embedding and the head hold ``ceil(vocab / tp)`` rows (the vocabulary is padded to a
   multiple of TP);
 * norms, OPT's position table and row-parallel biases are whole on every TP rank;
-* stage 0 holds the ViT, Q-Former, queries, projection and token (+ position)
-  embeddings; the last stage the final norm and the head (an OPT head tied to the
-  embedding needs its own copy when the two are on different stages).
+* stage 0 holds the image path (ViT + Q-Former and queries, or ViT alone for
+  ``image_encoder="patches"``), the projection and the token (+ position) embeddings;
+  the last stage the final norm and the head (an OPT head tied to the embedding needs
+  its own copy when the two are on different stages).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ LLM_PREFIX = "language_model."
 VOCAB_PARAMS = ("embed_tokens.weight", "lm_head.weight")  # rows are vocabulary entries
 # Part name -> parameter-name prefixes, in report order.
 PARTS: dict[str, tuple[str, ...]] = {
-    "ViT": ("query_encoder.visual_encoder.",),
+    "ViT": ("query_encoder.visual_encoder.", "patch_encoder.visual_encoder."),
     "Q-Former (+queries)": ("query_encoder.qformer.", "query_encoder.query_tokens"),
     "projection": ("language_projection.",),
     "LLM": (LLM_PREFIX,),
@@ -167,7 +168,8 @@ def count_parameters(
     ranges = stage_layer_ranges(llm.num_layers, pp) if llm is not None else [(0, 0)]
     report = ParamReport(name=name, kind=cfg.kind, tp=tp, pp=pp, parts={p: PartCount() for p in PARTS})
     for stage, layers in enumerate(ranges):
-        holds = ["ViT", "Q-Former (+queries)"] if stage == 0 else []
+        image_path = ["ViT"] if cfg.image_encoder == "patches" else ["ViT", "Q-Former (+queries)"]
+        holds = image_path if stage == 0 else []
         if stage == 0 and llm is not None:
             holds += ["projection", "token embeddings"]
         if stage == len(ranges) - 1 and llm is not None:
