@@ -284,6 +284,13 @@ def test_patch_variant_groups_four_consecutive_patch_tokens_per_slot(single_proc
     assert trained == {"language_projection.weight", "language_projection.bias"}
     assert model.language_projection.weight.grad.shape == (64, 256)
     assert torch.isfinite(loss) and model.language_projection.weight.grad.abs().sum() > 0
+    from blip2_megatron.build import predictor_for
+
+    model.eval()
+    predictor = predictor_for(model, cfg, builder)
+    options = dict(prompt="What is this?", num_beams=2, max_new_tokens=4, min_new_tokens=4)
+    assert predictor.generate_tokens({"image": pixels}, **options).shape == (2, 4)
+    assert len(predictor.generate({"image": pixels}, **options)) == 2
 
 
 def test_patch_variant_parameter_counts(single_process_group):
