@@ -21,6 +21,9 @@ REQUIREMENTS = [
     "tqdm>=4.60",
     "matplotlib>=3.7",
     "tokenizers>=0.19",
+    # InternLM2's tokenizer.model is read without its remote code (data/tokenizers.py).
+    "sentencepiece>=0.2",
+    "protobuf>=4.21",
 ]
 
 setup(

@@ -178,8 +178,8 @@ def test_config_mapping_for_real_checkpoints():
         False,
         0,
     )
-    with pytest.raises(ConfigError, match="rope type 'linear'"):
-        llm_config_from_hf(dict(vicuna_hf, rope_scaling={"type": "linear", "factor": 2.0}))
+    with pytest.raises(ConfigError, match="rope type 'yarn'"):
+        llm_config_from_hf(dict(vicuna_hf, rope_scaling={"type": "yarn", "factor": 2.0}))
     with pytest.raises(ConfigError, match="post-LN"):
         llm_config_from_hf(dict(model_type="opt", do_layer_norm_before=False, hidden_size=1024))
     with pytest.raises(ConfigError, match="'gpt2'"):

@@ -15,6 +15,12 @@ from typing import Any
 from blip2_megatron.config.base import ConfigError, check_choice, check_positive, from_dict, merge_dicts
 
 DTYPES = ("fp32", "fp16", "bf16")
+# Checkpoint layouts (Hugging Face model_type): all but "opt" are LLaMA maths (arch "llama")
+# with their own biases, attention window, RoPE scaling and tensor names.
+LLM_FAMILIES = ("opt", "llama", "qwen2", "mistral", "internlm2")
+# RoPE variants modelled, named as in transformers' rope_parameters. "dynamic" (NTK) equals
+# "default" up to max_position_embeddings and is refused beyond (see models/llm.py).
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
 
 
 @dataclass
@@ -119,6 +125,7 @@ class LLMConfig:
     """A decoder-only language model, run as tensor- and pipeline-parallel layers."""
 
     arch: str = "opt"  # "opt" (learned positions, ReLU, LayerNorm) or "llama" (RoPE, RMSNorm, SwiGLU)
+    family: str = ""  # checkpoint layout and exported config: one of LLM_FAMILIES ("" = the arch's own)
     vocab_size: int = 50272  # embedding rows (HF config vocab_size)
     hidden_size: int = 2560  # model width
     num_layers: int = 32  # decoder layers
@@ -128,9 +135,16 @@ class LLMConfig:
     max_position_embeddings: int = 2048  # longest sequence
     norm_eps: float = 1e-5  # LayerNorm / RMSNorm epsilon
     rope_theta: float = 10000.0  # RoPE base (llama)
+    rope_type: str = "default"  # RoPE scaling as transformers names it: one of ROPE_TYPES (llama)
+    rope_factor: float = 1.0  # RoPE scaling factor (linear, dynamic, llama3)
+    rope_low_freq_factor: float = 1.0  # llama3: wavelengths above original / this are divided by rope_factor
+    rope_high_freq_factor: float = 4.0  # llama3: wavelengths below original / this are kept
+    rope_original_max_positions: int = 8192  # llama3: the context length RoPE was pre-trained at
+    sliding_window: int = 0  # a token attends to this many positions, itself included (Mistral; 0 = all)
     tie_word_embeddings: bool = True  # lm_head shares the token embedding (OPT)
-    attention_bias: bool = True  # q/k/v/o biases (OPT: true, LLaMA: false)
-    bos_token_id: int = 2  # OPT: 2 ("</s>"), LLaMA: 1
+    attention_bias: bool = True  # q/k/v/o biases (OPT: true, also on fc1/fc2; LLaMA: false; Qwen2: true)
+    o_proj_bias: bool | None = None  # attention output bias (None = attention_bias; Qwen2: false)
+    bos_token_id: int | None = 2  # OPT: 2 ("</s>"), LLaMA: 1; None where the model has none (Qwen2)
     eos_token_id: int = 50118  # token that ends a BLIP-2 caption (OPT: "\n"); LLaMA: 2
     pad_token_id: int = 1  # padding id
     tokenizer: str = ""  # local path of the tokenizer (defaults to weights), or "builtin:tiny"
@@ -143,7 +157,36 @@ class LLMConfig:
 
     def __post_init__(self) -> None:
         check_choice("llm.arch", self.arch, ("opt", "llama"))
+        check_choice("llm.family", self.family, ("", *LLM_FAMILIES))
+        if (self.hf_family == "opt") != (self.arch == "opt"):
+            raise ConfigError(
+                f"llm.family={self.family!r} does not go with llm.arch={self.arch!r} "
+                f"(family 'opt' is arch 'opt'; {[f for f in LLM_FAMILIES if f != 'opt']} are arch 'llama')"
+            )
         check_choice("llm.dtype", self.dtype, DTYPES)
+        check_choice("llm.rope_type", self.rope_type, ROPE_TYPES)
+        check_positive("llm.rope_theta", self.rope_theta)
+        check_positive("llm.rope_factor", self.rope_factor)
+        check_positive("llm.rope_original_max_positions", self.rope_original_max_positions)
+        if self.rope_high_freq_factor <= self.rope_low_freq_factor:
+            raise ConfigError(
+                f"llm.rope_high_freq_factor={self.rope_high_freq_factor} must exceed "
+                f"llm.rope_low_freq_factor={self.rope_low_freq_factor}"
+            )
+        check_positive("llm.sliding_window", self.sliding_window, allow_zero=True)
+        if self.arch == "opt":
+            # OPT has learned positions, full attention and one bias switch for every projection.
+            if self.rope_type != "default":
+                raise ConfigError(
+                    f"llm.rope_type={self.rope_type!r} needs llm.arch='llama' (OPT has no RoPE)"
+                )
+            if self.sliding_window:
+                raise ConfigError(f"llm.sliding_window={self.sliding_window} needs llm.arch='llama'")
+            if self.o_proj_bias not in (None, self.attention_bias):
+                raise ConfigError(
+                    f"llm.o_proj_bias={self.o_proj_bias} differs from llm.attention_bias={self.attention_bias}: "
+                    "OPT has one bias switch (enable_bias)"
+                )
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size", "tp", "pp"):
             check_positive(f"llm.{name}", getattr(self, name))
         if self.hidden_size % self.num_heads:
@@ -166,6 +209,15 @@ class LLMConfig:
     @property
     def kv_heads(self) -> int:
         return self.num_kv_heads or self.num_heads
+
+    @property
+    def hf_family(self) -> str:
+        """The checkpoint layout: ``family``, or the arch's own layout when unset."""
+        return self.family or self.arch
+
+    @property
+    def has_o_proj_bias(self) -> bool:
+        return self.attention_bias if self.o_proj_bias is None else self.o_proj_bias
 
     @property
     def head_dim(self) -> int:
@@ -320,6 +372,44 @@ _LLAMA_COMMON = dict(
 )
 _VICUNA_7B = dict(_LLAMA_COMMON, hidden_size=4096, num_layers=32, num_heads=32, intermediate_size=11008)
 _VICUNA_13B = dict(_LLAMA_COMMON, hidden_size=5120, num_layers=40, num_heads=40, intermediate_size=13824)
+# InternLM2: LLaMA maths (GQA, RMSNorm, SwiGLU, untied head) under its own tensor names with a
+# fused attention.wqkv; its configs ask for dynamic NTK RoPE, which equals plain RoPE within
+# max_position_embeddings (32768), far beyond a BLIP-2 sequence.
+_INTERNLM2_COMMON = dict(
+    arch="llama",
+    family="internlm2",
+    vocab_size=92544,
+    max_position_embeddings=32768,
+    norm_eps=1e-5,
+    rope_theta=1_000_000.0,
+    rope_type="dynamic",
+    rope_factor=2.0,
+    tie_word_embeddings=False,
+    attention_bias=False,
+    bos_token_id=1,  # "<s>"
+    eos_token_id=2,  # "</s>"
+    pad_token_id=2,  # InternLM2's tokenizer pads with "</s>"
+)
+_INTERNLM2_1_8B = dict(
+    _INTERNLM2_COMMON, hidden_size=2048, num_layers=24, num_heads=16, num_kv_heads=8, intermediate_size=8192
+)
+# The tiny LLM with InternLM2's settings (GQA, RoPE base, eps, dynamic RoPE, untied head) and the
+# built-in tokenizer's ids ("</s>" = 2 ends a text, as InternLM2's eos does).
+_TINY_INTERNLM2 = dict(
+    _INTERNLM2_COMMON,
+    vocab_size=512,
+    hidden_size=64,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    intermediate_size=256,
+    max_position_embeddings=128,
+    bos_token_id=2,
+    eos_token_id=2,
+    pad_token_id=1,
+    tokenizer="builtin:tiny",
+    dtype="fp32",
+)
 
 _LLAMA2_CHAT_7B = dict(
     arch="llama",
@@ -358,6 +448,12 @@ FLAVOURS: dict[str, dict[str, Any]] = {
     "blip2_opt6.7b": dict(kind="llm", vision=_EVA_VIT_G, llm=_OPT_6_7B, prompt="a photo of"),
     "blip2_vicuna7b": dict(kind="llm", vision=_EVA_VIT_G, llm=_VICUNA_7B, prompt="", end_sym="</s>"),
     "blip2_vicuna13b": dict(kind="llm", vision=_EVA_VIT_G, llm=_VICUNA_13B, prompt="", end_sym="</s>"),
+    "tiny_internlm2": dict(
+        kind="llm", vision=_TINY_VISION, qformer=_TINY_QFORMER, llm=_TINY_INTERNLM2, prompt="", end_sym="</s>"
+    ),
+    "blip2_internlm2_1.8b": dict(
+        kind="llm", vision=_EVA_VIT_G, llm=_INTERNLM2_1_8B, prompt="", end_sym="</s>"
+    ),
     "minigpt4_vicuna7b": dict(
         kind="minigpt4",
         vision=_EVA_VIT_G,

@@ -60,6 +60,8 @@ HF_LM_HEAD = HF_LLM_PREFIX + "lm_head.weight"
 OPT_IMAGE_TOKEN = 50265  # the "<image>" id Salesforce's blip2-opt checkpoints use (vocab padded to 50272)
 OPT_CAPTION_END = "\n"  # BLIP-2 OPT captions end here (LAVIS: the first id of tokenizer("\n"))
 BICUBIC = 3  # PIL.Image.BICUBIC, the resampling of our eval transform
+# LLM families whose model transformers ships, so that its Blip2 can hold them (not InternLM2).
+TRANSFORMERS_LLM_FAMILIES = ("opt", "llama", "qwen2", "mistral")
 
 
 def image_token_id(llm: LLMConfig) -> int:
@@ -71,12 +73,17 @@ def image_token_id(llm: LLMConfig) -> int:
 
 # ------------------------------------------------------------------------------ configs
 def hf_text_config(llm: LLMConfig) -> transformers.PretrainedConfig:
-    """The transformers OPTConfig / LlamaConfig of ``llm`` as a Blip2 ``text_config``.
+    """The transformers OPT / LLaMA / Qwen2 / Mistral config of ``llm`` as a Blip2 ``text_config``.
 
     As :func:`~blip2_megatron.convert.hf_llm.hf_config_dict`, except that the eos is the
     caption end (so transformers' generate stops where ours does) and OPT's dropout is off
     (our decoder has none; the benchmark's transformers baseline must not have it either).
     """
+    if llm.hf_family not in TRANSFORMERS_LLM_FAMILIES:
+        raise ConfigError(
+            f"transformers' Blip2 cannot hold a {llm.hf_family} LLM (transformers ships no such model): "
+            "export the run's LLM with convert.hf_llm.save_hf_llm and keep the run for the rest"
+        )
     fields = hf_config_dict(llm)
     fields["eos_token_id"] = llm.eos_token_id
     if llm.arch == "opt":

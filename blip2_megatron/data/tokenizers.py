@@ -5,14 +5,20 @@ directories (nothing is fetched from a hub). The spec ``"builtin:tiny"`` builds 
 WordPiece tokenizers in memory, deterministically, for the tiny CPU flavour and the tests:
 whole words for the vocabulary of captions and questions, single characters as the
 fallback so that any ASCII text still tokenizes.
+
+Tokenizers whose transformers class is remote code (InternLM2's, ``trust_remote_code``)
+are not run: their sentencepiece model (``tokenizer.model``) is rebuilt here as a
+``tokenizers`` BPE that encodes as sentencepiece does (see :func:`sentencepiece_bpe_tokenizer`).
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import string
 from pathlib import Path
+from typing import Any
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
@@ -108,12 +114,151 @@ def _tiny_llm_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
+# tokenizer_config.json classes that are remote code, read from their sentencepiece model instead.
+SENTENCEPIECE_TOKENIZER_CLASSES = ("InternLM2Tokenizer", "InternLM2TokenizerFast")
+SENTENCEPIECE_MODEL = "tokenizer.model"
+
+
+def _read_sentencepiece_model(path: Path) -> Any:
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(path.read_bytes())
+    return proto
+
+
+def _check_sentencepiece_model(proto: Any, path: Path) -> None:
+    """Refuse sentencepiece settings that the rebuilt tokenizer would not reproduce, naming them."""
+    trainer, normalizer = proto.trainer_spec, proto.normalizer_spec
+    problems = []
+    if trainer.model_type != trainer.BPE:
+        problems.append(f"model_type={trainer.ModelType.Name(trainer.model_type)} (BPE is read)")
+    if normalizer.name != "identity" or normalizer.precompiled_charsmap:
+        problems.append(f"normalizer {normalizer.name!r} (only 'identity' is read)")
+    if normalizer.remove_extra_whitespaces:
+        problems.append("remove_extra_whitespaces=true")
+    if not normalizer.escape_whitespaces:
+        problems.append("escape_whitespaces=false")
+    if trainer.treat_whitespace_as_suffix:
+        problems.append("treat_whitespace_as_suffix=true")
+    if problems:
+        raise ConfigError(f"{path}: sentencepiece settings not supported: {'; '.join(problems)}")
+
+
+def _bpe_merges(proto: Any) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Vocabulary and BPE merges of a sentencepiece BPE model.
+
+    sentencepiece merges the adjacent pair whose merged piece scores highest, and its BPE
+    scores fall with the piece id; so a merge's rank is its merged piece's id (the splits
+    of one piece in the order of their halves' ids).
+    """
+    normal = proto.SentencePiece.NORMAL
+    vocab = {piece.piece: index for index, piece in enumerate(proto.pieces)}
+    mergeable = {piece.piece for piece in proto.pieces if piece.type == normal}
+    merges: list[tuple[str, str]] = []
+    for piece in proto.pieces:
+        if piece.type != normal or len(piece.piece) < 2:
+            continue
+        text = piece.piece
+        splits = [(text[:i], text[i:]) for i in range(1, len(text))]
+        splits = [(a, b) for a, b in splits if a in mergeable and b in mergeable]
+        merges.extend(sorted(splits, key=lambda pair: (vocab[pair[0]], vocab[pair[1]])))
+    return vocab, merges
+
+
+def _token_text(value: Any) -> str | None:
+    """A special token as tokenizer_config.json stores it: a string or an AddedToken dict."""
+    return value.get("content") if isinstance(value, dict) else value
+
+
+def sentencepiece_bpe_tokenizer(directory: str | Path) -> PreTrainedTokenizerFast:
+    """A directory's sentencepiece BPE tokenizer (``tokenizer.model``), without its remote code.
+
+    Encodes as sentencepiece (which InternLM2's tokenizer calls on each stretch of text
+    between special tokens) does: spaces become "▁", a "▁" is prepended to each stretch when
+    the model adds a dummy prefix, pieces merge in score order, unknown characters fall back
+    to byte pieces. Control and user-defined pieces (``<s>``, ``</s>``, ``<|im_end|>`` ...)
+    match whole, as special tokens. Special tokens and ``add_bos_token`` / ``add_eos_token``
+    come from ``tokenizer_config.json`` (InternLM2's defaults: bos added, eos not).
+    Normalisations other than identity are refused (:func:`_check_sentencepiece_model`).
+    """
+    directory = Path(directory)
+    model_file = directory / SENTENCEPIECE_MODEL
+    if not model_file.is_file():
+        raise ConfigError(
+            f"{directory} has no {SENTENCEPIECE_MODEL} (the sentencepiece model of its tokenizer)"
+        )
+    proto = _read_sentencepiece_model(model_file)
+    _check_sentencepiece_model(proto, model_file)
+    settings_file = directory / "tokenizer_config.json"
+    settings = json.loads(settings_file.read_text()) if settings_file.is_file() else {}
+    trainer, prefix = proto.trainer_spec, proto.normalizer_spec.add_dummy_prefix
+
+    vocab, merges = _bpe_merges(proto)
+    for index, token in settings.get("added_tokens_decoder", {}).items():
+        text = _token_text(token)
+        if vocab.get(text) != int(index):
+            raise ConfigError(
+                f"{settings_file}: added token {text!r} has id {index} but the sentencepiece model "
+                f"{'gives it ' + str(vocab[text]) if text in vocab else 'lacks it'}"
+            )
+    unk = proto.pieces[trainer.unk_id].piece
+    tok = Tokenizer(
+        models.BPE(
+            vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True, byte_fallback=trainer.byte_fallback
+        )
+    )
+    escape = [normalizers.Replace(" ", "▁")]
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), *escape] if prefix else escape)
+    tok.pre_tokenizer = None
+    unescape = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    tok.decoder = decoders.Sequence([*unescape, decoders.Strip(" ", 1, 0)] if prefix else unescape)
+    whole = (proto.SentencePiece.CONTROL, proto.SentencePiece.USER_DEFINED, proto.SentencePiece.UNKNOWN)
+    tok.add_special_tokens(
+        [
+            AddedToken(piece.piece, normalized=False, special=True)
+            for piece in proto.pieces
+            if piece.type in whole
+        ]
+    )
+
+    def named(key: str, sp_id: int) -> str | None:
+        configured = _token_text(settings.get(key))
+        return configured if configured is not None else (proto.pieces[sp_id].piece if sp_id >= 0 else None)
+
+    bos, eos = named("bos_token", trainer.bos_id), named("eos_token", trainer.eos_id)
+    pad = named("pad_token", trainer.pad_id)
+    add_bos, add_eos = settings.get("add_bos_token", True), settings.get("add_eos_token", False)
+    if (add_bos and bos is None) or (add_eos and eos is None):
+        raise ConfigError(
+            f"{directory}: add_bos_token / add_eos_token ask for a token the model does not name"
+        )
+    template = [*([bos] if add_bos else []), "$A", *([eos] if add_eos else [])]
+    tok.post_processor = processors.TemplateProcessing(
+        single=" ".join(template),
+        special_tokens=[(token, vocab[token]) for token in template if token != "$A"],
+    )
+    logger.info(
+        "%s: sentencepiece BPE tokenizer, %d pieces (read without remote code)", directory, len(vocab)
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=bos, eos_token=eos, unk_token=unk, pad_token=pad
+    )
+
+
+def _tokenizer_class(directory: Path) -> str | None:
+    settings = directory / "tokenizer_config.json"
+    return json.loads(settings.read_text()).get("tokenizer_class") if settings.is_file() else None
+
+
 def build_tokenizer(spec: str, kind: str, arch: str = "opt") -> PreTrainedTokenizerFast:
     """The tokenizer for ``kind`` ('qformer' or 'llm') from a local path or ``builtin:tiny``.
 
     Q-Former tokenizers get the ``[DEC]`` bos token BLIP-2 uses for ITG; LLaMA-family
     tokenizers without a pad token get ``[PAD]`` (Vicuna, as BLIP-2 does). Training pads
-    on the right; generation code switches to left padding itself.
+    on the right; generation code switches to left padding itself. A directory whose
+    tokenizer class is remote code in transformers (InternLM2) is read from its
+    sentencepiece model (:func:`sentencepiece_bpe_tokenizer`).
     """
     if kind not in ("qformer", "llm"):
         raise ValueError(f"kind must be 'qformer' or 'llm', got {kind!r}")
@@ -127,7 +272,10 @@ def build_tokenizer(spec: str, kind: str, arch: str = "opt") -> PreTrainedTokeni
             f"{kind} tokenizer path {spec!r} does not exist; give a local Hugging Face tokenizer "
             f"directory (nothing is downloaded) or '{BUILTIN_TINY}'"
         )
-    tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True, use_fast=True)
+    if path.is_dir() and _tokenizer_class(path) in SENTENCEPIECE_TOKENIZER_CLASSES:
+        tok = sentencepiece_bpe_tokenizer(path)
+    else:
+        tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True, use_fast=True)
     if kind == "qformer" and tok.bos_token != "[DEC]":
         tok.add_special_tokens({"bos_token": "[DEC]"})
     if kind == "llm" and tok.pad_token is None:

@@ -11,10 +11,13 @@ One class, :class:`ParallelCausalLM`, covers both architectures:
 * ``arch="opt"``: learned absolute positions (offset 2, computed from the attention mask
   like Hugging Face's OPT), pre-LN ``LayerNorm``, ReLU FFN ``fc1``/``fc2``, final
   ``LayerNorm``, head tied to the token embedding.
-* ``arch="llama"`` (LLaMA, Vicuna; InternLM2 has the same maths): rotary position
+* ``arch="llama"`` (LLaMA / Vicuna 1-3, Qwen2, Mistral, InternLM2): rotary position
   embedding in Hugging Face's ``rotate_half`` convention (so HF q/k weights load
   unpermuted), ``RMSNorm``, SwiGLU ``gate_proj``/``up_proj``/``down_proj``, optional
-  grouped-query attention, untied head.
+  grouped-query attention, untied head. The families differ by flags of the config:
+  q/k/v and output-projection biases separately (Qwen2 has the first, not the second),
+  a sliding attention window (Mistral), RoPE scaling (``linear``, ``llama3``, ``dynamic``
+  as transformers computes them), a tied head; their tensor names are ``convert``'s business.
 
 Module layout, the same for both architectures so that pipeline assembly is generic::
 
@@ -157,16 +160,43 @@ def make_norm(cfg: LLMConfig, dtype: torch.dtype) -> nn.Module:
     return RMSNorm(cfg.hidden_size, cfg.norm_eps, dtype)
 
 
+def rope_inverse_frequencies(cfg: LLMConfig, device=None) -> torch.Tensor:
+    """RoPE's inverse frequencies ``[head_dim / 2]`` in fp32, scaled as ``cfg.rope_type`` says.
+
+    The maths of transformers' ``rope_parameters`` types, op for op (so the angles are the
+    same floats): ``linear`` divides every frequency by the factor; ``llama3`` (Llama 3.1)
+    divides the low frequencies (wavelengths above ``original / low_freq_factor``), keeps
+    the high ones (below ``original / high_freq_factor``) and blends the ones in between;
+    ``dynamic`` (NTK) only changes the base for sequences longer than
+    ``max_position_embeddings``, which :class:`ParallelCausalLM` refuses, so it is the
+    unscaled RoPE here.
+    """
+    dim = cfg.head_dim
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim
+    inv_freq = 1.0 / (cfg.rope_theta**exponents)
+    if cfg.rope_type == "linear":
+        return inv_freq / cfg.rope_factor
+    if cfg.rope_type == "llama3":
+        original = cfg.rope_original_max_positions
+        low, high = cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+        wavelength = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelength > original / low, inv_freq / cfg.rope_factor, inv_freq)
+        smooth = (original / wavelength - low) / (high - low)
+        blended = (1 - smooth) * scaled / cfg.rope_factor + smooth * scaled
+        medium = (wavelength >= original / high) & (wavelength <= original / low)
+        return torch.where(medium, blended, scaled)
+    return inv_freq
+
+
 def rotary_cos_sin(
-    position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
+    position_ids: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """RoPE angles ``[B, 1, T, head_dim]`` for ``position_ids [B, T]``, in HF's half-split layout.
 
-    Frequencies are computed in fp32 every call instead of being kept as a buffer: a buffer
-    would be cast to fp16/bf16 by ``model.to(dtype)`` and lose precision at long positions.
+    Frequencies (:func:`rope_inverse_frequencies`) are computed in fp32 every call instead of
+    being kept as a buffer: a buffer would be cast to fp16/bf16 by ``model.to(dtype)`` and
+    lose precision at long positions.
     """
-    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device=position_ids.device).float() / head_dim
-    inv_freq = 1.0 / (theta**exponents)
     freqs = position_ids.float()[..., None] * inv_freq  # [B, T, head_dim / 2]
     angles = torch.cat([freqs, freqs], dim=-1)
     return angles.cos().to(dtype)[:, None], angles.sin().to(dtype)[:, None]
@@ -206,26 +236,38 @@ def _check_mask_length(attention_mask: torch.Tensor | None, query_len: int, past
 
 
 def build_attention_mask(
-    attention_mask: torch.Tensor | None, query_len: int, past_length: int
+    attention_mask: torch.Tensor | None,
+    query_len: int,
+    past_length: int,
+    sliding_window: int = 0,
+    device: torch.device | None = None,
 ) -> tuple[torch.Tensor | None, bool]:
     """The ``(attn_mask, is_causal)`` pair for scaled_dot_product_attention.
 
     ``attention_mask`` is the usual ``[B, past + T]`` 0/1 padding mask. Without padding the
     causal fast path is used (no mask tensor); otherwise a boolean ``[B, 1, T, past + T]``
-    mask (True = may attend) combines causality and key padding.
+    mask (True = may attend) combines causality and key padding. ``sliding_window`` > 0
+    (Mistral) also hides keys ``sliding_window`` or more slots behind the query, as
+    transformers' sliding-window mask does (slots, padding included, are what it counts);
+    the cache keeps every key, the mask decides which ones count. ``device`` places a mask
+    built without a padding mask (which otherwise gives the device).
     """
     _check_mask_length(attention_mask, query_len, past_length)
     kv_len = past_length + query_len
     no_padding = attention_mask is None or bool(attention_mask.bool().all())
-    if no_padding:
+    window_hides_keys = 0 < sliding_window < kv_len
+    if no_padding and not window_hides_keys:
         if past_length == 0:
             return None, query_len > 1
         if query_len == 1:
             return None, False  # one new token may see every cached position
-    device = attention_mask.device if attention_mask is not None else None
+    if attention_mask is not None:
+        device = attention_mask.device
     query_pos = torch.arange(past_length, kv_len, device=device)[:, None]
     key_pos = torch.arange(kv_len, device=device)[None, :]
     allowed = key_pos <= query_pos  # [T, past + T]
+    if sliding_window:
+        allowed = allowed & (key_pos > query_pos - sliding_window)
     if attention_mask is not None:
         allowed = allowed[None] & attention_mask.bool()[:, None, :]  # [B, T, past + T]
     if allowed.dim() == 2:
@@ -268,8 +310,8 @@ class SelfAttention(nn.Module):
         self.num_kv_heads = cfg.kv_heads // tp
         # OPT (as fairseq and HF) scales q before the product; same order, same rounding.
         self.scale_query_first = cfg.arch == "opt"
-        hidden, bias, init = cfg.hidden_size, cfg.attention_bias, _init_method(INIT_STD)
-        column = dict(config=mp_config, init_method=init, bias=bias, gather_output=False)
+        hidden, init = cfg.hidden_size, _init_method(INIT_STD)
+        column = dict(config=mp_config, init_method=init, bias=cfg.attention_bias, gather_output=False)
         self.q_proj = tensor_parallel.ColumnParallelLinear(hidden, cfg.num_heads * self.head_dim, **column)
         self.k_proj = tensor_parallel.ColumnParallelLinear(hidden, cfg.kv_heads * self.head_dim, **column)
         self.v_proj = tensor_parallel.ColumnParallelLinear(hidden, cfg.kv_heads * self.head_dim, **column)
@@ -278,7 +320,7 @@ class SelfAttention(nn.Module):
             hidden,
             config=mp_config,
             init_method=init,
-            bias=bias,
+            bias=cfg.has_o_proj_bias,
             input_is_parallel=True,
             skip_bias_add=False,
         )
@@ -673,17 +715,24 @@ class ParallelCausalLM(nn.Module):
             raise ValueError("a pipeline stage without embeddings (pre_process=False) needs hidden_states")
 
         batch, seq_len = hidden_states.shape[:2]
-        attn_mask, is_causal = build_attention_mask(attention_mask, seq_len, past_length)
+        attn_mask, is_causal = build_attention_mask(
+            attention_mask, seq_len, past_length, self.cfg.sliding_window, hidden_states.device
+        )
         rotary = None
         if self.cfg.arch == "llama":
+            if self.cfg.rope_type == "dynamic" and past_length + seq_len > self.cfg.max_position_embeddings:
+                raise ValueError(
+                    f"llm.rope_type='dynamic' rescales RoPE for sequences longer than "
+                    f"llm.max_position_embeddings={self.cfg.max_position_embeddings}, which is not modelled; "
+                    f"this sequence has {past_length + seq_len} positions"
+                )
             if position_ids is None:
                 position_ids = self.default_position_ids(
                     attention_mask, past_length, seq_len, hidden_states.device
                 )
             rotary = rotary_cos_sin(
                 position_ids.expand(batch, seq_len),
-                self.cfg.head_dim,
-                self.cfg.rope_theta,
+                rope_inverse_frequencies(self.cfg, hidden_states.device),
                 hidden_states.dtype,
             )
 
