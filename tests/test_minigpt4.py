@@ -403,3 +403,26 @@ def test_patch_variant_tensor_parallel_loss_equals_one_rank(patch_weights, patch
     for result in run_distributed(patch_loss, 2, patch_weights, 2, 1):
         torch.testing.assert_close(result["loss"], patch_reference["loss"], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(result["grad"], patch_reference["grad"], rtol=1e-4, atol=1e-6)
+
+
+def test_a_tokenizer_without_pad_pads_with_unk_when_the_added_pad_is_past_the_vocabulary(tmp_path):
+    """LLaMA-2 ships no pad token: the "[PAD]" added for it would index past the embedding."""
+    from blip2_megatron.data.tokenizers import build_tokenizer
+
+    tokenizer = build_tokenizer("builtin:tiny", "llm")
+    tokenizer.pad_token = None
+    tokenizer.save_pretrained(tmp_path)
+    vocab = len(tokenizer)  # the added "[PAD]" gets id == vocab, one past this vocabulary
+    builder = tiny_builder(**STAGE1, llm={"tokenizer": str(tmp_path), "vocab_size": vocab})
+    unk = builder.tokenizer.unk_token_id
+    assert builder.pad_id == unk == builder.tokenizer.pad_token_id and unk < vocab
+    batch = builder({"image": images(), "text_output": CAPTIONS})
+    assert int(batch["input_ids"].max()) < vocab
+    assert (batch["input_ids"][batch["attention_mask"] == 0] == unk).all()
+
+
+def test_the_patch_variant_is_not_exported_to_transformers_blip2():
+    from blip2_megatron.convert.hf_blip2 import hf_config_from_ours
+
+    with pytest.raises(ConfigError, match="image_encoder='patches'.*no Q-Former"):
+        hf_config_from_ours(build_model_config("tiny_minigpt4_llama2"))

@@ -240,8 +240,11 @@ def test_two_node_preemption_requeue_and_lost_node(cluster, tmp_path):
     print(f"pre-empted at step {saved}, requeued, at {time.monotonic() - t0:.0f}s")
 
     # 2. The requeued job (same id) resumes from that checkpoint. SLURM holds a requeued job
-    #    for about two minutes; let it start now.
+    #    for about two minutes; let it start now. Not within the second of the requeue: slurmd
+    #    refuses a launch whose credential is as old as the job's revocation, in whole seconds
+    #    ("Job credential revoked"), which is what that hold is for.
     records_before = len(step_records(run_dir))
+    time.sleep(2)
     cluster.run(["scontrol", "update", f"JobId={job}", "StartTime=now"])
     resumed = wait_for_steps(cluster, job, run_dir, records_before + 1, tmp_path, name)[records_before:]
     assert resumed[0]["step"] == saved + 1, resumed

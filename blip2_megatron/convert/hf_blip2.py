@@ -102,6 +102,12 @@ def hf_config_from_ours(cfg: Blip2Config) -> transformers.Blip2Config:
         raise ConfigError(
             "only models with an LLM (model.kind 'llm' / 'minigpt4') map to Blip2ForConditionalGeneration"
         )
+    if cfg.image_encoder != "qformer":
+        raise ConfigError(
+            f"model.image_encoder={cfg.image_encoder!r} (MiniGPT-4's LLaMA-2 variant: ViT patch tokens "
+            "projected straight into the LLM) has no Q-Former: transformers' Blip2ForConditionalGeneration "
+            "cannot hold it; keep it in our checkpoint format"
+        )
     vision, qformer = cfg.vision, cfg.qformer
     if vision.pre_layernorm:
         raise ConfigError(

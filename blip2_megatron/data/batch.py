@@ -46,6 +46,7 @@ Training batches (what the loader yields and the engine feeds the model)::
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -58,6 +59,8 @@ from blip2_megatron.config import Blip2Config, ConfigError
 from blip2_megatron.config.model import IMAGE_PLACEHOLDER
 from blip2_megatron.data.tokenizers import build_tokenizer, llm_tokenizer_spec
 from blip2_megatron.data.wds import make_rng
+
+logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100  # label of a position that takes no loss (Hugging Face's convention)
 PAD_TO_MULTIPLE_OF = 8
@@ -166,6 +169,24 @@ class LLMBatchBuilder:
             raise ConfigError("an LLM batch builder needs model.llm (model.kind 'llm' or 'minigpt4')")
         if tokenizer.pad_token_id is None:
             raise ConfigError("the LLM tokenizer has no pad token")
+        unk_id = tokenizer.unk_token_id
+        if (
+            tokenizer.pad_token_id >= cfg.llm.vocab_size
+            and unk_id is not None
+            and unk_id < cfg.llm.vocab_size
+        ):
+            # LLaMA-2 ships no pad token and the "[PAD]" added for it lies past the 32000 rows of
+            # its embedding. Padded positions are masked out of attention and loss, so any token of
+            # the vocabulary pads alike: LLaMA's "<unk>" (MiniGPT-4 pads with an ordinary token too).
+            logger.info(
+                "LLM pad token %r (id %d) is outside llm.vocab_size=%d: padding with %r (id %d)",
+                tokenizer.pad_token,
+                tokenizer.pad_token_id,
+                cfg.llm.vocab_size,
+                tokenizer.unk_token,
+                unk_id,
+            )
+            tokenizer.pad_token = tokenizer.unk_token
         if tokenizer.pad_token_id >= cfg.llm.vocab_size:
             # Padding and image slots are looked up in the embedding before they are masked or replaced.
             raise ConfigError(

@@ -13,6 +13,7 @@ are not run: their sentencepiece model (``tokenizer.model``) is rebuilt here as 
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import logging
@@ -263,7 +264,9 @@ def build_tokenizer(spec: str, kind: str, arch: str = "opt") -> PreTrainedTokeni
     if kind not in ("qformer", "llm"):
         raise ValueError(f"kind must be 'qformer' or 'llm', got {kind!r}")
     if spec == BUILTIN_TINY:
-        tok = _tiny_qformer_tokenizer() if kind == "qformer" else _tiny_llm_tokenizer()
+        # A copy: callers may change their tokenizer (padding side, template) without
+        # changing everyone else's.
+        tok = copy.deepcopy(_tiny_qformer_tokenizer() if kind == "qformer" else _tiny_llm_tokenizer())
         tok.padding_side = "right"
         return tok
     path = Path(spec)

@@ -97,7 +97,8 @@ def records(run_dir: Path) -> list[dict]:
 
 
 def step_records(run_dir: Path) -> list[dict]:
-    return [r for r in records(run_dir) if "step" in r and r.get("event") != "summary"]
+    """The training steps' records in order (evaluation and summary events left out)."""
+    return [r for r in records(run_dir) if "step" in r and "event" not in r]
 
 
 def latest_step(run_dir: Path) -> int:
