@@ -7,5 +7,6 @@ set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python3}
 "$PYTHON" -m pip install --quiet "torch==2.13.0"
-"$PYTHON" -m pip install --quiet -c constraints.txt -e ".[dev]"
+# Extras: dev (tests, lint), demo (the web chat, gradio), tracking (TensorBoard, W&B).
+"$PYTHON" -m pip install --quiet -c constraints.txt -e ".[dev,demo,tracking]"
 "$PYTHON" -c "import torch, deepspeed, megatron.core, transformers, webdataset; print('blip2-megatron environment ready: torch', torch.__version__)"

@@ -36,5 +36,13 @@ setup(
     package_data={"blip2_megatron": ["configs/*.yaml", "configs/prompts/*.txt"]},
     python_requires=">=3.10",
     install_requires=REQUIREMENTS,
-    extras_require={"dev": ["pytest>=8", "ruff>=0.5"], "apex": ["apex"]},
+    extras_require={
+        # selenium drives the web chat demo's browser test (tests/test_chat.py).
+        "dev": ["pytest>=8", "ruff>=0.5", "selenium>=4.20"],
+        "apex": ["apex"],
+        # The web chat demo (launch/chat.py --web): gradio 6 (theme at launch, message-format chat).
+        "demo": ["gradio>=6.0,<7"],
+        # Experiment tracking (train.monitors): TensorBoard event files, W&B (offline or online).
+        "tracking": ["tensorboard>=2.14", "wandb>=0.16"],
+    },
 )

@@ -21,7 +21,7 @@ LAYERS = [
     ["api"],
     ["training"],
     ["build"],
-    ["eval"],
+    ["eval", "chat"],
     ["inference", "convert"],
     ["models"],
     ["parallel"],

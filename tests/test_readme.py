@@ -187,7 +187,8 @@ def test_every_readme_command_runs(scratch, url_list, sample):
     layouts = {(n, tp, pp, zero) for n, tp, pp, zero in LAYOUTS.values()}
     skipped_layouts = []
     for command in commands:
-        words = shlex.split(command)
+        piped_in, _, invocation = command.rpartition(" | ")  # "printf '...' | python launch/chat.py ..."
+        words = shlex.split(invocation)
         if "launch/train.py" in words:
             output = _output_dir(words)
             used_later = len(re.findall(re.escape(output) + r"(?![\w.-])", readme_text)) > 1
@@ -203,6 +204,8 @@ def test_every_readme_command_runs(scratch, url_list, sample):
         elif "launch/evaluate.py" in words:
             words = [*_tiny_job_overrides(words, sample), "eval.max_samples=8", "eval.num_beams=2"]
         line = " ".join(shlex.quote(w) for w in words)
+        if piped_in:
+            line = f"{piped_in} | {line}"
         for old, new in SUBSTITUTIONS.items():
             line = line.replace(old, new.format(scratch=scratch))
         start = time.perf_counter()
@@ -252,6 +255,9 @@ def _check_output(words: list[str], proc: subprocess.CompletedProcess, scratch: 
         images = [w for w in words if w.endswith(".jpg")]
         lines = [line for line in proc.stdout.splitlines() if "\t" in line]
         assert [line.split("\t")[0] for line in lines] == images and "ERROR" not in proc.stdout, proc.stdout
+    elif "launch/chat.py" in words:
+        # Piped in: one answer line per question (the /reset command answers nothing).
+        assert len(proc.stdout.splitlines()) == 3 and "reset" in proc.stderr.lower(), out[-2000:]
     elif "launch/evaluate.py" in words:
         assert int(re.search(r'"num_evaluated": (\d+)', proc.stdout).group(1)) > 0, proc.stdout[-2000:]
     elif "launch/convert.py" in words or "data_tools/make_sample_dataset.py" in words:

@@ -1,4 +1,4 @@
-"""Greedy and beam-search decoding over a tensor-parallel :class:`ParallelCausalLM`.
+"""Greedy, sampling and beam-search decoding over a tensor-parallel :class:`ParallelCausalLM`.
 
 Generation starts from input embeddings (BLIP-2: projected query outputs followed by the
 prompt's token embeddings) with a left-padded attention mask, runs the prompt once to fill
@@ -22,6 +22,23 @@ Semantics follow ``transformers`` 5.23 ``generate(inputs_embeds=..., attention_m
   heuristic (``early_stopping=False``): when the best running beam, scored at its current
   length, cannot beat the worst of ``num_beams`` finished hypotheses. ``early_stopping=True``
   stops once ``num_beams`` hypotheses are finished; ``"never"`` uses the canonical bound.
+* sampling (``do_sample=True``, ``num_beams=1``) processes scores as HF does: the penalties
+  above, then temperature, top-k (ties with the k-th score kept), top-p (the smallest set
+  of most likely tokens whose probability reaches ``top_p``, at least one), then one draw
+  per row with ``torch.multinomial``. With the same seed (HF draws from the global
+  generator, we from ``generator``) the same tokens come out.
+
+Extensions beyond HF's defaults (off unless asked for, so the above stays exact):
+
+* ``stop_sequences``: token-id sequences that finish a row like an end-of-text token when
+  its new tokens end with one (multi-token end symbols such as MiniGPT-4's "###");
+* ``streamer``: called after every step with the step's new tokens ``[B]`` (``pad_token_id``
+  for rows already finished); it returns True to stop the whole generation. Greedy and
+  sampling only: beams are re-ordered at every step, so no token is final before the end.
+
+Tensor parallelism: the sampled tokens and a streamer's decision to stop are taken on TP
+rank 0 and broadcast over the TP group, so every rank continues with the same tokens even
+if the ranks' generators differ (or are unseeded); only TP rank 0's ``generator`` matters.
 
 Pipeline parallelism is not supported here (``pp == 1``): the eval path runs whole models.
 """
@@ -29,12 +46,13 @@ Pipeline parallelism is not supported here (``pp == 1``): the eval path runs who
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from blip2_megatron.models.llm import KVCache, ParallelCausalLM, gather_from_tp_ranks
+from blip2_megatron.parallel import state
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +64,83 @@ def _eos_tensor(eos_token_id: int | Sequence[int] | None, device) -> torch.Tenso
         return torch.empty(0, dtype=torch.long, device=device)
     ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
     return torch.tensor(ids, dtype=torch.long, device=device)
+
+
+def _from_tp_rank0(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` as TP rank 0 holds it, on every rank of the TP group."""
+    if state.tp_size() == 1:
+        return tensor
+    group = state.tp_group()
+    tensor = tensor.contiguous()
+    torch.distributed.broadcast(tensor, src=torch.distributed.get_global_rank(group, 0), group=group)
+    return tensor
+
+
+class _StopSequences:
+    """Which rows' generated tokens end with one of the given token-id sequences."""
+
+    def __init__(self, sequences: Sequence[Sequence[int]] | None, device):
+        self.sequences = []
+        for seq in sequences or ():
+            if len(seq) == 0:
+                raise ValueError("stop_sequences holds an empty sequence")
+            self.sequences.append(torch.tensor(list(seq), dtype=torch.long, device=device))
+
+    def hit(self, generated: torch.Tensor) -> torch.Tensor:
+        """``generated [..., L]`` -> bool ``[...]``: the last tokens equal a stop sequence."""
+        hit = torch.zeros(generated.shape[:-1], dtype=torch.bool, device=generated.device)
+        for seq in self.sequences:
+            if generated.shape[-1] >= seq.numel():
+                hit |= (generated[..., -seq.numel() :] == seq).all(dim=-1)
+        return hit
+
+
+def check_sampling(temperature: float, top_k: int, top_p: float) -> None:
+    """Raise a ValueError naming the sampling option that is out of range."""
+    if temperature <= 0.0:
+        raise ValueError(f"temperature={temperature} must be > 0 when sampling (use do_sample=False)")
+    if top_k < 0:
+        raise ValueError(f"top_k={top_k} must be >= 0 (0 = no top-k filtering)")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p={top_p} must be in (0, 1] (1 = no top-p filtering)")
+
+
+def sampling_scores(
+    scores: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0
+) -> torch.Tensor:
+    """HF's sampling warpers on ``scores [N, V]``: temperature, then top-k, then top-p.
+
+    Tokens that may not be drawn get -inf. Top-k keeps every token scoring at least the
+    k-th best (ties included); top-p keeps the most likely tokens until their probability
+    reaches ``top_p`` (the token that crosses it included, the most likely one always).
+    """
+    check_sampling(temperature, top_k, top_p)
+    if temperature != 1.0:
+        scores = scores / temperature
+    if top_k:
+        kth = torch.topk(scores, min(top_k, scores.shape[-1]), dim=-1).values[:, -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if top_p < 1.0:
+        ascending, order = torch.sort(scores, dim=-1)
+        # Drop the least likely tokens while what they add up to stays within 1 - top_p.
+        drop = ascending.softmax(dim=-1).cumsum(dim=-1) <= 1.0 - top_p
+        drop[:, -1] = False
+        scores = scores.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), float("-inf"))
+    return scores
+
+
+class _Sampler:
+    """One multinomial draw per row from the warped scores, taken on TP rank 0."""
+
+    def __init__(self, temperature: float, top_k: int, top_p: float, generator: torch.Generator | None):
+        check_sampling(temperature, top_k, top_p)
+        self.options = dict(temperature=temperature, top_k=top_k, top_p=top_p)
+        self.generator = generator
+
+    def __call__(self, scores: torch.Tensor) -> torch.Tensor:
+        probs = sampling_scores(scores, **self.options).softmax(dim=-1)
+        tokens = torch.multinomial(probs, num_samples=1, generator=self.generator).squeeze(1)
+        return _from_tp_rank0(tokens)
 
 
 class _StepModel:
@@ -130,6 +225,13 @@ def generate(
     eos_token_id: int | Sequence[int] | None = None,
     pad_token_id: int | None = None,
     early_stopping: bool | str = False,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+    stop_sequences: Sequence[Sequence[int]] | None = None,
+    streamer: Callable[[torch.Tensor], bool | None] | None = None,
 ) -> torch.Tensor:
     """Generate continuations of ``inputs_embeds [B, T, H]`` (left-padded, ``attention_mask [B, T]``).
 
@@ -138,6 +240,10 @@ def generate(
     ``pad_token_id`` after a row's end token. ``eos_token_id`` / ``pad_token_id`` default to
     the model config's. Collective over the TP group: every TP rank calls it with the same
     inputs and gets the same result.
+
+    ``do_sample`` draws each token (``num_beams=1``) after ``temperature`` / ``top_k`` (0 =
+    off) / ``top_p`` (1 = off), from ``generator`` (the global one if None; seed it for
+    reproducible samples). ``stop_sequences`` and ``streamer``: see the module docstring.
     """
     cfg = model.cfg
     if eos_token_id is None:
@@ -146,13 +252,24 @@ def generate(
         pad_token_id = cfg.pad_token_id
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
-    if num_beams < 1 or not 1 <= num_return_sequences <= num_beams:
+    if num_beams < 1 or num_return_sequences < 1 or (num_return_sequences > num_beams and not do_sample):
         raise ValueError(
-            f"need num_beams >= 1 and 1 <= num_return_sequences <= num_beams "
+            f"need num_beams >= 1 and 1 <= num_return_sequences <= num_beams (or sampling) "
             f"(got num_beams={num_beams}, num_return_sequences={num_return_sequences})"
         )
     if early_stopping not in (True, False, "never"):
         raise ValueError(f"early_stopping={early_stopping!r} must be True, False or 'never'")
+    if num_beams > 1 and (do_sample or streamer is not None):
+        raise ValueError(
+            f"num_beams={num_beams}: beam search neither samples nor streams (beams are re-ordered at "
+            "every step); use num_beams=1 for do_sample=True or a streamer"
+        )
+    sampler = _Sampler(temperature, top_k, top_p, generator) if do_sample else None
+    if sampler is not None and num_return_sequences > 1:
+        # As HF: each input is repeated and every copy draws its own continuation.
+        inputs_embeds = inputs_embeds.repeat_interleave(num_return_sequences, dim=0)
+        if attention_mask is not None:
+            attention_mask = attention_mask.repeat_interleave(num_return_sequences, dim=0)
     if attention_mask is None:
         attention_mask = torch.ones(inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device)
     if attention_mask.shape[1] + max_new_tokens > cfg.max_position_embeddings:
@@ -172,10 +289,11 @@ def generate(
             min_new_tokens=min_new_tokens,
             repetition_penalty=repetition_penalty,
             eos=eos,
+            stop=_StopSequences(stop_sequences, inputs_embeds.device),
             pad_token_id=pad_token_id,
         )
         if num_beams == 1:
-            return _greedy(stepper, inputs_embeds, **common)
+            return _greedy(stepper, inputs_embeds, sampler=sampler, streamer=streamer, **common)
         return _beam_search(
             stepper,
             inputs_embeds,
@@ -193,12 +311,16 @@ def _greedy(
     stepper: _StepModel,
     inputs_embeds: torch.Tensor,
     *,
+    sampler: _Sampler | None,
+    streamer: Callable[[torch.Tensor], bool | None] | None,
     max_new_tokens: int,
     min_new_tokens: int,
     repetition_penalty: float,
     eos: torch.Tensor,
+    stop: _StopSequences,
     pad_token_id: int,
 ) -> torch.Tensor:
+    """Greedy search, or sampling with ``sampler``: one token per row and step."""
     batch = inputs_embeds.shape[0]
     device = inputs_embeds.device
     generated = torch.empty(batch, 0, dtype=torch.long, device=device)
@@ -206,11 +328,15 @@ def _greedy(
     logits = stepper.prefill(inputs_embeds)
     for step in range(max_new_tokens):
         scores = _process_scores(logits, generated, eos, min_new_tokens, repetition_penalty)
-        tokens = scores.argmax(dim=-1)
+        tokens = scores.argmax(dim=-1) if sampler is None else sampler(scores)
         tokens = torch.where(unfinished, tokens, torch.full_like(tokens, pad_token_id))
         generated = torch.cat([generated, tokens[:, None]], dim=1)
-        unfinished &= ~torch.isin(tokens, eos)
-        if not unfinished.any() or step + 1 == max_new_tokens:
+        unfinished &= ~(torch.isin(tokens, eos) | stop.hit(generated))
+        stop_requested = False
+        if streamer is not None:
+            request = torch.tensor([int(bool(streamer(tokens)))], device=device)
+            stop_requested = bool(_from_tp_rank0(request))
+        if stop_requested or not unfinished.any() or step + 1 == max_new_tokens:
             break
         logits = stepper.step(tokens)
     return generated
@@ -228,6 +354,7 @@ def _beam_search(
     min_new_tokens: int,
     repetition_penalty: float,
     eos: torch.Tensor,
+    stop: _StopSequences,
     pad_token_id: int,
 ) -> torch.Tensor:
     batch = inputs_embeds.shape[0]
@@ -272,7 +399,11 @@ def _beam_search(
         tokens = top_index % vocab
         top_seqs = torch.take_along_dim(running, source_beam[:, :, None], dim=1)
         top_seqs[:, :, cur_len] = tokens
-        ends = torch.isin(tokens, eos) | (cur_len + 1 >= max_new_tokens)
+        ends = (
+            torch.isin(tokens, eos)
+            | stop.hit(top_seqs[:, :, : cur_len + 1])
+            | (cur_len + 1 >= max_new_tokens)
+        )
 
         # The best `beams` candidates that did not end keep running.
         live_scores = top_scores + ends.float() * _NEG
