@@ -12,7 +12,26 @@ check, a data tool) does not pay for torch.distributed, megatron-core and transf
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import os
 from typing import TYPE_CHECKING, Any
+
+
+def _map_cuda_to_npu_first() -> None:
+    """On a machine with torch_npu, import it and its mapping of the CUDA API onto the NPU now.
+
+    megatron-core binds some CUDA functions by name when it is imported (its RNG tracker), so
+    the mapping must be in place before any module of this package imports megatron-core;
+    the package root is the one place that runs before all of them. Skipped where
+    ``DS_ACCELERATOR`` asks for another device, and free on machines without torch_npu.
+    """
+    if os.environ.get("DS_ACCELERATOR", "npu") != "npu" or importlib.util.find_spec("torch_npu") is None:
+        return
+    importlib.import_module("torch_npu")
+    importlib.import_module("torch_npu.contrib.transfer_to_npu")
+
+
+_map_cuda_to_npu_first()
 
 _EXPORTS = {
     "load_model_and_preprocess": "blip2_megatron.api",

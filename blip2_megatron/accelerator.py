@@ -4,8 +4,14 @@ Everything else asks this module for a device, a communication backend, an autoc
 context, memory figures or RNG state. The decision is DeepSpeed's
 ``get_accelerator()`` (``DS_ACCELERATOR`` first, then NPU when torch_npu imports, then
 CUDA, then CPU), so the package agrees with the DeepSpeed engine it hands models to.
-On Ascend, MindSpeed's adaptor is imported when present so that megatron-core's
-``torch.cuda`` calls land on ``torch.npu``.
+
+On Ascend, torch_npu and its ``transfer_to_npu`` mapping are imported by the package root
+(``blip2_megatron/__init__.py``) before anything can import megatron-core: megatron-core
+binds some ``torch.cuda`` names at import time, so the mapping must come first. MindSpeed
+is not imported at all: its adaptor patches Megatron-LM's training loop, model classes and
+fused kernels (and needs ``megatron.training``, which the megatron-core wheel lacks), none
+of which this package uses; the tensor-parallel primitives and process groups we take from
+megatron-core need only the ``torch.cuda`` -> ``torch.npu`` mapping.
 """
 
 from __future__ import annotations
@@ -25,13 +31,30 @@ logger = logging.getLogger(__name__)
 
 DTYPE_BY_NAME = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
-# Peak dense matmul throughput per device in TFLOP/s, for MFU. Keyed by a substring of the
-# device name reported by the accelerator; the first match wins.
+# Peak dense (no sparsity) matmul throughput per device in TFLOP/s, the MFU denominator,
+# from the vendors' data sheets. Keyed by a fragment of the device name as the accelerator
+# reports it, upper-cased without spaces or dashes ("NVIDIA H100 PCIe" -> "NVIDIAH100PCIE",
+# "Ascend910B3"); the first matching key wins, so variants come before their family.
+# "tf32" is the fp32 matmul rate with TF32 allowed. Ascend's fp32 rate is not listed: no MFU.
 PEAK_TFLOPS: dict[str, dict[str, float]] = {
-    "H200": {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0},
-    "H100": {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0},
-    "A100": {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5},
-    "Ascend910B": {"bf16": 313.0, "fp16": 313.0, "fp32": 75.0},
+    "H100PCIE": {"bf16": 756.0, "fp16": 756.0, "tf32": 378.0, "fp32": 51.0},
+    "H100NVL": {"bf16": 835.0, "fp16": 835.0, "tf32": 418.0, "fp32": 60.0},
+    "H200NVL": {"bf16": 835.0, "fp16": 835.0, "tf32": 418.0, "fp32": 60.0},
+    "H800PCIE": {"bf16": 756.0, "fp16": 756.0, "tf32": 378.0, "fp32": 51.0},
+    "H100": {"bf16": 989.0, "fp16": 989.0, "tf32": 495.0, "fp32": 67.0},  # SXM
+    "H200": {"bf16": 989.0, "fp16": 989.0, "tf32": 495.0, "fp32": 67.0},  # SXM
+    "H800": {"bf16": 989.0, "fp16": 989.0, "tf32": 495.0, "fp32": 67.0},  # SXM
+    "H20": {"bf16": 148.0, "fp16": 148.0, "tf32": 74.0, "fp32": 44.0},
+    "A100": {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "fp32": 19.5},  # SXM and PCIe
+    "A800": {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "fp32": 19.5},
+    "L40S": {"bf16": 362.0, "fp16": 362.0, "tf32": 183.0, "fp32": 91.6},
+    "L40": {"bf16": 181.0, "fp16": 181.0, "tf32": 90.5, "fp32": 90.5},
+    "ASCEND910B1": {"bf16": 414.0, "fp16": 414.0},
+    "ASCEND910B2": {"bf16": 376.0, "fp16": 376.0},  # also 910B2C
+    "ASCEND910B3": {"bf16": 313.0, "fp16": 313.0},
+    "ASCEND910B4": {"bf16": 280.0, "fp16": 280.0},
+    # 910C (Atlas A3, "Ascend910_93xx"): torch_npu shows each of its two dies as a device.
+    "ASCEND910_93": {"bf16": 376.0, "fp16": 376.0},
 }
 
 
@@ -46,8 +69,12 @@ def _ds_accelerator() -> Any:
 
 
 def _import_ascend_adaptors() -> None:
-    """On Ascend, map torch.cuda calls (made inside megatron-core) to torch.npu when possible."""
-    for module in ("torch_npu", "torch_npu.contrib.transfer_to_npu", "mindspeed.megatron_adaptor"):
+    """On Ascend, map torch.cuda calls (made inside megatron-core) to torch.npu when possible.
+
+    The package root has normally done this already (before megatron-core was imported);
+    importing again is free. No MindSpeed: see the module docstring.
+    """
+    for module in ("torch_npu", "torch_npu.contrib.transfer_to_npu"):
         try:
             importlib.import_module(module)
             logger.info("imported %s", module)
@@ -99,13 +126,30 @@ def device_name_for_peak() -> str:
         return device_type()
 
 
-def peak_tflops(dtype: str) -> float | None:
-    """Peak dense TFLOP/s of this device for ``dtype`` ('bf16'/'fp16'/'fp32'), None if unknown."""
-    name = device_name_for_peak().replace(" ", "")
+def peak_tflops(dtype: str, device_name: str | None = None) -> float | None:
+    """Peak dense TFLOP/s of this device (or ``device_name``) for ``dtype``; None if unknown.
+
+    ``dtype``: 'bf16', 'fp16' or 'fp32'; fp32 matmuls count at the TF32 rate when TF32 is
+    allowed on a CUDA device (:func:`allow_tf32`).
+    """
+    name = (device_name or device_name_for_peak()).upper().replace(" ", "").replace("-", "")
+    if dtype == "fp32" and device_name is None and device_type() == "cuda" and tf32_allowed():
+        dtype = "tf32"
     for key, table in PEAK_TFLOPS.items():
-        if key.replace(" ", "") in name:
+        if key in name:
             return table.get(dtype)
     return None
+
+
+def tf32_allowed() -> bool:
+    return torch.get_float32_matmul_precision() != "highest"
+
+
+def allow_tf32() -> None:
+    """Let fp32 matmuls and convolutions use TF32 tensor cores on GPU (no-op elsewhere)."""
+    if device_type() == "cuda":
+        torch.set_float32_matmul_precision("high")
+        torch.backends.cudnn.allow_tf32 = True
 
 
 def supports_dtype(dtype: torch.dtype) -> bool:
@@ -116,6 +160,33 @@ def supports_dtype(dtype: torch.dtype) -> bool:
     if dtype == torch.bfloat16:
         return bool(get_accelerator().is_bf16_supported())
     return bool(get_accelerator().is_fp16_supported())
+
+
+def inference_dtype(name: str, trained_in: str) -> torch.dtype | None:
+    """The autocast dtype evaluation and generation compute in; None for fp32.
+
+    ``name`` is ``eval.precision``: "auto" follows the training precision ``trained_in`` on
+    a device that supports it and stays fp32 on CPU (bf16 matmuls there are slower for small
+    shapes and change results); "fp32" / "bf16" / "fp16" ask for one.
+    """
+    if name == "auto":
+        dtype = DTYPE_BY_NAME[trained_in]
+        if is_cpu() or not supports_dtype(dtype):
+            return None
+    else:
+        dtype = DTYPE_BY_NAME[name]
+        if not supports_dtype(dtype):
+            raise ValueError(f"eval.precision={name!r} is not supported on {device_type()}")
+    return None if dtype == torch.float32 else dtype
+
+
+def weight_dtype(name: str) -> torch.dtype:
+    """The dtype frozen weights named ``name`` ('fp32' / 'bf16' / 'fp16') are kept in on this device.
+
+    As named, except fp16 on CPU, where half-precision matmuls are slow or missing: fp32.
+    """
+    dtype = DTYPE_BY_NAME[name]
+    return torch.float32 if dtype == torch.float16 and is_cpu() else dtype
 
 
 def autocast(dtype: torch.dtype | None) -> contextlib.AbstractContextManager:

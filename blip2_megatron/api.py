@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from blip2_megatron import accelerator
 from blip2_megatron.build import build_from_hf_blip2, load_trained_model, predictor_for
 from blip2_megatron.config import ConfigError, load_job_config
 from blip2_megatron.convert.hf_blip2 import export_hf_blip2, is_hf_blip2_dir
@@ -33,7 +34,11 @@ __all__ = ["export_to_hf", "load_model_and_preprocess", "load_trained_model"]
 
 
 def load_model_and_preprocess(
-    source: str, device: torch.device | str | None = None, dtype: torch.dtype | None = None, **overrides: Any
+    source: str,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    precision: str | None = None,
+    **overrides: Any,
 ) -> tuple[Blip2Predictor, dict[str, Any], dict[str, Any]]:
     """``(model, image_processors, text_processors)`` as LAVIS returns them.
 
@@ -41,7 +46,11 @@ def load_model_and_preprocess(
     features). ``image_processors`` / ``text_processors`` have "train" and "eval" entries.
     ``overrides`` are dotted job keys (``**{"model.llm.tp": 1}``); for a Hugging Face
     directory they are model keys (``model.`` optional, e.g. ``**{"prompt": ""}``).
+    ``precision`` ("auto", "fp32", "bf16", "fp16") is the dtype generation computes in under
+    autocast, as ``eval.precision``; None keeps the run's ``eval.precision`` (fp32 for a
+    Hugging Face directory). ``dtype`` instead casts every weight.
     """
+    trained_in = "fp32"
     path = Path(source)
     if path.is_dir() and is_hf_blip2_dir(path):
         module, cfg, builder = build_from_hf_blip2(path, device=device, **overrides)
@@ -59,6 +68,9 @@ def load_model_and_preprocess(
                 None, None, [f"model.flavour={source}", *override_list], device
             )
         cfg = job.model
+        trained_in = job.train.precision
+    if precision is not None:
+        model.compute_dtype = accelerator.inference_dtype(precision, trained_in)
     if dtype is not None:
         model.to(dtype)
     model.eval()

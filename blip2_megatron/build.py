@@ -162,14 +162,25 @@ def _without_llm(model: nn.Module) -> nn.Module:
     return view
 
 
-def load_initial_weights(model: nn.Module, cfg: Blip2Config) -> set[str]:
-    """Load ``init_checkpoint`` and ``llm.weights`` into ``model`` (one pipeline stage of it).
-
-    Returns the names of the parameters that came from files.
-    """
+def collect_initial_weights(cfg: Blip2Config) -> _InitialWeights:
+    """What ``init_checkpoint`` and ``llm.weights`` give (the LLM as a source to read, not yet read)."""
     weights = _InitialWeights()
     for source in _sources(cfg):
         _collect(source, cfg, weights)
+    if cfg.llm is not None and cfg.llm.weights:
+        weights.llm = ("hf", cfg.llm.weights)
+    return weights
+
+
+def load_initial_weights(
+    model: nn.Module, cfg: Blip2Config, weights: _InitialWeights | None = None
+) -> set[str]:
+    """Load ``init_checkpoint`` and ``llm.weights`` into ``model`` (one pipeline stage of it).
+
+    ``weights``: what :func:`collect_initial_weights` found (collected here when not given).
+    Returns the names of the parameters that came from files.
+    """
+    weights = weights if weights is not None else collect_initial_weights(cfg)
     target = _without_llm(model)
     own = set(target.state_dict())
     # Parts that live on other pipeline stages (or that this model kind lacks: a stage-1
@@ -177,9 +188,8 @@ def load_initial_weights(model: nn.Module, cfg: Blip2Config) -> set[str]:
     mine = {k: v for k, v in weights.ours.items() if k in own}
     from_files = set(mine) - set(load_into(target, mine).skipped) if mine else set()
     language_model = getattr(model, "language_model", None)
-    llm = ("hf", cfg.llm.weights) if cfg.llm is not None and cfg.llm.weights else weights.llm
-    if language_model is not None and llm is not None:
-        kind, source = llm
+    if language_model is not None and weights.llm is not None:
+        kind, source = weights.llm
         if kind == "hf":
             load_hf_llm_weights(
                 language_model, source if isinstance(source, str) else HFTensors.from_state_dict(source)
@@ -204,12 +214,31 @@ def build_model(
 
     ``trained`` is a run or checkpoint directory of ours whose saved tensors are loaded
     last (any layout: this rank reads its own slice).
+
+    A frozen LLM is built in ``llm.dtype`` (:func:`llm_weight_dtype`); a trained one in fp32
+    (the engine casts it and keeps an fp32 master copy). An LLM whose weights come from
+    files is created on the meta device, placed uninitialised on ``device`` in that dtype,
+    and filled with this rank's slice of each tensor, read straight from the files: no
+    host-side fp32 copy of the model, no random initialisation that is overwritten.
     """
+    weights = collect_initial_weights(cfg)
     if cfg.kind == "stage1":
         model: nn.Module = Blip2Stage1(cfg)
     else:
-        model = Blip2ForLLM(cfg, pre_process=pre_process, post_process=post_process, layer_range=layer_range)
-    model.base_weight_names = frozenset(load_initial_weights(model, cfg))  # frozen parts keep their dtype
+        llm_on_meta = weights.llm is not None
+        model = Blip2ForLLM(
+            cfg,
+            pre_process=pre_process,
+            post_process=post_process,
+            layer_range=layer_range,
+            llm_dtype=llm_weight_dtype(cfg),
+            llm_device="meta" if llm_on_meta else None,
+        )
+        if llm_on_meta:
+            _materialize(model.language_model, device if device is not None else "cpu")
+    model.base_weight_names = frozenset(
+        load_initial_weights(model, cfg, weights)
+    )  # frozen parts keep their dtype
     if trained is not None:
         load_trained_weights(model, trained)
     if device is not None:
@@ -218,6 +247,23 @@ def build_model(
     total = sum(p.numel() for p in model.parameters())
     logger.info("model %s: %.2fM parameters, %.2fM trainable", cfg.kind, total / 1e6, trainable / 1e6)
     return model
+
+
+def _materialize(module: nn.Module, device: torch.device | str) -> None:
+    """Give a meta-device module uninitialised storage on ``device`` (``to_empty``), keeping
+    the attributes megatron-core marks its parameters with (``partition_dim`` ...), which
+    the new parameter objects would otherwise lack."""
+    marks = {name: dict(vars(param)) for name, param in module.named_parameters()}
+    module.to_empty(device=device)
+    for name, param in module.named_parameters():
+        for key, value in marks[name].items():
+            setattr(param, key, value)
+
+
+def llm_weight_dtype(cfg: Blip2Config) -> torch.dtype:
+    """The dtype the LLM is built in: ``llm.dtype`` when frozen (fp16 falls back to fp32 on
+    CPU), fp32 when trained (the engine casts it to its precision)."""
+    return accelerator.weight_dtype(cfg.llm.dtype) if cfg.llm.freeze else torch.float32
 
 
 def load_trained_weights(model: nn.Module, trained: str | Path) -> list[str]:
@@ -317,9 +363,14 @@ def inference_config(cfg: Blip2Config, world_size: int, tp: int | None = None) -
     return dataclasses.replace(cfg, llm=dataclasses.replace(llm, tp=tp, pp=1))
 
 
-def predictor_for(model: nn.Module, cfg: Blip2Config, builder: BatchBuilder | None = None) -> Blip2Predictor:
+def predictor_for(
+    model: nn.Module,
+    cfg: Blip2Config,
+    builder: BatchBuilder | None = None,
+    compute_dtype: torch.dtype | None = None,
+) -> Blip2Predictor:
     """A text-level predictor (generate / predict_answers / retrieval features) around ``model``."""
-    return Blip2Predictor(model, cfg, builder or build_batch_builder(cfg))
+    return Blip2Predictor(model, cfg, builder or build_batch_builder(cfg), compute_dtype)
 
 
 def load_trained_model(
@@ -353,4 +404,5 @@ def load_trained_model(
     accelerator.manual_seed(job.train.seed)  # randomly initialised parts equal on every rank
     model = build_model(job.model, device=device or accelerator.current_device(), trained=ckpt)
     model.eval()
-    return predictor_for(model, job.model), job, run_dir
+    compute_dtype = accelerator.inference_dtype(job.eval.precision, job.train.precision)
+    return predictor_for(model, job.model, compute_dtype=compute_dtype), job, run_dir

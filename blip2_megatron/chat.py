@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -180,7 +181,6 @@ class Chat:
         module = self.model.module
         device = self.image.device
         inputs = {k: v.to(device) for k, v in self.layout.inputs(turns).items()}
-        embeds = module.input_embeddings(self.image, inputs["input_ids"], inputs["image_slots"])
         decoder = self.layout.decoder()
         emit = on_text or (lambda piece: None)
 
@@ -193,25 +193,29 @@ class Chat:
         generator = None
         if options.do_sample and options.seed is not None:
             generator = torch.Generator(device=device).manual_seed(options.seed)
-        tokens = generation.generate(
-            module.language_model,
-            embeds,
-            inputs["attention_mask"],
-            num_beams=options.num_beams,
-            max_new_tokens=options.max_new_tokens,
-            min_new_tokens=options.min_new_tokens,
-            repetition_penalty=options.repetition_penalty,
-            length_penalty=options.length_penalty,
-            eos_token_id=self.model.cfg.llm.eos_token_id,
-            pad_token_id=self.model.builder.pad_id,
-            do_sample=options.do_sample,
-            temperature=options.temperature if options.do_sample else 1.0,
-            top_k=options.top_k,
-            top_p=options.top_p,
-            generator=generator,
-            stop_sequences=self.layout.stop_sequences,
-            streamer=streamer if options.num_beams == 1 else None,
-        )
+        start = time.perf_counter()
+        with self.model.autocast():
+            embeds = module.input_embeddings(self.image, inputs["input_ids"], inputs["image_slots"])
+            tokens = generation.generate(
+                module.language_model,
+                embeds,
+                inputs["attention_mask"],
+                num_beams=options.num_beams,
+                max_new_tokens=options.max_new_tokens,
+                min_new_tokens=options.min_new_tokens,
+                repetition_penalty=options.repetition_penalty,
+                length_penalty=options.length_penalty,
+                eos_token_id=self.model.cfg.llm.eos_token_id,
+                pad_token_id=self.model.builder.pad_id,
+                do_sample=options.do_sample,
+                temperature=options.temperature if options.do_sample else 1.0,
+                top_k=options.top_k,
+                top_p=options.top_p,
+                generator=generator,
+                stop_sequences=self.layout.stop_sequences,
+                streamer=streamer if options.num_beams == 1 else None,
+            )
+        self.model.count_generated(tokens, self.model.builder.pad_id, time.perf_counter() - start)
         if options.num_beams > 1:
             piece = decoder.push_all(tokens[0].tolist())
             if piece:

@@ -8,12 +8,14 @@ with the batch builder and hands the model tensors only.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from blip2_megatron import accelerator
 from blip2_megatron.config import Blip2Config
 from blip2_megatron.data.batch import BatchBuilder, LLMBatchBuilder, Stage1BatchBuilder
 
@@ -24,13 +26,37 @@ class Blip2Predictor:
     """A BLIP-2 model (whole, any TP size) with its tokenizer, for generation and retrieval.
 
     Collective over the tensor-parallel group: every TP rank calls each method with the
-    same inputs and gets the same result.
+    same inputs and gets the same result. ``compute_dtype`` (bf16 / fp16; None = fp32) is
+    the autocast dtype of generation and retrieval (see ``accelerator.inference_dtype``).
+    Generation counts its new tokens and their time: :meth:`tokens_per_second`.
     """
 
-    def __init__(self, module: nn.Module, cfg: Blip2Config, builder: BatchBuilder):
+    def __init__(
+        self,
+        module: nn.Module,
+        cfg: Blip2Config,
+        builder: BatchBuilder,
+        compute_dtype: torch.dtype | None = None,
+    ):
         self.module = module
         self.cfg = cfg
         self.builder = builder
+        self.compute_dtype = compute_dtype
+        self.generated_tokens = 0
+        self.generation_seconds = 0.0
+
+    def autocast(self):
+        """The context generation and feature extraction compute in."""
+        return accelerator.autocast(self.compute_dtype)
+
+    def count_generated(self, tokens: torch.Tensor, pad_token_id: int, seconds: float) -> None:
+        """Add one generate call: its new tokens (padding after a row ended left out) and time."""
+        self.generated_tokens += int((tokens != pad_token_id).sum())
+        self.generation_seconds += seconds
+
+    def tokens_per_second(self) -> float | None:
+        """New tokens per second over every generate call so far (None before any)."""
+        return self.generated_tokens / self.generation_seconds if self.generation_seconds else None
 
     # ----------------------------------------------------------------- nn.Module-like
     @property
@@ -83,17 +109,21 @@ class Blip2Predictor:
         image = samples["image"].to(self.device)
         prompts = samples.get("prompt") or [self.cfg.prompt if prompt is None else prompt] * image.shape[0]
         inputs = {k: v.to(image.device) for k, v in builder.generation_inputs(list(prompts)).items()}
-        return self.module.generate(
-            image,
-            **inputs,
-            num_beams=num_beams,
-            max_new_tokens=max_new_tokens,
-            min_new_tokens=min_new_tokens,
-            length_penalty=length_penalty,
-            repetition_penalty=repetition_penalty,
-            num_return_sequences=num_return_sequences,
-            pad_token_id=builder.pad_id,
-        )
+        start = time.perf_counter()
+        with self.autocast():
+            tokens = self.module.generate(
+                image,
+                **inputs,
+                num_beams=num_beams,
+                max_new_tokens=max_new_tokens,
+                min_new_tokens=min_new_tokens,
+                length_penalty=length_penalty,
+                repetition_penalty=repetition_penalty,
+                num_return_sequences=num_return_sequences,
+                pad_token_id=builder.pad_id,
+            )
+        self.count_generated(tokens, builder.pad_id, time.perf_counter() - start)  # tokens are read: synced
+        return tokens
 
     @torch.no_grad()
     def generate(

@@ -34,6 +34,12 @@ def main(argv: list[str] | None = None) -> int:
         "--max-new-tokens", type=int, default=None, help="default 30 for captions, 10 for answers"
     )
     parser.add_argument("--min-new-tokens", type=int, default=1)
+    parser.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16", "fp16"],
+        default=None,
+        help="compute dtype of generation (default: the run's eval.precision; auto = training's off CPU)",
+    )
     args = parser.parse_args(argv)
     setup_logging()
 
@@ -42,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     from blip2_megatron.api import load_model_and_preprocess
     from blip2_megatron.data.processors import ImageDecodeError, load_rgb
 
-    model, image_processors, _ = load_model_and_preprocess(args.model)
+    model, image_processors, _ = load_model_and_preprocess(args.model, precision=args.precision)
     processor = image_processors["eval"]
     failed = 0
     for path in args.image:
@@ -71,6 +77,14 @@ def main(argv: list[str] | None = None) -> int:
                     **kwargs,
                 )[0]
         print(f"{path}\t{text}")
+    speed = model.tokens_per_second()
+    if speed:
+        dtype = str(model.compute_dtype or torch.float32).removeprefix("torch.")
+        print(
+            f"generated {model.generated_tokens} tokens in {model.generation_seconds:.2f} s: "
+            f"{speed:.1f} tokens/s ({dtype})",
+            file=sys.stderr,
+        )
     return 1 if failed == len(args.image) else 0
 
 

@@ -117,11 +117,11 @@ def test_seed_rng_memory_and_sync_go_to_the_device(fake_npu):
 
 
 def test_peak_tflops_of_910b(fake_npu, monkeypatch):
-    # torch_npu reports names such as "Ascend910B3"; MFU needs the 910B peak.
+    # torch_npu reports names such as "Ascend910B3"; MFU needs that variant's peak.
     monkeypatch.setattr(
         torch, "npu", types.SimpleNamespace(get_device_name=lambda: "Ascend910B3"), raising=False
     )
-    assert accelerator.peak_tflops("bf16") == accelerator.PEAK_TFLOPS["Ascend910B"]["bf16"]
+    assert accelerator.peak_tflops("bf16") == 313.0
     # An unknown device name means "no MFU", not a crash.
     monkeypatch.setattr(
         torch, "npu", types.SimpleNamespace(get_device_name=lambda: "Ascend310P"), raising=False
@@ -129,8 +129,70 @@ def test_peak_tflops_of_910b(fake_npu, monkeypatch):
     assert accelerator.peak_tflops("bf16") is None
 
 
+@pytest.mark.parametrize(
+    "device_name, dtype, peak",
+    [
+        ("NVIDIA H100 80GB HBM3", "bf16", 989.0),  # SXM
+        ("NVIDIA H100 PCIe", "bf16", 756.0),
+        ("NVIDIA H100 NVL", "fp16", 835.0),
+        ("NVIDIA H200", "bf16", 989.0),
+        ("NVIDIA H200 NVL", "bf16", 835.0),
+        ("NVIDIA H800", "bf16", 989.0),
+        ("NVIDIA H800 PCIe", "bf16", 756.0),
+        ("NVIDIA H20", "bf16", 148.0),
+        ("NVIDIA A100-SXM4-80GB", "bf16", 312.0),
+        ("NVIDIA A100 80GB PCIe", "fp32", 19.5),
+        ("NVIDIA A800-SXM4-80GB", "fp16", 312.0),
+        ("NVIDIA L40S", "bf16", 362.0),
+        ("NVIDIA L40", "bf16", 181.0),
+        ("Ascend910B1", "bf16", 414.0),
+        ("Ascend910B2", "bf16", 376.0),
+        ("Ascend910B2C", "fp16", 376.0),
+        ("Ascend910B3", "fp16", 313.0),
+        ("Ascend910B4", "bf16", 280.0),
+        ("Ascend910_9392", "bf16", 376.0),
+        ("Ascend910B3", "fp32", None),
+        ("cpu", "bf16", None),
+    ],
+)
+def test_peak_table_covers_the_devices_users_train_on(device_name, dtype, peak):
+    assert accelerator.peak_tflops(dtype, device_name) == peak
+
+
+def test_npu_mapping_is_imported_before_megatron_core(tmp_path):
+    """On Ascend the package root imports torch_npu's cuda->npu mapping before megatron-core loads.
+
+    A stand-in torch_npu package records whether megatron.core was already imported when
+    its ``transfer_to_npu`` ran; the child imports the LLM module, which imports megatron-core.
+    """
+    import os
+    import subprocess
+    import sys
+
+    fake = tmp_path / "torch_npu"
+    (fake / "contrib").mkdir(parents=True)
+    (fake / "__init__.py").write_text("")
+    (fake / "contrib" / "__init__.py").write_text("")
+    record = tmp_path / "record.txt"
+    (fake / "contrib" / "transfer_to_npu.py").write_text(
+        "import sys\n"
+        f"open({str(record)!r}, 'w').write(str(sorted(m for m in sys.modules if m.startswith('megatron'))))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), env.get("PYTHONPATH", "")])
+    code = "import blip2_megatron.models.llm, sys; assert 'megatron.core' in sys.modules"
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=300)
+    assert record.read_text() == "[]"  # no megatron module was loaded before the mapping
+
+    # A job told to run elsewhere (DS_ACCELERATOR=cpu / cuda) leaves torch_npu alone.
+    record.unlink()
+    env["DS_ACCELERATOR"] = "cpu"
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=300)
+    assert not record.exists()
+
+
 def test_ds_accelerator_npu_imports_adaptors_when_present(monkeypatch, caplog):
-    """_ds_accelerator() takes DeepSpeed's choice; on "npu" it tries torch_npu/MindSpeed and survives without them."""
+    """_ds_accelerator() takes DeepSpeed's choice; on "npu" it imports torch_npu's mapping and survives without it."""
     import deepspeed.accelerator
 
     fake = FakeNpuAccelerator()

@@ -22,6 +22,10 @@ class _AlwaysAnswers:
     """A VQA predictor that gives every question the same answer."""
 
     training = False
+    compute_dtype = None
+
+    def tokens_per_second(self):
+        return None  # it generates nothing
 
     def __init__(self, answer: str):
         self.answer = answer

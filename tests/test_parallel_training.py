@@ -78,7 +78,7 @@ def train_layout(rank: int, world: int, llm_dir: str, tp: int, pp: int, zero: in
     from blip2_megatron.parallel import state
     from blip2_megatron.training.ds_config import read_ds_config
     from blip2_megatron.training.engine import build_engine
-    from blip2_megatron.training.trainer import _mean_over_dp
+    from blip2_megatron.training.trainer import _reduce_over_dp
 
     dp = world // (tp * pp)
     job = load_job_config(None, _overrides(llm_dir, tp, pp, GLOBAL_BATCH // dp, freeze))
@@ -97,7 +97,7 @@ def train_layout(rank: int, world: int, llm_dir: str, tp: int, pp: int, zero: in
     for _ in range(STEPS):
         step_losses = engine.step(batches).losses
         # The pipeline engine already averages over DP; the plain engine reports this rank's.
-        losses.append(step_losses["loss"] if pp > 1 else _mean_over_dp(step_losses)["loss"])
+        losses.append(float(step_losses["loss"]) if pp > 1 else _reduce_over_dp(step_losses, {})[0]["loss"])
     with engine.gathered_parameters(list(params)):
         frozen_equal = all(torch.equal(params[n], before) for n, before in frozen_before.items())
         moved = sum(not torch.equal(params[n], before) for n, before in trained_before.items())

@@ -65,6 +65,7 @@ class TrainConfig:
     warmup_log_steps: int = 2  # steps left out of the summary's mean FPS
     collective_timeout_s: int = 600  # a collective waiting longer (a lost rank) fails the job
     max_bad_steps: int = 10  # non-finite steps in a row (each skipped) that stop the job, after saving
+    monitors: list[str] = field(default_factory=list)  # tracking: any of "tensorboard", "wandb", "csv"
 
     def __post_init__(self) -> None:
         check_choice("train.schedule", self.schedule, ("cosine", "cosine_epoch", "constant"))
@@ -80,6 +81,8 @@ class TrainConfig:
         check_positive("train.grad_clip", self.grad_clip, allow_zero=True)
         check_positive("train.collective_timeout_s", self.collective_timeout_s)
         check_positive("train.max_bad_steps", self.max_bad_steps)
+        for index, name in enumerate(self.monitors):
+            check_choice(f"train.monitors[{index}]", name, ("tensorboard", "wandb", "csv"))
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise ConfigError(f"train.betas={self.betas} must be two numbers in [0, 1)")
         if self.min_lr > self.lr:
@@ -105,10 +108,14 @@ class EvalConfig:
     length_penalty: float = 1.0  # beam length penalty (VQA: -1 in LAVIS)
     repetition_penalty: float = 1.0  # > 1 discourages repeats
     k_test: int = 128  # retrieval: ITC candidates re-ranked by ITM
+    precision: str = (
+        "auto"  # compute dtype: "auto" (train.precision on GPU/NPU, fp32 on CPU), "fp32", "bf16", "fp16"
+    )
 
     def __post_init__(self) -> None:
         check_choice("eval.task", self.task, ("caption", "vqa", "retrieval"))
         check_choice("eval.interval_unit", self.interval_unit, ("steps", "epochs"))
+        check_choice("eval.precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
         check_positive("eval.interval", self.interval, allow_zero=True)
         check_positive("eval.batch_size", self.batch_size)
         check_positive("eval.num_beams", self.num_beams)

@@ -65,6 +65,7 @@ from typing import Any, Protocol
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset, get_worker_info
 
+from blip2_megatron import accelerator
 from blip2_megatron.config import ANNOTATION_KINDS, DataConfig
 from blip2_megatron.data.annotations import (
     AnnotationSource,
@@ -345,6 +346,8 @@ class TrainLoader:
                 num_workers=self._num_workers,
                 persistent_workers=False,  # workers must be re-forked with each epoch's start position
                 generator=generator,
+                # Page-locked batches let the copy to the device run without blocking the host.
+                pin_memory=not accelerator.is_cpu(),
             )
         for batch in batches:
             self._skipped.update(batch.pop(SKIPPED_KEY))
@@ -599,6 +602,7 @@ class EvalLoader:
             shuffle=False,
             num_workers=self.num_workers,
             collate_fn=collate_drop_none,
+            pin_memory=not accelerator.is_cpu(),
         )
         for batch in loader:
             dropped = batch.pop("num_dropped")

@@ -124,7 +124,7 @@ def evaluate_captions(
             gt = _restrict_ground_truth(gt, {r["image_id"] for r in results})
         metrics = score_captions(results, gt)
         metrics["agg_metric"] = caption_agg_metric(metrics)
-        metrics.update(num_evaluated=len(results), **skips)
+        metrics.update(num_evaluated=len(results), **skips, **_generation_speed(model))
         save_metrics(metrics, eval_dir / f"metrics_caption_{split}.json")
         logger.info("\n%s", format_metrics_table(metrics, title=f"caption metrics ({split})"))
     return metrics
@@ -174,7 +174,7 @@ def evaluate_vqa(model: Blip2Predictor, job: JobConfig, output_dir: Path) -> dic
             for r in full.records
             if r.question_id in asked and r.answers
         ]
-        metrics = {"num_evaluated": len(predictions), **skips}
+        metrics = {"num_evaluated": len(predictions), **skips, **_generation_speed(model)}
         if annotations:
             answered = {a["question_id"] for a in annotations}
             scored = vqa_accuracy([p for p in predictions if p["question_id"] in answered], annotations)
@@ -239,8 +239,16 @@ def evaluate_retrieval(
     return metrics
 
 
+def _generation_speed(model: Blip2Predictor) -> dict[str, Any]:
+    """This rank's new tokens per second over the evaluation, and the dtype it computed in."""
+    dtype = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[model.compute_dtype]
+    speed = model.tokens_per_second()
+    return {"compute_dtype": dtype, **({"tokens_per_s": round(speed, 2)} if speed else {})}
+
+
 def run_evaluation(model: Blip2Predictor, job: JobConfig, output_dir: Path) -> dict[str, Any]:
     """The evaluation ``job.eval.task`` names, on a predictor in eval mode (restored afterwards)."""
+    model.generated_tokens, model.generation_seconds = 0, 0.0
     was_training = model.training
     model.eval()
     try:

@@ -17,6 +17,7 @@ absent, plus the placeholders DeepSpeed's optimizer needs on all-frozen stages.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any
 
@@ -66,7 +67,12 @@ class Blip2ForLLM(nn.Module):
         pre_process: bool = True,
         post_process: bool = True,
         layer_range: tuple[int, int] | None = None,
+        llm_dtype: torch.dtype = torch.float32,
+        llm_device: torch.device | str | None = None,
     ):
+        """``llm_dtype`` / ``llm_device``: where and in what dtype the LLM's parameters are
+        created. On ``"meta"`` nothing is allocated or initialised: the caller places the
+        LLM (``language_model.to_empty``) and loads every parameter from files."""
         super().__init__()
         if cfg.llm is None:
             raise ValueError("Blip2ForLLM needs model.llm; use Blip2Stage1 for model.kind='stage1'")
@@ -79,9 +85,16 @@ class Blip2ForLLM(nn.Module):
             else:
                 self.query_encoder = QueryEncoder(cfg)
             self.language_projection = nn.Linear(cfg.image_feature_size, cfg.llm.hidden_size)
-        self.language_model = ParallelCausalLM(
-            cfg.llm, pre_process=pre_process, post_process=post_process, layer_range=layer_range
-        )
+        on_meta = llm_device is not None and torch.device(llm_device).type == "meta"
+        with torch.device(llm_device) if llm_device is not None else contextlib.nullcontext():
+            self.language_model = ParallelCausalLM(
+                cfg.llm,
+                pre_process=pre_process,
+                post_process=post_process,
+                layer_range=layer_range,
+                params_dtype=llm_dtype,
+                init_weights=False if on_meta else None,
+            )
         self.apply_freezing()
 
     @property
@@ -131,7 +144,10 @@ class Blip2ForLLM(nn.Module):
         """
         embeds = self.input_embeddings(batch["image"], batch["input_ids"], batch["image_slots"])
         out = self.language_model(
-            inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"]
+            inputs_embeds=embeds,
+            attention_mask=batch["attention_mask"],
+            labels=batch["labels"],
+            right_padded=True,
         )
         return {"loss": out.loss}
 
@@ -213,10 +229,10 @@ class Blip2PipeStage(nn.Module):
         if self.first:
             image, input_ids, attention_mask, image_slots = inputs
             embeds = self.model.input_embeddings(image, input_ids, image_slots.bool())
-            out = lm(inputs_embeds=embeds, attention_mask=attention_mask)
+            out = lm(inputs_embeds=embeds, attention_mask=attention_mask, right_padded=True)
         else:
             hidden_states, attention_mask = inputs
-            out = lm(hidden_states=hidden_states, attention_mask=attention_mask)
+            out = lm(hidden_states=hidden_states, attention_mask=attention_mask, right_padded=True)
         output = out.logits if self.last else out.hidden_states
         for placeholder in self.placeholders:
             output = output + 0.0 * placeholder.sum().to(output.dtype)

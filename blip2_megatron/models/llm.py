@@ -241,19 +241,26 @@ def build_attention_mask(
     past_length: int,
     sliding_window: int = 0,
     device: torch.device | None = None,
+    right_padded: bool = False,
 ) -> tuple[torch.Tensor | None, bool]:
     """The ``(attn_mask, is_causal)`` pair for scaled_dot_product_attention.
 
     ``attention_mask`` is the usual ``[B, past + T]`` 0/1 padding mask. Without padding the
     causal fast path is used (no mask tensor); otherwise a boolean ``[B, 1, T, past + T]``
-    mask (True = may attend) combines causality and key padding. ``sliding_window`` > 0
-    (Mistral) also hides keys ``sliding_window`` or more slots behind the query, as
+    mask (True = may attend) combines causality and key padding. ``right_padded`` (training
+    batches, no cache) takes the causal path without looking at the mask: every real token
+    sees only real tokens before it, padding comes after them, and what the padding
+    positions compute carries no loss. That keeps SDPA on its flash / memory-efficient
+    kernels and reads nothing from the device (the padding check otherwise does).
+    ``sliding_window`` > 0 (Mistral) also hides keys ``sliding_window`` or more slots behind the query, as
     transformers' sliding-window mask does (slots, padding included, are what it counts);
     the cache keeps every key, the mask decides which ones count. ``device`` places a mask
     built without a padding mask (which otherwise gives the device).
     """
     _check_mask_length(attention_mask, query_len, past_length)
     kv_len = past_length + query_len
+    if right_padded and past_length == 0:
+        attention_mask = None  # see above: causality alone gives the real tokens' outputs
     no_padding = attention_mask is None or bool(attention_mask.bool().all())
     window_hides_keys = 0 < sliding_window < kv_len
     if no_padding and not window_hides_keys:
@@ -683,6 +690,7 @@ class ParallelCausalLM(nn.Module):
         hidden_states: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         logits_to_keep: int = 0,
+        right_padded: bool = False,
     ) -> LMOutput:
         """Run this stage.
 
@@ -696,6 +704,9 @@ class ParallelCausalLM(nn.Module):
             hidden_states: ``[B, T, H]`` output of the previous stage (not the first stage).
             position_ids: ``[B, T]`` explicit positions (default: see :meth:`default_position_ids`).
             logits_to_keep: compute logits for the last this-many positions only (0 = all).
+            right_padded: padding (if any) follows the real tokens of each row, as in the
+                batch builder's training batches: attention is plainly causal
+                (:func:`build_attention_mask`); positions still come from the mask.
         """
         past_length = kv_cache.seq_length if kv_cache is not None else 0
         if self.pre_process:
@@ -716,7 +727,7 @@ class ParallelCausalLM(nn.Module):
 
         batch, seq_len = hidden_states.shape[:2]
         attn_mask, is_causal = build_attention_mask(
-            attention_mask, seq_len, past_length, self.cfg.sliding_window, hidden_states.device
+            attention_mask, seq_len, past_length, self.cfg.sliding_window, hidden_states.device, right_padded
         )
         rotary = None
         if self.cfg.arch == "llama":

@@ -265,12 +265,8 @@ def freeze_vision(module: VisionEncoder, dtype: torch.dtype = torch.float16) -> 
 
 
 def frozen_vision_dtype(cfg: VisionConfig) -> torch.dtype:
-    """Weight dtype of a frozen ViT on this device: ``cfg.frozen_dtype``, but fp32 on CPU.
-
-    Half-precision matmuls are slow or missing on CPUs, so CPU runs keep fp32.
-    """
+    """Weight dtype of a frozen ViT's Linear/Conv layers on this device: ``cfg.frozen_dtype``,
+    but fp32 for fp16 on CPU (half-precision matmuls are slow or missing there)."""
     from blip2_megatron import accelerator
 
-    if accelerator.is_cpu():
-        return torch.float32
-    return accelerator.DTYPE_BY_NAME[cfg.frozen_dtype]
+    return accelerator.weight_dtype(cfg.frozen_dtype)

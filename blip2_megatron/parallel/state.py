@@ -9,6 +9,7 @@ questions the rest of the package asks: ranks, sizes and groups.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import os
@@ -65,7 +66,7 @@ def validate_layout(world_size: int, tp: int, pp: int) -> int:
 
 
 def init_distributed(timeout_s: float = 600) -> LaunchEnv:
-    """Start torch.distributed (once) with the accelerator's backend.
+    """Start torch.distributed (once) with the accelerator's backend; TF32 on GPU.
 
     ``timeout_s`` bounds every collective: a rank that waits longer for a lost peer fails
     instead of hanging the job.
@@ -76,6 +77,9 @@ def init_distributed(timeout_s: float = 600) -> LaunchEnv:
         return env
     _collective_timeout = datetime.timedelta(seconds=timeout_s)
     accelerator.set_device(env.local_rank)
+    # Every job process passes here: fp32 matmuls of fp32 jobs (and of the fp32 parts of
+    # bf16 ones) run on TF32 tensor cores on GPU, as Megatron-LM's and LAVIS's users expect.
+    accelerator.allow_tf32()
     backend = accelerator.communication_backend()
     timeout = _collective_timeout
     if "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ:
@@ -96,8 +100,26 @@ def init_distributed(timeout_s: float = 600) -> LaunchEnv:
     import deepspeed
 
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    _release_shared_memory_buffer(env.rank)
     logger.info("torch.distributed up: rank %d/%d, backend %s", env.rank, env.world_size, backend)
     return env
+
+
+def _release_shared_memory_buffer(rank: int) -> None:
+    """Unlink this rank's DeepSpeed CPU all-reduce buffer from /dev/shm (CPU runs).
+
+    DeepSpeed's CPU communication op creates a ~66 MB shared-memory file per rank when it
+    starts (``deepspeed.init_distributed``) and never removes it, so every finished or
+    killed CPU job left its files in /dev/shm, which is RAM, until the machine filled.
+    Every rank maps its peers' files while it starts; after a barrier the names can go,
+    and the memory is freed when the last process that maps it exits.
+    """
+    if not accelerator.is_cpu():
+        return
+    dist.barrier()
+    uid, addr, port = os.getuid(), os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(f"/dev/shm/deepspeed_allreduce_buffer_{uid}_{addr}_{port}_{rank}")
 
 
 def initialize_model_parallel(tp: int = 1, pp: int = 1) -> None:

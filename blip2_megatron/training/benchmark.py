@@ -27,7 +27,7 @@ from blip2_megatron.parallel import state
 from blip2_megatron.parallel.state import launch_env
 from blip2_megatron.training.ds_config import check_layout, read_ds_config
 from blip2_megatron.training.engine import build_engine
-from blip2_megatron.training.throughput import StepTiming, ThroughputMeter, train_flops_per_image
+from blip2_megatron.training.throughput import StepTiming, model_flops_utilization, part_precisions
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +48,7 @@ def synthetic_samples(job: JobConfig, seed: int = 0) -> dict[str, Any]:
         "image": torch.randn(batch, 3, size, size, generator=gen),
         "text_input": [_CAPTIONS[i % len(_CAPTIONS)] for i in range(batch)],
         "image_id": list(range(batch)),
+        "sample_key": [f"synthetic/{i}" for i in range(batch)],  # seeds per-sample prompt draws
     }
 
 
@@ -61,14 +62,15 @@ def _batches(job: JobConfig, use_real_data: bool):
     return itertools.repeat(builder(synthetic_samples(job, seed=state.dp_rank())))
 
 
-def _measure(run_step, batches, steps: int, warmup: int) -> tuple[list[StepTiming], list[dict[str, float]]]:
-    timings, losses = [], []
+def _measure(engine, batches, steps: int, warmup: int) -> tuple[list[StepTiming], list[Any]]:
+    """Step timings (the device synchronised after each phase) and results after warm-up."""
+    timings, results = [], []
     for index in range(warmup + steps):
-        result = run_step(batches)
+        result = engine.step(batches, sync_timing=True)
         if index >= warmup:
             timings.append(result.timing)
-            losses.append(result.losses)
-    return timings, losses
+            results.append(result)
+    return timings, results
 
 
 def _mean_timing(timings: list[StepTiming]) -> StepTiming:
@@ -92,19 +94,35 @@ def benchmark_ours(
     accelerator.manual_seed(job.train.seed)
     accelerator.reset_peak_memory()
     engine = build_engine(job, ds_raw, total_steps=warmup + steps, steps_per_epoch=warmup + steps)
-    timings, losses = _measure(engine.step, _batches(job, use_real_data), steps, warmup)
+    timings, results = _measure(engine, _batches(job, use_real_data), steps, warmup)
     mean = _mean_timing(timings)
-    meter = ThroughputMeter(
-        global_batch=job.data.batch_size * job.train.grad_accum * state.dp_size(),
-        world_size=dist.get_world_size(),
-        flops_per_image=train_flops_per_image(job.model),
-        precision=job.train.precision,
-        warmup_steps=0,
-    )
-    figures = meter.record(mean)
-    figures["final_loss"] = losses[-1]["loss"]
-    figures["trainable_params"] = sum(p.numel() for p in engine.model.parameters() if p.requires_grad)
-    return figures
+    world = dist.get_world_size()
+    fps = job.data.batch_size * job.train.grad_accum * state.dp_size() / mean.total
+    # Every DP rank runs batches of the same shape here: this rank's FLOPs x DP per step.
+    flops = {part: value * state.dp_size() / len(results) for part, value in _sum_flops(results).items()}
+    precisions = part_precisions(job.model, job.train.precision)
+    return {
+        "fps": fps,
+        "fps_per_device": fps / world,
+        "step_time": mean.total,
+        "data_time": mean.data,
+        "forward_time": mean.forward,
+        "backward_time": mean.backward,
+        "optimizer_time": mean.optimizer,
+        "tflops_per_device": sum(flops.values()) / mean.total / world / 1e12,
+        "mfu": model_flops_utilization(flops, precisions, mean.total, world),
+        "peak_mem_gb": accelerator.peak_memory_bytes() / 2**30,
+        "final_loss": float(results[-1].losses["loss"]),
+        "trainable_params": sum(p.numel() for p in engine.model.parameters() if p.requires_grad),
+    }
+
+
+def _sum_flops(results: list[Any]) -> dict[str, float]:
+    total: dict[str, float] = {}
+    for result in results:
+        for part, value in result.flops.items():
+            total[part] = total.get(part, 0.0) + value
+    return total
 
 
 def _hf_worker(job_dict: dict[str, Any], steps: int, warmup: int, queue: Any) -> None:

@@ -12,6 +12,7 @@ batch builder, the same way for training and the benchmark.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import time
@@ -36,7 +37,7 @@ from blip2_megatron.parallel.pipeline import check_grid_matches_megatron
 from blip2_megatron.training.ds_config import fill_ds_config, zero_stage
 from blip2_megatron.training.faults import EXIT_NON_FINITE, TrainingStopped
 from blip2_megatron.training.optim import WarmupCosineSchedule, build_optimizer
-from blip2_megatron.training.throughput import StepTiming
+from blip2_megatron.training.throughput import StepTiming, batch_lengths, train_flops_by_part
 
 logger = logging.getLogger(__name__)
 
@@ -122,11 +123,12 @@ def build_pipeline_module(
 
 
 class _PipelineBatches:
-    """Loader batches as the (inputs, labels) pairs the pipeline engine pulls, timed."""
+    """Loader batches as the (inputs, labels) pairs the pipeline engine pulls, timed and counted."""
 
-    def __init__(self, batches: Iterator[Batch], device: torch.device):
+    def __init__(self, batches: Iterator[Batch], device: torch.device, count_flops: Any):
         self.batches = batches
         self.device = device
+        self.count_flops = count_flops
         self.data_time = 0.0
 
     def __iter__(self) -> _PipelineBatches:
@@ -134,7 +136,9 @@ class _PipelineBatches:
 
     def __next__(self) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
         start = time.perf_counter()
-        batch = to_device(next(self.batches), self.device)
+        batch = next(self.batches)
+        self.count_flops(batch)
+        batch = to_device(batch, self.device)
         self.data_time += time.perf_counter() - start
         return pipeline_inputs(batch)
 
@@ -151,13 +155,23 @@ def _zero_gradient_loss(module: nn.Module) -> torch.Tensor:
     return sum((p.sum() * 0.0 for p in module.parameters() if p.requires_grad), torch.zeros(()))
 
 
+def _add_flops(total: dict[str, float], cfg: Any, batch: Batch) -> None:
+    for part, flops in train_flops_by_part(cfg, batch_lengths(batch)).items():
+        total[part] = total.get(part, 0.0) + flops
+
+
 @dataclass
 class StepResult:
-    """What one optimizer step did."""
+    """What one optimizer step did.
 
-    losses: dict[str, float]  # this DP rank's mean over the step's micro-batches; empty when skipped
+    ``losses`` stay on the device (reading them would wait for the step to finish): the
+    trainer reads them at log steps only.
+    """
+
+    losses: dict[str, torch.Tensor]  # this DP rank's mean over the step's micro-batches; empty when skipped
     timing: StepTiming
     skipped: bool  # non-finite loss (or fp16 overflow): nothing was applied
+    flops: dict[str, float]  # training FLOPs of this rank's batches by model part (real token counts)
 
 
 @dataclass
@@ -181,35 +195,60 @@ class Engine:
     def zero_stage(self) -> int:
         return int(self.ds.zero_optimization_stage())
 
-    def step(self, batches: Iterator[Batch]) -> StepResult:
+    @functools.cached_property
+    def optimizer_skips_non_finite(self) -> bool:
+        """Whether DeepSpeed's optimizer checks the gradients and skips a non-finite step itself.
+
+        ZeRO's optimizers do in fp16, in bf16 (``bf16.check_grad_overflow``, on by default)
+        and whenever gradient clipping is on (a non-finite norm); fp16 without ZeRO has its
+        loss scaler. Then :meth:`step` need not read the loss on the host before backward,
+        a wait that would stall the device queue at every micro-batch.
+        """
+        ds = self.ds
+        if ds.fp16_enabled():
+            return True
+        if self.zero_stage == 0:
+            return False
+        return bool(ds.bfloat16_enabled() and ds._config.bfloat16_config.check_grad_overflow) or (
+            ds.gradient_clipping() > 0
+        )
+
+    def step(self, batches: Iterator[Batch], sync_timing: bool = False) -> StepResult:
         """One optimizer step (all its micro-batches): this DP rank's mean losses, timing, skipped or not.
 
         A non-finite loss on any rank skips the step on every rank before anything is
-        applied (no backward, no optimizer step, the LR schedule does not advance, as
-        Megatron skips a step); with gradient accumulation, a non-finite micro-batch after
-        the first is dropped (its gradients are zeros). fp16 overflow is DeepSpeed's loss
-        scaler's to skip, and counts the same.
+        applied (no optimizer step, the LR schedule does not advance, as Megatron skips a
+        step): DeepSpeed's optimizer skips it where it checks the gradients
+        (:attr:`optimizer_skips_non_finite`); elsewhere the loss is checked on every rank
+        before backward, and with gradient accumulation a non-finite micro-batch after
+        the first is dropped (its gradients are zeros). Nothing here waits for the device
+        unless that check runs or ``sync_timing`` asks for an exact per-phase breakdown.
         """
         if self.pipeline:
             return self._pipeline_step(batches)
-        timing = StepTiming()
-        sums: dict[str, float] = {}
+        timing, flops = StepTiming(), {}
+        sums: dict[str, torch.Tensor] = {}
         device = accelerator.current_device()
         accum = self.job.train.grad_accum
         overflows_before = self.ds.skipped_steps
+        check_loss = not self.optimizer_skips_non_finite
+        sync = accelerator.synchronize if sync_timing else (lambda: None)
         skipped = False
         for index in range(accum):
             start = time.perf_counter()
-            batch = to_device(next(batches), device)
+            batch = next(batches)
+            _add_flops(flops, self.job.model, batch)
+            batch = to_device(batch, device)
             timing.data += time.perf_counter() - start
             if skipped:
                 continue  # the step is skipped: its remaining micro-batches are consumed, not run
 
             start = time.perf_counter()
             losses = self.ds(batch)
+            sync()
             timing.forward += time.perf_counter() - start
             loss = losses["loss"]
-            if not _finite_on_every_rank(loss):
+            if check_loss and not _finite_on_every_rank(loss):
                 if index == 0:
                     skipped = True
                     continue
@@ -217,27 +256,36 @@ class Engine:
 
             start = time.perf_counter()
             self.ds.backward(loss)
+            sync()
             timing.backward += time.perf_counter() - start
 
             start = time.perf_counter()
             self.ds.step()
+            sync()
             timing.optimizer += time.perf_counter() - start
             for name, value in losses.items():
-                sums[name] = sums.get(name, 0.0) + float(value.detach())
-        accelerator.synchronize()
+                value = value.detach().float()
+                sums[name] = sums[name] + value if name in sums else value
         skipped = skipped or self.ds.skipped_steps > overflows_before
-        return StepResult({} if skipped else {k: v / accum for k, v in sums.items()}, timing, skipped)
+        losses = {} if skipped else {k: v / accum for k, v in sums.items()}
+        return StepResult(losses, timing, skipped, flops)
 
     def _pipeline_step(self, batches: Iterator[Batch]) -> StepResult:
-        feed = _PipelineBatches(batches, accelerator.current_device())
+        """One pipeline step. The pipeline engine itself waits for the device (it exchanges
+        each micro-batch's activation shapes as tensors), so the loss is read here."""
+        flops: dict[str, float] = {}
+        feed = _PipelineBatches(
+            batches, accelerator.current_device(), lambda b: _add_flops(flops, self.job.model, b)
+        )
         overflows_before = self.ds.skipped_steps
         start = time.perf_counter()
-        loss = float(self.ds.train_batch(data_iter=feed))
-        accelerator.synchronize()
+        loss_tensor = self.ds.train_batch(data_iter=feed)
+        loss = float(loss_tensor)
         total = time.perf_counter() - start
         timing = StepTiming(data=feed.data_time, forward=total - feed.data_time)
         if self.ds.skipped_steps > overflows_before:
-            return StepResult({}, timing, skipped=True)  # DeepSpeed skipped it (fp16 / bf16 overflow check)
+            # DeepSpeed skipped it (fp16 / bf16 overflow check)
+            return StepResult({}, timing, skipped=True, flops=flops)
         if not math.isfinite(loss):
             # The pipeline engine runs backward and the optimizer step inside train_batch;
             # in fp32 nothing checks the gradients first, so the weights took the step.
@@ -248,7 +296,7 @@ class Engine:
                 EXIT_NON_FINITE,
             )
         # The pipeline engine interleaves forward and backward; it reports the DP-mean loss.
-        return StepResult({"loss": loss}, timing, skipped=False)
+        return StepResult({"loss": loss_tensor.detach().float()}, timing, skipped=False, flops=flops)
 
     @torch.no_grad()
     def eval_loss(self, batch: Batch) -> float:
@@ -278,6 +326,30 @@ class Engine:
         return deepspeed.zero.GatheredParameters([params[n] for n in names], modifier_rank=None)
 
 
+@contextlib.contextmanager
+def _frozen_parameters_kept(module: nn.Module, zero: int) -> Iterator[None]:
+    """Keep frozen parameters out of DeepSpeed's cast to the engine's bf16 / fp16.
+
+    DeepSpeed casts every floating-point parameter, frozen ones included: an fp16 frozen
+    ViT would turn bf16, and its fp32 LayerNorms and position embedding half precision
+    (LAVIS halves only Linear/Conv weights and keeps the residual stream fp32). While
+    DeepSpeed sets up, each frozen parameter holds an empty placeholder; afterwards it gets
+    its own tensor back, untouched and without a copy. ZeRO-3 partitions every parameter,
+    frozen ones included, as it sets up, so there DeepSpeed's cast stands.
+    """
+    if zero == 3:
+        yield
+        return
+    kept = {p: p.data for p in module.parameters() if not p.requires_grad}
+    for param in kept:
+        param.data = param.data.new_empty(0)
+    try:
+        yield
+    finally:
+        for param, data in kept.items():
+            param.data = data
+
+
 def build_engine(
     job: JobConfig,
     ds_raw: dict[str, Any],
@@ -304,14 +376,15 @@ def build_engine(
         mpu = MegatronMpu()
     optimizer = build_optimizer(module, job.train)
     scheduler = WarmupCosineSchedule(optimizer, job.train, total_steps, steps_per_epoch)
-    ds_engine, _, _, _ = deepspeed.initialize(
-        model=module,
-        optimizer=optimizer,
-        lr_scheduler=scheduler,
-        config=ds_config,
-        mpu=mpu,
-        dist_init_required=False,
-    )
+    with _frozen_parameters_kept(module, zero_stage(ds_config)):
+        ds_engine, _, _, _ = deepspeed.initialize(
+            model=module,
+            optimizer=optimizer,
+            lr_scheduler=scheduler,
+            config=ds_config,
+            mpu=mpu,
+            dist_init_required=False,
+        )
     model = unwrap_stage(module.forward_funcs[0]) if job.pp > 1 else module
     logger.info(
         "engine: %s, ZeRO stage %d, TP %d x PP %d x DP %d",

@@ -8,7 +8,9 @@ input grads), frozen with nothing trainable upstream = 1x forward.
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from blip2_megatron import accelerator
@@ -44,30 +46,88 @@ def llm_forward_flops(cfg: LLMConfig, seq_len: int) -> float:
     return cfg.num_layers * per_layer + 2.0 * seq_len * d * cfg.vocab_size
 
 
-def train_flops_per_image(cfg: Blip2Config, text_len: int | None = None) -> float:
-    """Training FLOPs for one image-text sample, following the frozen/trained split."""
-    text_len = text_len or cfg.max_txt_len
+def train_flops_by_part(cfg: Blip2Config, lengths: list[int]) -> dict[str, float]:
+    """Training FLOPs of one batch by part (``vision``, ``qformer``, ``llm``), from its real lengths.
+
+    ``lengths``: per sample, the tokens the model reads without padding: the LLM input
+    (image slots, prompt and caption) for LLM jobs; the caption for stage 1. Padding is
+    computed but is not useful work, so it does not count (as MFU is usually defined).
+    """
     q = cfg.qformer.num_query_tokens
     image_tokens = cfg.vision.num_positions
-    vision = vision_forward_flops(cfg.vision) * (1 if cfg.vision.freeze else 3)
+    images = len(lengths)
+    parts = {"vision": images * vision_forward_flops(cfg.vision) * (1 if cfg.vision.freeze else 3)}
     if cfg.kind == "stage1":
-        t = cfg.qformer.max_txt_len
-        passes = (
+        per_caption = [
             qformer_forward_flops(cfg.qformer, q, 0, image_tokens)  # ITC image side
             + qformer_forward_flops(cfg.qformer, 0, t, 0)  # ITC text side
             + 3 * qformer_forward_flops(cfg.qformer, q, t, image_tokens)  # ITM on 3B pairs
             + qformer_forward_flops(cfg.qformer, q, t, 0)  # ITG (query K/V reused)
-        )
-        return vision + 3 * passes
-    qformer = qformer_forward_flops(cfg.qformer, q, 0, image_tokens) * (1 if cfg.freeze_qformer else 3)
-    projection = 2.0 * q * cfg.qformer.hidden_size * cfg.llm.hidden_size * 3
-    llm = llm_forward_flops(cfg.llm, q + text_len) * (3 if not cfg.llm.freeze else 2)
-    return vision + qformer + projection + llm
+            for t in lengths
+        ]
+        parts["qformer"] = 3 * sum(per_caption)
+        return parts
+    if cfg.image_encoder == "patches":
+        parts["qformer"] = 0.0
+    else:
+        parts["qformer"] = images * qformer_forward_flops(cfg.qformer, q, 0, image_tokens)
+        parts["qformer"] *= 1 if cfg.freeze_qformer else 3
+    parts["qformer"] += images * 2.0 * cfg.num_image_slots * cfg.image_feature_size * cfg.llm.hidden_size * 3
+    parts["llm"] = sum(llm_forward_flops(cfg.llm, n) for n in lengths) * (2 if cfg.llm.freeze else 3)
+    return parts
+
+
+def batch_lengths(batch: dict) -> list[int]:
+    """Per-sample real token counts of a loader batch (read on the host, before it moves to the device)."""
+    return [int(n) for n in batch["attention_mask"].sum(dim=1).tolist()]
+
+
+def train_flops_per_image(cfg: Blip2Config, text_len: int | None = None) -> float:
+    """Training FLOPs of one image-text sample whose caption has ``text_len`` tokens (``max_txt_len``)."""
+    text_len = text_len or cfg.max_txt_len
+    length = text_len if cfg.kind == "stage1" else cfg.num_image_slots + text_len
+    return sum(train_flops_by_part(cfg, [length]).values())
+
+
+def part_precisions(cfg: Blip2Config, precision: str) -> dict[str, str]:
+    """The dtype each part's matmuls run in: trained parts at the engine's ``precision``,
+    frozen parts in the dtype their weights are kept in (excluded from DeepSpeed's cast)."""
+    names = {dtype: name for name, dtype in accelerator.DTYPE_BY_NAME.items()}
+    vision = cfg.vision.frozen_dtype if cfg.vision.freeze else precision
+    llm = cfg.llm.dtype if cfg.llm.freeze else precision
+    return {
+        "vision": names[accelerator.weight_dtype(vision)],
+        "qformer": precision,
+        "llm": names[accelerator.weight_dtype(llm)],
+    }
+
+
+def model_flops_utilization(
+    flops_by_part: dict[str, float], precisions: dict[str, str], seconds: float, devices: int
+) -> float | None:
+    """MFU: the time the work would take at each part's peak rate over the time it took.
+
+    A frozen fp16 ViT under an fp32 Q-Former counts at the fp16 and fp32 peaks
+    respectively. None when a part's peak is unknown on this device.
+    """
+    ideal = 0.0
+    for part, flops in flops_by_part.items():
+        if not flops:
+            continue
+        peak = accelerator.peak_tflops(precisions[part])
+        if not peak:
+            return None
+        ideal += flops / (peak * 1e12)
+    return ideal / (seconds * devices) if seconds > 0 else None
 
 
 @dataclass
 class StepTiming:
-    """Where one optimizer step's time went (seconds)."""
+    """Host time of one optimizer step's phases (seconds).
+
+    Without device synchronisation (the default in training) the phases are the host's
+    time to issue them; ``data`` (waiting for the loader) is exact either way.
+    """
 
     data: float = 0.0
     forward: float = 0.0
@@ -80,54 +140,118 @@ class StepTiming:
 
 
 @dataclass
+class _Window:
+    """Totals over a stretch of steps, timed on the wall clock between two device syncs."""
+
+    started: float = field(default_factory=time.perf_counter)
+    steps: int = 0
+    data_time: float = 0.0
+    paused: float = 0.0  # seconds spent saving or validating, not training
+    flops: dict[str, float] = field(default_factory=dict)
+
+    def add(self, timing: StepTiming, flops: dict[str, float]) -> None:
+        self.steps += 1
+        self.data_time += timing.data
+        for part, value in flops.items():
+            self.flops[part] = self.flops.get(part, 0.0) + value
+
+
+@dataclass
 class ThroughputMeter:
-    """Turns step timings into FPS, TFLOP/s, MFU; keeps the post-warm-up history."""
+    """FPS, TFLOP/s, MFU and memory, read only when the trainer logs.
+
+    Steps are not timed one by one (that needs a device sync per step): the meter adds up
+    each step's FLOPs and data wait on the host, and the figures come from the wall clock
+    between two log steps, at which the trainer synchronises the device anyway. The
+    summary covers every step after ``warmup_steps`` (one more sync, at that step).
+    FLOPs are this rank's; the trainer sums them over data-parallel ranks before asking.
+    """
 
     global_batch: int  # images per optimizer step over the whole job
     world_size: int  # devices
-    flops_per_image: float  # training FLOPs per image
-    precision: str = "fp32"
+    precisions: dict[str, str]  # part -> dtype its matmuls run in (part_precisions)
     warmup_steps: int = 2  # steps excluded from the summary
-    history: list[float] = field(default_factory=list)  # step times after warm-up
     steps_seen: int = 0
     started: float = field(default_factory=time.perf_counter)
+    window: _Window = field(default_factory=_Window)  # since the last log step
+    measured: _Window | None = None  # since the end of warm-up
 
-    def record(self, timing: StepTiming) -> dict[str, float | str | None]:
-        """Figures for one step: global FPS, FPS/device, TFLOP/s/device, MFU, memory."""
+    def record(self, timing: StepTiming, flops: dict[str, float]) -> None:
+        """Account for one step (host only)."""
         self.steps_seen += 1
-        step_time = max(timing.total, 1e-9)
-        if self.steps_seen > self.warmup_steps:
-            self.history.append(step_time)
+        self.window.add(timing, flops)
+        if self.measured is not None:
+            self.measured.add(timing, flops)
+        elif self.steps_seen == self.warmup_steps:
+            accelerator.synchronize()
+            self.measured = _Window()
+        elif self.warmup_steps == 0:
+            self.measured = _Window(started=self.window.started)
+            self.measured.add(timing, flops)
+
+    def _figures(self, window: _Window, flops: dict[str, float]) -> dict[str, float | None]:
+        seconds = max(time.perf_counter() - window.started - window.paused, 1e-9)
+        step_time = seconds / max(window.steps, 1)
         fps = self.global_batch / step_time
-        tflops = self.flops_per_image * fps / self.world_size / 1e12
-        peak = accelerator.peak_tflops(self.precision)
         return {
             "fps": fps,
             "fps_per_device": fps / self.world_size,
             "step_time": step_time,
-            "data_time": timing.data,
-            "forward_time": timing.forward,
-            "backward_time": timing.backward,
-            "optimizer_time": timing.optimizer,
-            "tflops_per_device": tflops,
-            "mfu": (tflops / peak) if peak else None,
+            "data_time": window.data_time / max(window.steps, 1),
+            "tflops_per_device": sum(flops.values()) / seconds / self.world_size / 1e12,
+            "mfu": model_flops_utilization(flops, self.precisions, seconds, self.world_size),
             "peak_mem_gb": accelerator.peak_memory_bytes() / 2**30,
         }
 
-    def summary(self) -> dict[str, float | int | None]:
-        """Mean figures over the steps after warm-up (all steps if the run was shorter)."""
-        times = self.history
-        mean_step = sum(times) / len(times) if times else None
-        fps = self.global_batch / mean_step if mean_step else None
-        tflops = self.flops_per_image * fps / self.world_size / 1e12 if fps else None
-        peak = accelerator.peak_tflops(self.precision)
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Leave what runs inside (a checkpoint save, a validation pass) out of the figures."""
+        accelerator.synchronize()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            accelerator.synchronize()
+            for window in (self.window, self.measured):
+                if window is not None:
+                    window.paused += time.perf_counter() - start
+
+    def interval(self, global_flops: dict[str, float]) -> dict[str, float | None]:
+        """Figures since the last call (the device is synchronised first); starts the next window.
+
+        ``global_flops``: :attr:`window`'s FLOPs summed over data-parallel ranks.
+        """
+        accelerator.synchronize()
+        figures = self._figures(self.window, global_flops)
+        self.window = _Window()
+        return figures
+
+    def summary(self, global_flops: dict[str, float] | None) -> dict[str, float | int | None]:
+        """Mean figures over the steps after warm-up (none when the run was that short).
+
+        ``global_flops``: :attr:`measured`'s FLOPs summed over data-parallel ranks.
+        """
+        accelerator.synchronize()
+        total = {"total_time_s": time.perf_counter() - self.started}
+        if self.measured is None or not self.measured.steps or global_flops is None:
+            return {
+                "fps_mean": None,
+                "fps_per_device_mean": None,
+                "step_time_mean": None,
+                "tflops_per_device_mean": None,
+                "mfu_mean": None,
+                "steps_measured": 0,
+                "peak_mem_gb": accelerator.peak_memory_bytes() / 2**30,
+                **total,
+            }
+        figures = self._figures(self.measured, global_flops)
         return {
-            "fps_mean": fps,
-            "fps_per_device_mean": fps / self.world_size if fps else None,
-            "step_time_mean": mean_step,
-            "tflops_per_device_mean": tflops,
-            "mfu_mean": (tflops / peak) if (tflops and peak) else None,
-            "steps_measured": len(times),
-            "total_time_s": time.perf_counter() - self.started,
-            "peak_mem_gb": accelerator.peak_memory_bytes() / 2**30,
+            "fps_mean": figures["fps"],
+            "fps_per_device_mean": figures["fps_per_device"],
+            "step_time_mean": figures["step_time"],
+            "tflops_per_device_mean": figures["tflops_per_device"],
+            "mfu_mean": figures["mfu"],
+            "steps_measured": self.measured.steps,
+            "peak_mem_gb": figures["peak_mem_gb"],
+            **total,
         }

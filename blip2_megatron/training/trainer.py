@@ -9,6 +9,7 @@ evaluation the job asks for at the end.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 import logging
 import signal
@@ -30,16 +31,24 @@ from blip2_megatron.training import checkpoint, faults
 from blip2_megatron.training.ds_config import check_layout, read_ds_config, zero_stage
 from blip2_megatron.training.engine import Engine, build_engine
 from blip2_megatron.training.faults import EXIT_NON_FINITE, TrainingStopped
-from blip2_megatron.training.throughput import ThroughputMeter, train_flops_per_image
+from blip2_megatron.training.monitors import Monitors, ProgressBar, without_deepspeed_monitors
+from blip2_megatron.training.throughput import ThroughputMeter, part_precisions
 
 logger = logging.getLogger(__name__)
 
 
 class PreemptionFlag:
-    """Remembers a SIGTERM / SIGUSR1 so the loop can save and exit at a step boundary."""
+    """Remembers a SIGTERM / SIGUSR1 so the loop can save and exit at a step boundary.
 
-    def __init__(self) -> None:
+    Ranks agree through a host-memory (gloo) all-reduce of one integer per step: a network
+    round trip, without waiting for the device as a reduction of a device tensor would.
+    """
+
+    def __init__(self, timeout_s: int) -> None:
         self.signal_name: str | None = None
+        self.group = None
+        if dist.get_backend() != "gloo":
+            self.group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._handler)
 
@@ -49,8 +58,8 @@ class PreemptionFlag:
 
     def raised_anywhere(self) -> bool:
         """True on every rank as soon as any rank got the signal (ranks must stop together)."""
-        flag = torch.tensor([1.0 if self.signal_name else 0.0], device=accelerator.current_device())
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        flag = torch.tensor([1 if self.signal_name else 0], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
         return bool(flag.item())
 
 
@@ -93,17 +102,29 @@ class RunLog:
         )
 
 
-def _mean_over_dp(values: dict[str, float]) -> dict[str, float]:
-    if not values:
-        return values
-    names = sorted(values)
-    # float32: HCCL on Ascend 910B has no float64 reductions.
-    tensor = torch.tensor(
-        [values[n] for n in names], dtype=torch.float32, device=accelerator.current_device()
-    )
+def _eval_dtype(job: JobConfig) -> torch.dtype | None:
+    """The autocast dtype evaluation computes in (``eval.precision``, "auto": the training precision off CPU)."""
+    return accelerator.inference_dtype(job.eval.precision, job.train.precision)
+
+
+def _reduce_over_dp(
+    means: dict[str, torch.Tensor], sums: dict[str, float]
+) -> tuple[dict[str, float], dict[str, float]]:
+    """``means`` averaged and ``sums`` added over data-parallel ranks, in one all-reduce.
+
+    ``means`` are device scalars (the window's losses), ``sums`` host numbers (FLOPs). This
+    is where the losses are read on the host: at log steps only. float32 throughout: HCCL
+    on Ascend 910B has no float64 reductions (FLOPs keep float32's 7 significant digits).
+    """
+    device = accelerator.current_device()
+    names, sum_names = sorted(means), sorted(sums)
+    values = [means[n].to(device=device, dtype=torch.float32).reshape(1) for n in names]
+    values.append(torch.tensor([sums[n] for n in sum_names], dtype=torch.float32, device=device))
+    tensor = torch.cat(values)
     dist.all_reduce(tensor, group=state.dp_group())
-    tensor /= state.dp_size()
-    return dict(zip(names, tensor.tolist()))
+    reduced = tensor.tolist()
+    mean_values = {n: v / state.dp_size() for n, v in zip(names, reduced)}
+    return mean_values, dict(zip(sum_names, reduced[len(names) :]))
 
 
 def _count_over_model_parallel(engine: Engine) -> int:
@@ -137,7 +158,9 @@ def _prepare_output(job: JobConfig) -> Path:
 def _evaluate(engine: Engine, job: JobConfig, builder: BatchBuilder, checkpoint_dir: Path, output_dir: Path):
     """The job's evaluation at the end of training, on every rank."""
     if not engine.pipeline and engine.zero_stage != 3:
-        return run_evaluation(predictor_for(engine.model, job.model, builder), job, output_dir)
+        return run_evaluation(
+            predictor_for(engine.model, job.model, builder, _eval_dtype(job)), job, output_dir
+        )
     # Pipeline stages cannot generate and ZeRO-3 holds a 1/DP slice of each weight: evaluate
     # a whole model read from the checkpoint just written, split over TP only.
     eval_job = dataclasses.replace(job, model=inference_config(job.model, dist.get_world_size()))
@@ -146,7 +169,9 @@ def _evaluate(engine: Engine, job: JobConfig, builder: BatchBuilder, checkpoint_
     state.initialize_model_parallel(tp, 1)
     accelerator.manual_seed(job.train.seed)
     model = build_model(eval_job.model, device=accelerator.current_device(), trained=checkpoint_dir)
-    return run_evaluation(predictor_for(model, eval_job.model), eval_job, output_dir)
+    return run_evaluation(
+        predictor_for(model, eval_job.model, compute_dtype=_eval_dtype(job)), eval_job, output_dir
+    )
 
 
 def run_training(job: JobConfig, ds_config_path: str | Path) -> dict[str, Any]:
@@ -181,11 +206,13 @@ class _TrainingRun:
         self.job = job
         ds_raw = read_ds_config(ds_config_path)
         check_layout(job, ds_raw, dist.get_world_size())
+        self.monitors = Monitors(job, ds_raw, Path(job.train.output_dir), enabled=dist.get_rank() == 0)
+        ds_raw = without_deepspeed_monitors(ds_raw)
         state.initialize_model_parallel(job.tp, job.pp)
         self.dp_rank, self.dp_size = state.dp_rank(), state.dp_size()
         self.rank0 = dist.get_rank() == 0
         self.output_dir = _prepare_output(job)
-        self.preemption = PreemptionFlag()
+        self.preemption = PreemptionFlag(job.train.collective_timeout_s)
 
         self.builder = build_batch_builder(job.model)
         self.loader = build_train_loader(
@@ -223,8 +250,7 @@ class _TrainingRun:
         self.meter = ThroughputMeter(
             global_batch=self.global_batch,
             world_size=dist.get_world_size(),
-            flops_per_image=train_flops_per_image(job.model),
-            precision=job.train.precision,
+            precisions=part_precisions(job.model, job.train.precision),
             warmup_steps=job.train.warmup_log_steps,
         )
         self.bad_steps = faults.NonFiniteSteps(job.train.max_bad_steps)
@@ -269,11 +295,13 @@ class _TrainingRun:
             metrics = _evaluate(self.engine, job, self.builder, self.last_checkpoint, self.output_dir)
         else:
             folder = self.output_dir / "validation" / checkpoint.tag_for_step(self.step)
-            metrics = run_evaluation(predictor_for(self.engine.model, job.model, self.builder), job, folder)
+            predictor = predictor_for(self.engine.model, job.model, self.builder, _eval_dtype(job))
+            metrics = run_evaluation(predictor, job, folder)
         shared = [metrics.get("agg_metric")]
         dist.broadcast_object_list(shared, src=0)  # scored on rank 0; every rank decides alike
         value = shared[0]
         self.log.write({"event": "eval", "step": self.step, **metrics})
+        self.monitors.write(self.step, metrics, prefix="eval")
         if job.eval.keep_best and job.eval.interval and value is not None:
             if self.best is None or value > self.best["metric"]:
                 if self.last_saved != self.step:
@@ -285,11 +313,12 @@ class _TrainingRun:
     def train(self) -> None:
         job, total = self.job, self.total_steps
         batches = self.loader.endless()
-        window: list[dict[str, float]] = []
+        window: list[dict[str, torch.Tensor]] = []  # losses of the good steps since the last log
+        progress = ProgressBar(total, self.step, enabled=self.rank0)
         while self.step < total:
             result = self.engine.step(batches)
             self.step += 1
-            figures = self.meter.record(result.timing)
+            self.meter.record(result.timing, result.flops)
             if self.bad_steps.record(self.step, result.skipped):
                 self.save()  # the skipped steps changed nothing: this is the last good state
                 raise TrainingStopped(
@@ -300,12 +329,16 @@ class _TrainingRun:
                 )
             if not result.skipped:
                 window.append(result.losses)
-            if window and (
+            log_step = window and (
                 self.step % job.train.log_interval == 0
                 or self.step == total
                 or self.step == self.start_step + 1
-            ):
-                mean_losses = _mean_over_dp({k: sum(w[k] for w in window) / len(window) for k in window[0]})
+            )
+            if not log_step:
+                progress.update()
+            else:
+                window_means = {k: torch.stack([w[k] for w in window]).mean() for k in window[0]}
+                mean_losses, flops = _reduce_over_dp(window_means, self.meter.window.flops)
                 window.clear()
                 record = {
                     "step": self.step,
@@ -313,18 +346,30 @@ class _TrainingRun:
                     **mean_losses,
                     "lr": self.engine.scheduler.get_last_lr()[0],
                     "skipped_steps": self.bad_steps.total,
-                    **figures,
+                    **self.meter.interval(flops),
                 }
+                progress.update(mean_losses)
                 self.log.step(record, total)
+                self.monitors.write(self.step, record)
             if self.preemption.raised_anywhere():
                 self.stopped_by = self.preemption.signal_name or "signal on another rank"
                 break
             if job.train.save_interval and self.step % job.train.save_interval == 0 and self.step < total:
-                self.save()
+                with self.meter.paused():
+                    self.save()
             if self.validation_due():
-                self.validate()
+                with self.meter.paused():
+                    self.validate()
+        progress.close()
         if self.last_saved != self.step:
             self.save()
+
+    def _measured_flops(self) -> dict[str, float] | None:
+        """The FLOPs of the steps after warm-up, summed over data-parallel ranks (all ranks call)."""
+        measured = self.meter.measured
+        if measured is None or not measured.flops:
+            return None
+        return _reduce_over_dp({}, measured.flops)[1]
 
     def finish(self) -> dict[str, Any]:
         job = self.job
@@ -347,12 +392,13 @@ class _TrainingRun:
             "data_skipped": dict(getattr(self.loader, "stats", {}) or {}),
             "data_sources": self.loader.num_sources,
             "trainable_params": _count_over_model_parallel(self.engine),
-            **self.meter.summary(),
+            **self.meter.summary(self._measured_flops()),
         }
         if job.eval.enabled and self.stopped_by is None:
             summary.update(self.validate(final=True))
         if self.best is not None:
             summary["best"] = self.best
+        self.monitors.close()
         if self.rank0:
             self.log.write(summary)
             write_json_atomic(summary, self.output_dir / "summary.json")
