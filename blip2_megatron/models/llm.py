@@ -657,13 +657,17 @@ class ParallelCausalLM(nn.Module):
     def causal_lm_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Mean cross entropy of predicting token t+1 at position t, over labels != -100 (HF's shift).
 
-        Only the labelled positions are gathered (a copy: megatron's vocab-parallel cross
-        entropy works in place on its input, which must not be the returned logits).
+        Every position is scored and the unlabelled ones masked out, as Megatron's loss mask
+        does: selecting the labelled positions instead would make the shape depend on the
+        data, which waits for the device. The input is copied first (megatron's vocab-parallel
+        cross entropy works in place, and the logits are returned).
         """
         shift_labels = labels[:, 1:]
         has_label = shift_labels != IGNORE_INDEX
-        picked = logits[:, :-1][has_label].float()  # [N, V / tp]
-        per_token = tensor_parallel.vocab_parallel_cross_entropy(picked, shift_labels[has_label])
+        shifted = logits[:, :-1]
+        shifted = shifted.float() if shifted.dtype != torch.float32 else shifted.clone()  # [B, T-1, V / tp]
+        per_token = tensor_parallel.vocab_parallel_cross_entropy(shifted, shift_labels.clamp(min=0))
+        per_token = torch.where(has_label, per_token, torch.zeros_like(per_token))
         # clamp: a batch without labelled tokens gives 0 (HF gives NaN) so a step never poisons the weights
         return per_token.sum() / has_label.sum().clamp(min=1)
 
