@@ -113,3 +113,14 @@ def test_meter_summary_without_measured_steps():
     meter = ThroughputMeter(global_batch=8, world_size=1, precisions={}, warmup_steps=5)
     meter.record(StepTiming(), {})
     assert meter.summary(None)["fps_mean"] is None
+
+
+@pytest.mark.parametrize("flavour", ["tiny_stage1", "tiny", "tiny_minigpt4_llama2"])
+def test_every_model_kind_has_its_parts_accounted(flavour):
+    """Stage 1 has no LLM, the patch variant no Q-Former: each still gets FLOPs and precisions."""
+    cfg = build_model_config(flavour)
+    precisions = part_precisions(cfg, "bf16")
+    parts = train_flops_by_part(cfg, [12, 20])
+    assert set(parts) == set(precisions) == ({"vision", "qformer"} | ({"llm"} if cfg.llm else set()))
+    assert all(value > 0 for value in parts.values()), parts
+    assert model_flops_utilization(parts, precisions, 1.0, 1) is None  # no peak known for a CPU

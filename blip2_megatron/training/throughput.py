@@ -94,12 +94,11 @@ def part_precisions(cfg: Blip2Config, precision: str) -> dict[str, str]:
     frozen parts in the dtype their weights are kept in (excluded from DeepSpeed's cast)."""
     names = {dtype: name for name, dtype in accelerator.DTYPE_BY_NAME.items()}
     vision = cfg.vision.frozen_dtype if cfg.vision.freeze else precision
-    llm = cfg.llm.dtype if cfg.llm.freeze else precision
-    return {
-        "vision": names[accelerator.weight_dtype(vision)],
-        "qformer": precision,
-        "llm": names[accelerator.weight_dtype(llm)],
-    }
+    precisions = {"vision": names[accelerator.weight_dtype(vision)], "qformer": precision}
+    if cfg.llm is not None:  # stage 1 has none
+        llm = cfg.llm.dtype if cfg.llm.freeze else precision
+        precisions["llm"] = names[accelerator.weight_dtype(llm)]
+    return precisions
 
 
 def model_flops_utilization(
