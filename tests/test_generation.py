@@ -52,6 +52,26 @@ CASES = {
 }
 
 
+def assert_generates_like(hf, ours, cases: tuple[str, ...], label: str) -> None:
+    """``generate`` on ``ours`` gives transformers' tokens for each of :data:`CASES` named.
+
+    The end-of-text id is a token ``hf`` emits early (:func:`frequent_tokens`)."""
+    embeds, mask = prompt_embeds()
+    eos, _ = frequent_tokens(hf, embeds, mask)
+    for case in cases:
+        kwargs = CASES[case]
+        ref = hf.generate(
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            do_sample=False,
+            eos_token_id=eos,
+            pad_token_id=PAD,
+            **kwargs,
+        )
+        out = generate(ours, embeds, mask, eos_token_id=eos, pad_token_id=PAD, **kwargs)
+        assert out.shape == ref.shape and torch.equal(out, ref), f"{label} {case}:\nours {out}\nHF   {ref}"
+
+
 @pytest.mark.parametrize("name", ["opt", "llama_gqa"])
 def test_generation_is_token_identical_to_transformers(single_process_group, name):
     hf = make_hf_model(name)

@@ -25,8 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 from dist_utils import run_distributed
-from test_generation import CASES as GENERATION_CASES
-from test_generation import PAD, frequent_tokens, prompt_embeds
+from test_generation import assert_generates_like
 from test_llm_parity import HIDDEN, TOL, VOCAB, assert_logits_close, make_batch, randomize
 
 from blip2_megatron.build import build_llm_from_hf
@@ -39,7 +38,6 @@ from blip2_megatron.convert.hf_llm import (
     save_hf_llm,
 )
 from blip2_megatron.io import CheckpointMismatchError
-from blip2_megatron.models.generation import generate
 from blip2_megatron.models.llm import ParallelCausalLM
 
 transformers = pytest.importorskip("transformers")
@@ -253,20 +251,7 @@ def test_logits_and_loss_match_transformers(single_process_group, tmp_path, name
 def test_generation_is_token_identical_to_transformers(single_process_group, tmp_path, name):
     ref_model = make_reference(name)
     ours = make_ours(name, ref_model, tmp_path)
-    embeds, mask = prompt_embeds()
-    eos, _ = frequent_tokens(ref_model, embeds, mask)
-    for case in ("greedy", "beam3", "beam3_return2_lp"):
-        kwargs = GENERATION_CASES[case]
-        ref = ref_model.generate(
-            inputs_embeds=embeds,
-            attention_mask=mask,
-            do_sample=False,
-            eos_token_id=eos,
-            pad_token_id=PAD,
-            **kwargs,
-        )
-        out = generate(ours, embeds, mask, eos_token_id=eos, pad_token_id=PAD, **kwargs)
-        assert out.shape == ref.shape and torch.equal(out, ref), f"{name} {case}:\nours {out}\nHF   {ref}"
+    assert_generates_like(ref_model, ours, ("greedy", "beam3", "beam3_return2_lp"), name)
 
 
 def test_mistral_window_is_shorter_than_the_sequences_and_matters(single_process_group, tmp_path):
@@ -556,20 +541,7 @@ def _tp2_family_checks(rank: int, world_size: int, tmp_dir: str) -> dict[str, fl
         for key, tensor in expected.items():
             assert torch.equal(exported[key], tensor), f"{name} {key}"
         if name in ("qwen2", "mistral", "internlm2"):
-            embeds, gen_mask = prompt_embeds()
-            eos, _ = frequent_tokens(ref_model, embeds, gen_mask)
-            for case in ("greedy", "beam3_return2_lp"):
-                kwargs = GENERATION_CASES[case]
-                want = ref_model.generate(
-                    inputs_embeds=embeds,
-                    attention_mask=gen_mask,
-                    do_sample=False,
-                    eos_token_id=eos,
-                    pad_token_id=PAD,
-                    **kwargs,
-                )
-                got = generate(ours, embeds, gen_mask, eos_token_id=eos, pad_token_id=PAD, **kwargs)
-                assert torch.equal(got, want), f"{name} {case}:\nours {got}\nHF   {want}"
+            assert_generates_like(ref_model, ours, ("greedy", "beam3_return2_lp"), name)
         diffs[name] = float((logits[real] - ref.logits[real]).abs().max())
     return diffs
 

@@ -95,28 +95,11 @@ def _check_forward_backward(name: str, overrides: dict) -> dict[str, float]:
 
 
 def _check_generation(name: str, overrides: dict) -> None:
-    from test_generation import CASES as GENERATION_CASES
-    from test_generation import PAD, frequent_tokens, prompt_embeds
+    from test_generation import assert_generates_like
     from test_llm_parity import make_hf_model, make_ours
 
-    from blip2_megatron.models.generation import generate
-
     hf = make_hf_model(name, **overrides)
-    ours = make_ours(hf)
-    embeds, mask = prompt_embeds()
-    eos, _ = frequent_tokens(hf, embeds, mask)
-    for case in ("greedy", "beam3_return2_lp"):
-        kwargs = GENERATION_CASES[case]
-        ref = hf.generate(
-            inputs_embeds=embeds,
-            attention_mask=mask,
-            do_sample=False,
-            eos_token_id=eos,
-            pad_token_id=PAD,
-            **kwargs,
-        )
-        out = generate(ours, embeds, mask, eos_token_id=eos, pad_token_id=PAD, **kwargs)
-        assert out.shape == ref.shape and torch.equal(out, ref), f"{name} {case}:\nours {out}\nHF   {ref}"
+    assert_generates_like(hf, make_ours(hf), ("greedy", "beam3_return2_lp"), name)
 
 
 def _tp2_checks(rank: int, world_size: int) -> dict[str, dict[str, float]]:
