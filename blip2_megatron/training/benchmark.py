@@ -27,7 +27,7 @@ from blip2_megatron.parallel import state
 from blip2_megatron.parallel.state import launch_env
 from blip2_megatron.training.ds_config import check_layout, read_ds_config
 from blip2_megatron.training.engine import build_engine
-from blip2_megatron.training.throughput import StepTiming, model_flops_utilization, part_precisions
+from blip2_megatron.training.throughput import StepTiming, add_flops, model_flops_utilization, part_precisions
 
 logger = logging.getLogger(__name__)
 
@@ -120,8 +120,7 @@ def benchmark_ours(
 def _sum_flops(results: list[Any]) -> dict[str, float]:
     total: dict[str, float] = {}
     for result in results:
-        for part, value in result.flops.items():
-            total[part] = total.get(part, 0.0) + value
+        add_flops(total, result.flops)
     return total
 
 

@@ -37,7 +37,7 @@ from blip2_megatron.parallel.pipeline import check_grid_matches_megatron
 from blip2_megatron.training.ds_config import fill_ds_config, zero_stage
 from blip2_megatron.training.faults import EXIT_NON_FINITE, TrainingStopped
 from blip2_megatron.training.optim import WarmupCosineSchedule, build_optimizer
-from blip2_megatron.training.throughput import StepTiming, batch_lengths, train_flops_by_part
+from blip2_megatron.training.throughput import StepTiming, add_flops, batch_lengths, train_flops_by_part
 
 logger = logging.getLogger(__name__)
 
@@ -156,8 +156,7 @@ def _zero_gradient_loss(module: nn.Module) -> torch.Tensor:
 
 
 def _add_flops(total: dict[str, float], cfg: Any, batch: Batch) -> None:
-    for part, flops in train_flops_by_part(cfg, batch_lengths(batch)).items():
-        total[part] = total.get(part, 0.0) + flops
+    add_flops(total, train_flops_by_part(cfg, batch_lengths(batch)))
 
 
 @dataclass

@@ -77,6 +77,12 @@ def train_flops_by_part(cfg: Blip2Config, lengths: list[int]) -> dict[str, float
     return parts
 
 
+def add_flops(total: dict[str, float], flops: dict[str, float]) -> None:
+    """Add per-part FLOPs into the running ``total``."""
+    for part, value in flops.items():
+        total[part] = total.get(part, 0.0) + value
+
+
 def batch_lengths(batch: dict) -> list[int]:
     """Per-sample real token counts of a loader batch (read on the host, before it moves to the device)."""
     return [int(n) for n in batch["attention_mask"].sum(dim=1).tolist()]
@@ -151,8 +157,7 @@ class _Window:
     def add(self, timing: StepTiming, flops: dict[str, float]) -> None:
         self.steps += 1
         self.data_time += timing.data
-        for part, value in flops.items():
-            self.flops[part] = self.flops.get(part, 0.0) + value
+        add_flops(self.flops, flops)
 
 
 @dataclass
