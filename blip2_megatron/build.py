@@ -59,10 +59,10 @@ from blip2_megatron.data.batch import BatchBuilder, LLMBatchBuilder, build_batch
 from blip2_megatron.inference import Blip2Predictor
 from blip2_megatron.io import iter_checkpoint_files, load_state_dict_file
 from blip2_megatron.models.blip2 import Blip2ForLLM, Blip2PipeStage
+from blip2_megatron.models.flops import pipeline_layer_ranges
 from blip2_megatron.models.llm import ParallelCausalLM
 from blip2_megatron.models.stage1 import Blip2Stage1
 from blip2_megatron.parallel import state
-from blip2_megatron.parallel.pipeline import stage_layer_ranges
 
 logger = logging.getLogger(__name__)
 
@@ -303,7 +303,7 @@ def build_pipeline_stage(
         raise ConfigError(
             "pipeline parallelism splits the LLM; stage-1 models have none (set model.llm.pp=1)"
         )
-    layer_range = stage_layer_ranges(cfg.llm.num_layers, num_stages)[stage]
+    layer_range = pipeline_layer_ranges(cfg, num_stages)[stage]
     model = build_model(
         cfg,
         device=device,

@@ -7,7 +7,10 @@
 Warm-up steps are excluded. Data is synthetic and in memory unless --real-data is given.
 `--baseline hf` also runs the same model size, batch, frozen/trained split and dtype
 through transformers' Blip2ForConditionalGeneration (single process) and prints the
-speed and memory ratios. A JSON file with every figure is written (--out).
+speed and memory ratios; `--baseline replicated` (TP > 1) runs the same layout with every
+TP rank encoding all images first. A JSON file with every figure is written (--out).
+
+    deepspeed --num_gpus 2 launch/benchmark.py --config bench_vision_tp model.llm.tp=2 --baseline replicated
 """
 
 from __future__ import annotations
@@ -32,7 +35,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--real-data", action="store_true", help="read the job's data instead of a synthetic batch"
     )
-    parser.add_argument("--baseline", choices=["hf"], default=None, help="also run transformers' Blip2 model")
+    parser.add_argument(
+        "--baseline",
+        choices=["hf", "replicated"],
+        default=None,
+        help="also run transformers' Blip2 model (hf), or this layout with every TP rank encoding "
+        "all images (replicated, TP > 1), and print the ratios",
+    )
     parser.add_argument("--out", default=None, help="JSON output (default: <output_dir>/benchmark.json)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides")

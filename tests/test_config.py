@@ -12,7 +12,7 @@ from blip2_megatron.config import (
     save_job_config,
     shipped_job_names,
 )
-from blip2_megatron.training.ds_config import check_layout, fill_ds_config, read_ds_config
+from blip2_megatron.training.ds_config import check_layout, fill_ds_config, read_ds_config, without_idle_zero
 
 
 @pytest.mark.parametrize("name", shipped_job_names())
@@ -120,6 +120,26 @@ def test_ds_configs_fill_every_auto(name):
     assert cfg["gradient_accumulation_steps"] == 2
     assert cfg["bf16"]["enabled"] is True and cfg["fp16"]["enabled"] is False
     assert "auto" not in str(cfg)
+
+
+@pytest.mark.parametrize(
+    ("name", "dp", "runs"),
+    [
+        ("zero1", 1, 0),
+        ("zero2", 1, 0),
+        ("zero3", 1, 3),
+        ("zero2_offload", 1, 2),
+        ("zero2", 2, 2),
+        ("zero0", 1, 0),
+    ],
+)
+def test_zero_1_and_2_run_as_stage_0_with_one_data_parallel_rank(name, dp, runs):
+    """Nothing to partition over one rank: no flat copies or gradient hooks. Offloading needs ZeRO."""
+    job = load_job_config(None, ["data.batch_size=4"])
+    configured = fill_ds_config(job, read_ds_config(f"ds_configs/{name}.json"), dp_size=dp)
+    ran = without_idle_zero(configured, dp)
+    assert ran["zero_optimization"]["stage"] == runs
+    assert configured["zero_optimization"]["stage"] == int(name[4])  # the configured one is left alone
 
 
 def test_malformed_ds_config(tmp_path):

@@ -72,7 +72,27 @@ def test_vocab_rows_are_rounded_up_per_rank(group):
     hidden, ffn = 4096, 11008
     layer = 4 * hidden * hidden // 2 + 3 * hidden * ffn // 2 + 2 * hidden  # q/k/v/o, gate/up/down, norms
     head = 16001 * hidden  # untied
-    assert report.stages[1].params_per_tp_rank == 16 * layer + hidden + head
+    start, end = report.stages[1].layers
+    assert report.stages[1].params_per_tp_rank == (end - start) * layer + hidden + head
+
+
+def test_pipeline_stages_are_balanced_by_training_flops(group):
+    """Stage 0 runs the image path besides its layers: it gets fewer, and no stage is a layer
+    heavier than it must be. With no image path to speak of the split is even."""
+    from blip2_megatron.models.flops import pipeline_costs
+
+    cfg = build_model_config("blip2_vicuna7b")
+    report = count_parameters(cfg, pp=4)
+    image_path, layer, _ = pipeline_costs(cfg)
+    assert image_path > 5 * layer  # ViT-g at 224 px, frozen, vs one frozen LLaMA-7B layer
+    flops = [s.train_flops_per_sample for s in report.stages]
+    counts = [end - start for start, end in (s.layers for s in report.stages)]
+    assert counts[0] < min(counts[1:]) and sum(counts) == 32, counts
+    # No stage above the mean by more than a layer, unless it is stage 0 with a single layer.
+    assert max(flops) <= max(image_path + layer, sum(flops) / 4 + layer), flops
+    # The even split would leave stage 0 with 8 layers plus the image path: ~50% over the rest.
+    assert max(flops) < 0.8 * (8 * layer + image_path)
+    assert [s.layers for s in count_parameters(build_model_config("tiny"), pp=2).stages] == [(0, 2), (2, 4)]
 
 
 @pytest.mark.parametrize(
@@ -134,4 +154,8 @@ def test_model_info_launcher_prints_the_counts():
     assert proc.returncode == 0, proc.stderr
     tiny, opt = (json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{"))
     assert (tiny["name"], tiny["total"], tiny["trainable"], tiny["pp"]) == ("tiny", 493_056, 138_304, 2)
-    assert [s["layers"] for s in opt["stages"]] == [[0, 16], [16, 32]]
+    # OPT-2.7B frozen: ViT-g's forward on stage 0 costs as much as ~28 of its decoder layers' training.
+    assert [s["layers"] for s in opt["stages"]] == [[0, 3], [3, 32]]
+    assert opt["stages"][0]["train_flops_per_sample"] == pytest.approx(
+        opt["stages"][1]["train_flops_per_sample"], rel=0.05
+    )

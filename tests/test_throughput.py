@@ -76,7 +76,7 @@ def test_mfu_counts_each_part_at_its_own_peak(monkeypatch):
     monkeypatch.setattr(accelerator, "tf32_allowed", lambda: True)
     assert accelerator.peak_tflops("fp32") == 156.0
     # Unknown device: no MFU.
-    monkeypatch.setattr(accelerator, "device_name_for_peak", lambda: "cpu")
+    monkeypatch.setattr(accelerator, "device_name_for_peak", lambda: "Some Accelerator 9000")
     assert model_flops_utilization(flops, precisions, 4.0, 1) is None
 
 
@@ -88,7 +88,7 @@ def test_cpu_keeps_fp16_frozen_weights_in_fp32_but_honours_bf16():
 
 
 def test_meter_reads_the_wall_clock_between_log_steps_and_leaves_pauses_out():
-    meter = ThroughputMeter(global_batch=8, world_size=2, precisions={"llm": "bf16"}, warmup_steps=1)
+    meter = ThroughputMeter(global_batch=8, world_size=2, precisions={"llm": "fp32"}, warmup_steps=1)
     flops = {"llm": 1e9}
     meter.record(StepTiming(data=0.001), flops)  # warm-up step: starts the measured window after it
     assert meter.measured is not None and meter.measured.steps == 0
@@ -101,7 +101,8 @@ def test_meter_reads_the_wall_clock_between_log_steps_and_leaves_pauses_out():
     assert 0.015 < figures["step_time"] < 0.05, figures  # 4 steps, ~0.06 s of training, not ~0.26 s
     assert figures["fps"] == pytest.approx(8 / figures["step_time"])
     assert figures["data_time"] == pytest.approx(0.001)
-    assert figures["mfu"] is None  # CPU: no peak
+    # CPU: MFU against the measured matmul rate (4e9 FLOPs in ~0.06 s is far below it)
+    assert 0.0 < figures["mfu"] < 0.5, figures
     summary = meter.summary({"llm": 3e9})
     assert summary["steps_measured"] == 3
     assert 0.015 < summary["step_time_mean"] < 0.05
@@ -123,4 +124,12 @@ def test_every_model_kind_has_its_parts_accounted(flavour):
     parts = train_flops_by_part(cfg, [12, 20])
     assert set(parts) == set(precisions) == ({"vision", "qformer"} | ({"llm"} if cfg.llm else set()))
     assert all(value > 0 for value in parts.values()), parts
-    assert model_flops_utilization(parts, precisions, 1.0, 1) is None  # no peak known for a CPU
+    mfu = model_flops_utilization(parts, precisions, 1.0, 1)  # at this CPU's measured rates
+    assert mfu is not None and 0 < mfu < 0.1, mfu
+
+
+def test_cpu_peak_is_measured_for_the_dtypes_it_computes():
+    fp32 = accelerator.measured_cpu_peak_tflops("fp32", size=512, repeats=2)
+    assert fp32 is not None and 1e-4 < fp32 < 100  # TFLOP/s: a plausible CPU rate, not a data-sheet figure
+    assert accelerator.measured_cpu_peak_tflops("fp16") is None  # CPUs here do not compute fp16 matmuls
+    assert accelerator.peak_tflops("fp32") == accelerator.measured_cpu_peak_tflops("fp32")

@@ -251,6 +251,9 @@ class Blip2Config:
     prompt_template: str = ""  # MiniGPT-4: "###Human: {} ###Assistant: "; "" = no prompt (stage 1)
     prompt_file: str = ""  # MiniGPT-4: instructions drawn per training sample (shipped name or path)
     init_checkpoint: str = ""  # initial weights: a HF Blip2 directory or LAVIS .pth files, comma-separated
+    # With llm.tp > 1 each TP rank encodes 1/TP of the images (parallel/tp_split.py); false:
+    # every TP rank encodes all of them (the replicated layout, kept for comparison).
+    tp_split_images: bool = True
 
     def __post_init__(self) -> None:
         check_choice("model.kind", self.kind, ("stage1", "llm", "minigpt4"))

@@ -46,7 +46,7 @@ from blip2_megatron.io import (
     write_json_atomic,
     write_text_atomic,
 )
-from blip2_megatron.parallel.pipeline import stage_layer_ranges
+from blip2_megatron.models.flops import pipeline_layer_ranges
 
 logger = logging.getLogger(__name__)
 
@@ -149,10 +149,11 @@ def reshard_run(checkpoint: str | Path, out: str | Path, tp: int, pp: int, overw
     job.train.output_dir = str(out)
     with atomic_directory(out, overwrite=overwrite) as partial:
         target = partial / CHECKPOINTS / source.name
-        ranges = stage_layer_ranges(job.model.llm.num_layers, pp) if job.model.llm is not None else [(0, 0)]
+        ranges = pipeline_layer_ranges(job.model, pp) if job.model.llm is not None else [(0, 0)]
         counts = reshard_weights(source / WEIGHTS, target / WEIGHTS, tp, ranges)
         trainer_state = read_trainer_state(source)
-        trainer_state["layout"] = {**trainer_state.get("layout", {}), "tp": tp, "pp": pp}
+        layout = {k: v for k, v in trainer_state.get("layout", {}).items() if k != "pp_layers"}
+        trainer_state["layout"] = {**layout, "tp": tp, "pp": pp, **({"pp_layers": ranges} if pp > 1 else {})}
         trainer_state["resharded_from"] = str(source.resolve())
         write_json_atomic(trainer_state, target / TRAINER_STATE)
         save_job_config(job, target / CONFIG)

@@ -40,7 +40,11 @@ the same instructions.
 Training batches (what the loader yields and the engine feeds the model)::
 
     stage 1: {"image", "input_ids", "attention_mask", "image_codes"}
-    LLM:     {"image", "input_ids", "attention_mask", "image_slots", "labels"}
+    LLM:     {"image", "input_ids", "attention_mask", "image_slots", "labels", "first_label"}
+
+``first_label`` (an int, computed here on the host) is the first position that holds a
+label in any row: the model computes logits and the loss from there on only (BLIP-2's
+query slots and prompt tokens never carry one), without reading the labels on the device.
 """
 
 from __future__ import annotations
@@ -310,6 +314,7 @@ class LLMBatchBuilder:
             "attention_mask": inputs.attention_mask,
             "image_slots": inputs.image_slots,
             "labels": inputs.labels,
+            "first_label": first_labelled_position(inputs.labels),
         }
 
     def generation_inputs(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -324,6 +329,12 @@ class LLMBatchBuilder:
     def decode(self, tokens: torch.Tensor) -> list[str]:
         """Generated token ids -> texts (special tokens dropped, surrounding space stripped)."""
         return [text.strip() for text in self.tokenizer.batch_decode(tokens, skip_special_tokens=True)]
+
+
+def first_labelled_position(labels: torch.Tensor) -> int:
+    """The first position of ``labels [B, T]`` that is not ``IGNORE_INDEX`` in some row (0 if none is)."""
+    labelled = (labels != IGNORE_INDEX).any(dim=0).nonzero()
+    return int(labelled[0]) if len(labelled) else 0
 
 
 class Stage1BatchBuilder:

@@ -29,6 +29,8 @@ from blip2_megatron.models import generation
 from blip2_megatron.models.llm import ParallelCausalLM
 from blip2_megatron.models.query_encoder import QueryEncoder
 from blip2_megatron.models.vision import VisionEncoder, freeze_vision, frozen_vision_dtype
+from blip2_megatron.parallel import state
+from blip2_megatron.parallel.tp_split import gather_rows, rows_of_this_rank, sum_gradients_over_tp
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +98,12 @@ class Blip2ForLLM(nn.Module):
                 init_weights=False if on_meta else None,
             )
         self.apply_freezing()
+        self.split_images = pre_process and cfg.tp_split_images and state.tp_size() > 1
+        if self.split_images:
+            # Each TP rank encodes its share of the images (image_embeddings): the image
+            # path's gradients are summed over TP ranks before DeepSpeed reduces them over DP.
+            image_path = [*self.image_encoder.parameters(), *self.language_projection.parameters()]
+            sum_gradients_over_tp(image_path)
 
     @property
     def holds_whole_model(self) -> bool:
@@ -121,9 +129,18 @@ class Blip2ForLLM(nn.Module):
 
     # ----------------------------------------------------------------- forward
     def image_embeddings(self, image: torch.Tensor) -> torch.Tensor:
-        """Projected image features [B, num_image_slots, llm hidden]."""
-        features = self.image_encoder(image)
-        return self.language_projection(features.to(self.language_projection.weight.dtype))
+        """Projected image features [B, num_image_slots, llm hidden].
+
+        With tensor parallelism each TP rank encodes ``ceil(B / TP)`` of the images and the
+        projected rows are all-gathered (``blip2_megatron.parallel.tp_split``): no TP rank
+        repeats another's ViT and Q-Former work. Collective over the TP group.
+        """
+        if not self.split_images:
+            features = self.image_encoder(image)
+            return self.language_projection(features.to(self.language_projection.weight.dtype))
+        features = self.image_encoder(rows_of_this_rank(image))
+        embeds = self.language_projection(features.to(self.language_projection.weight.dtype))
+        return gather_rows(embeds, image.shape[0])
 
     def input_embeddings(
         self, image: torch.Tensor, input_ids: torch.Tensor, image_slots: torch.Tensor
@@ -140,7 +157,8 @@ class Blip2ForLLM(nn.Module):
         """Loss of one batch from the batch builder; returns {"loss": ...}.
 
         ``batch``: ``image [B, 3, S, S]``, ``input_ids``, ``attention_mask``, ``image_slots``
-        and ``labels``, each ``[B, T]`` (see ``blip2_megatron.data.batch``).
+        and ``labels``, each ``[B, T]``, and optionally ``first_label`` (see
+        ``blip2_megatron.data.batch``).
         """
         embeds = self.input_embeddings(batch["image"], batch["input_ids"], batch["image_slots"])
         out = self.language_model(
@@ -148,6 +166,7 @@ class Blip2ForLLM(nn.Module):
             attention_mask=batch["attention_mask"],
             labels=batch["labels"],
             right_padded=True,
+            first_label=batch.get("first_label", 0),
         )
         return {"loss": out.loss}
 

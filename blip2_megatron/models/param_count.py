@@ -1,9 +1,9 @@
-"""Parameter counts per model part and per tensor/pipeline-parallel rank, without memory.
+"""Parameters, memory and FLOPs per model part and per tensor/pipeline-parallel rank, without memory.
 
 The model is built on the meta device (shapes only, no storage) in a single process with
 TP = 1; what each TP rank and pipeline stage holds is then derived from the parameters'
 own tensor-parallel marks (megatron-core's ``tensor_model_parallel`` / ``partition_dim``)
-and from :func:`blip2_megatron.parallel.pipeline.stage_layer_ranges`, so the numbers
+and from :func:`blip2_megatron.models.flops.pipeline_layer_ranges`, so the numbers
 follow the code that really splits the model:
 
 * a split parameter holds ``1 / tp`` of its partition dimension on each rank; the token
@@ -84,6 +84,8 @@ class StageCount:
     holds: list[str]  # the parts besides decoder layers
     params_per_tp_rank: int = 0
     trainable_per_tp_rank: int = 0
+    state_bytes_per_tp_rank: int = 0  # weights, gradients and Adam state (see :func:`state_bytes`)
+    train_flops_per_sample: float = 0.0  # models.flops.stage_train_flops (image path on stage 0)
 
 
 @dataclass
@@ -129,6 +131,26 @@ def per_tp_rank(name: str, param: torch.Tensor, tp: int, vocab_size: int | None)
     return math.prod(shape)
 
 
+DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
+TRAINED_BYTES = 16  # fp32 weight, fp32 gradient, Adam's two fp32 moments
+
+
+def state_bytes(cfg: Blip2Config, name: str, count: int, trainable: bool) -> int:
+    """Bytes ``count`` elements of parameter ``name`` take on a GPU in training, activations aside.
+
+    Trained: :data:`TRAINED_BYTES` per element (unpartitioned: ZeRO divides the gradient and
+    Adam state by the DP size; bf16/fp16 training adds a 2-byte copy). Frozen: the dtype the
+    weights are kept in (``vision.frozen_dtype``, ``llm.dtype``).
+    """
+    if trainable:
+        return count * TRAINED_BYTES
+    if name.startswith(LLM_PREFIX) and cfg.llm is not None:
+        return count * DTYPE_BYTES[cfg.llm.dtype]
+    if part_of(name) == "ViT":
+        return count * DTYPE_BYTES[cfg.vision.frozen_dtype]
+    return count * 4
+
+
 def _llm_stage_of(local_name: str, ranges: list[tuple[int, int]]) -> int:
     """Pipeline stage of an LLM parameter (name relative to the LLM)."""
     if local_name.startswith("layers."):
@@ -148,8 +170,8 @@ def count_parameters(
     LLM and is counted whole). Needs model-parallel
     groups with TP = 1 (``state.initialize_model_parallel(1, 1)``; started here if none).
     """
+    from blip2_megatron.models.flops import pipeline_layer_ranges, stage_train_flops
     from blip2_megatron.parallel import state
-    from blip2_megatron.parallel.pipeline import stage_layer_ranges
 
     if not state.is_initialized():
         state.initialize_model_parallel(1, 1)
@@ -165,7 +187,7 @@ def count_parameters(
         cfg = replace(cfg, llm=replace(llm, tp=1, pp=1))
     model = build_meta_model(cfg)
 
-    ranges = stage_layer_ranges(llm.num_layers, pp) if llm is not None else [(0, 0)]
+    ranges = pipeline_layer_ranges(cfg, pp) if llm is not None else [(0, 0)]
     report = ParamReport(name=name, kind=cfg.kind, tp=tp, pp=pp, parts={p: PartCount() for p in PARTS})
     for stage, layers in enumerate(ranges):
         image_path = ["ViT"] if cfg.image_encoder == "patches" else ["ViT", "Q-Former (+queries)"]
@@ -191,6 +213,7 @@ def count_parameters(
             stage, count = report.stages[0], param.numel()
         stage.params_per_tp_rank += count
         stage.trainable_per_tp_rank += count if param.requires_grad else 0
+        stage.state_bytes_per_tp_rank += state_bytes(cfg, param_name, count, param.requires_grad)
 
     if llm is not None and llm.tie_word_embeddings and pp > 1:
         # The head reads the embedding on one stage; split over stages it keeps a copy.
@@ -198,6 +221,12 @@ def count_parameters(
         copy = per_tp_rank("embed_tokens.weight", embedding, tp, vocab)
         report.stages[-1].params_per_tp_rank += copy
         report.stages[-1].trainable_per_tp_rank += copy if embedding.requires_grad else 0
+        report.stages[-1].state_bytes_per_tp_rank += state_bytes(
+            cfg, LLM_PREFIX + "lm_head.weight", copy, embedding.requires_grad
+        )
+    if llm is not None:
+        for stage, flops in zip(report.stages, stage_train_flops(cfg, ranges)):
+            stage.train_flops_per_sample = flops / tp  # every split matmul divides by TP
     return report
 
 
@@ -208,6 +237,14 @@ def human(count: int) -> str:
         if count >= size:
             return f"{count / size:.2f}{unit}"
     return str(count)
+
+
+def human_bytes(count: int) -> str:
+    """1536 -> '1.50 KiB'."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if count >= size:
+            return f"{count / size:.2f} {unit}"
+    return f"{count} B"
 
 
 def format_report(report: ParamReport) -> str:
@@ -224,10 +261,21 @@ def format_report(report: ParamReport) -> str:
     for stage in report.stages:
         start, end = stage.layers
         held = ([f"decoder layers {start}-{end - 1}"] if end > start else []) + stage.holds
+        flops = (
+            f", {stage.train_flops_per_sample / 1e9:,.4g} GFLOP/sample"
+            if stage.train_flops_per_sample
+            else ""
+        )
         lines.append(
             f"    stage {stage.stage}: {stage.params_per_tp_rank:,} ({human(stage.params_per_tp_rank)}), "
-            f"{stage.trainable_per_tp_rank:,} trainable; {', '.join(held)}"
+            f"{stage.trainable_per_tp_rank:,} trainable; {human_bytes(stage.state_bytes_per_tp_rank)}"
+            f"{flops}; {', '.join(held)}"
         )
+    lines.append(
+        "  bytes: weights, gradients and Adam state on a GPU (frozen parts in their kept dtype, trained "
+        f"{TRAINED_BYTES} B/param before ZeRO), activations aside; GFLOP: training, per sample of "
+        "image slots + max_txt_len tokens (stage 0 runs the image path); PP stages are balanced by it"
+    )
     return "\n".join(lines)
 
 
@@ -248,6 +296,8 @@ def report_dict(report: ParamReport) -> dict[str, Any]:
                 "holds": s.holds,
                 "params_per_tp_rank": s.params_per_tp_rank,
                 "trainable_per_tp_rank": s.trainable_per_tp_rank,
+                "state_bytes_per_tp_rank": s.state_bytes_per_tp_rank,
+                "train_flops_per_sample": s.train_flops_per_sample,
             }
             for s in report.stages
         ],

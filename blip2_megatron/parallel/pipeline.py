@@ -15,14 +15,42 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 
-def stage_layer_ranges(num_layers: int, num_stages: int) -> list[tuple[int, int]]:
-    """Decoder layers per stage, as even as possible (earlier stages take the remainder)."""
-    base, extra = divmod(num_layers, num_stages)
+def balanced_layer_ranges(
+    num_layers: int, num_stages: int, layer_cost: float, first_extra: float = 0.0, last_extra: float = 0.0
+) -> list[tuple[int, int]]:
+    """Decoder layers per stage minimising the costliest stage; every stage gets at least one.
+
+    Each layer costs ``layer_cost``; the first stage also carries ``first_extra`` (BLIP-2's
+    image path) and the last ``last_extra`` (the head). Among splits with the same largest
+    stage the one with the smallest spread wins, then the one with more layers early: with
+    no extras this is the even split, earlier stages taking the remainder.
+    """
+    if not 1 <= num_stages <= num_layers:
+        raise ValueError(f"{num_layers} decoder layers cannot fill {num_stages} pipeline stages")
+    if num_stages == 1:
+        return [(0, num_layers)]
+    best_key, best_counts = None, []
+    # The first and last stages' layer counts are the free choices (they carry the extras);
+    # the stages between share the rest as evenly as possible, earlier ones the remainder.
+    # The first stage is tried from most layers down, so ties keep the layers early.
+    middle = num_stages - 2
+    for first in range(num_layers - num_stages + 1, 0, -1):
+        for last in range(1, num_layers - first - middle + 1):
+            rest = num_layers - first - last
+            if (middle == 0 and rest) or rest < middle:
+                continue
+            base, extra = divmod(rest, middle) if middle else (0, 0)
+            counts = [first, *[base + (1 if i < extra else 0) for i in range(middle)], last]
+            costs = [n * layer_cost for n in counts]
+            costs[0] += first_extra
+            costs[-1] += last_extra
+            key = (max(costs), max(costs) - min(costs))
+            if best_key is None or key < best_key:
+                best_key, best_counts = key, counts
     ranges, start = [], 0
-    for stage in range(num_stages):
-        end = start + base + (1 if stage < extra else 0)
-        ranges.append((start, end))
-        start = end
+    for count in best_counts:
+        ranges.append((start, start + count))
+        start += count
     return ranges
 
 

@@ -2,13 +2,18 @@
 
 Runs the job's model through the same engine as training (``training/engine.py``, any
 TP x PP layout) on batches from the same batch builder: synthetic in-memory samples (no
-decode cost; isolates the model and the parallel layout) or the job's real data. With ``baseline="hf"`` the same model size, batch, frozen/trained split
-and dtype also run through ``transformers``' Blip2ForConditionalGeneration in a child
-process, and the speed and memory ratios are reported side by side.
+decode cost; isolates the model and the parallel layout) or the job's real data. Speed
+and memory ratios against a baseline measured in the same run:
+
+* ``baseline="hf"``: the same model size, batch, frozen/trained split and dtype through
+  ``transformers``' Blip2ForConditionalGeneration, in a child process (one device);
+* ``baseline="replicated"`` (TP > 1): the same layout with every TP rank encoding all the
+  images (``model.tp_split_images=false``), then split as by default.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import logging
@@ -84,17 +89,17 @@ def _mean_timing(timings: list[StepTiming]) -> StepTiming:
 
 
 def benchmark_ours(
-    job: JobConfig, ds_config_path: str, steps: int, warmup: int, use_real_data: bool
+    job: JobConfig, ds_raw: dict[str, Any], steps: int, warmup: int, use_real_data: bool
 ) -> dict[str, Any]:
-    """FPS and the step breakdown of this stack (all ranks; figures reduced on rank 0)."""
-    state.init_distributed(job.train.collective_timeout_s)
-    ds_raw = read_ds_config(ds_config_path)
-    check_layout(job, ds_raw, dist.get_world_size())
-    state.initialize_model_parallel(job.tp, job.pp)
+    """FPS and the step breakdown of this stack (all ranks; figures reduced on rank 0).
+
+    torch.distributed and megatron-core's groups must be running in ``job``'s layout.
+    """
     accelerator.manual_seed(job.train.seed)
     accelerator.reset_peak_memory()
     engine = build_engine(job, ds_raw, total_steps=warmup + steps, steps_per_epoch=warmup + steps)
     timings, results = _measure(engine, _batches(job, use_real_data), steps, warmup)
+    engine.ds.destroy()
     mean = _mean_timing(timings)
     world = dist.get_world_size()
     fps = job.data.batch_size * job.train.grad_accum * state.dp_size() / mean.total
@@ -205,7 +210,10 @@ def benchmark_hf(job: JobConfig, steps: int, warmup: int) -> dict[str, Any]:
     return value
 
 
-def format_table(ours: dict[str, Any], baseline: dict[str, Any] | None) -> str:
+BASELINE_LABELS = {"hf": "transformers", "replicated": "replicated img"}
+
+
+def format_table(ours: dict[str, Any], baseline: dict[str, Any] | None, label: str = "transformers") -> str:
     rows = [
         ("FPS (images/s, global)", "fps", "{:.2f}"),
         ("FPS per device", "fps_per_device", "{:.2f}"),
@@ -225,11 +233,11 @@ def format_table(ours: dict[str, Any], baseline: dict[str, Any] | None) -> str:
         return "n/a" if value is None else fmt.format(value)
 
     header = f"| {'metric':<24} | {'blip2-megatron':>15} |" + (
-        f" {'transformers':>13} | {'ratio':>7} |" if baseline else ""
+        f" {label:>14} | {'ratio':>7} |" if baseline else ""
     )
     lines = [
         header,
-        "|" + "-" * 26 + "|" + "-" * 17 + "|" + ("-" * 15 + "|" + "-" * 9 + "|" if baseline else ""),
+        "|" + "-" * 26 + "|" + "-" * 17 + "|" + ("-" * 16 + "|" + "-" * 9 + "|" if baseline else ""),
     ]
     for label, key, fmt in rows:
         line = f"| {label:<24} | {cell(ours, key, fmt):>15} |"
@@ -237,7 +245,7 @@ def format_table(ours: dict[str, Any], baseline: dict[str, Any] | None) -> str:
             ratio = ""
             if key in ("fps", "peak_mem_gb") and baseline.get(key) and ours.get(key):
                 ratio = f"{ours[key] / baseline[key]:.2f}x"
-            line += f" {cell(baseline, key, fmt):>13} | {ratio:>7} |"
+            line += f" {cell(baseline, key, fmt):>14} | {ratio:>7} |"
         lines.append(line)
     return "\n".join(lines)
 
@@ -259,7 +267,19 @@ def run_benchmark(
         # First, while this process is still small: on Linux a child inherits its parent's
         # peak RSS across fork/exec, so a later child would report our peak as its own.
         baseline_figures = benchmark_hf(job, steps, warmup)
-    ours = benchmark_ours(job, ds_config_path, steps, warmup, use_real_data)
+    if baseline == "replicated" and job.tp == 1:
+        raise ValueError(
+            "--baseline replicated compares image encoding split over TP ranks with "
+            "every TP rank encoding all images; it needs model.llm.tp > 1"
+        )
+    state.init_distributed(job.train.collective_timeout_s)
+    ds_raw = read_ds_config(ds_config_path)
+    check_layout(job, ds_raw, dist.get_world_size())
+    state.initialize_model_parallel(job.tp, job.pp)
+    if baseline == "replicated":
+        replicated = dataclasses.replace(job, model=dataclasses.replace(job.model, tp_split_images=False))
+        baseline_figures = benchmark_ours(replicated, ds_raw, steps, warmup, use_real_data)
+    ours = benchmark_ours(job, ds_raw, steps, warmup, use_real_data)
     result: dict[str, Any] = {
         "job": job.name,
         "flavour": job.flavour,
@@ -274,6 +294,7 @@ def run_benchmark(
         "device": accelerator.device_name_for_peak(),
         "ours": ours,
         "baseline": baseline_figures,
+        "baseline_kind": baseline,
     }
     if baseline_figures is not None:
         result["ratios"] = {
@@ -281,7 +302,7 @@ def run_benchmark(
             "memory": ours["peak_mem_gb"] / baseline_figures["peak_mem_gb"],
         }
     if dist.get_rank() == 0:
-        logger.info("\n%s", format_table(ours, result["baseline"]))
+        logger.info("\n%s", format_table(ours, baseline_figures, BASELINE_LABELS.get(baseline or "hf")))
         if out_json is not None:
             out_json.parent.mkdir(parents=True, exist_ok=True)
             out_json.write_text(json.dumps(result, indent=2))

@@ -70,6 +70,7 @@ from blip2_megatron.convert.run_checkpoint import (
     write_pieces,
 )
 from blip2_megatron.io import CheckpointMismatchError, write_json_atomic, write_text_atomic
+from blip2_megatron.models.flops import pipeline_layer_ranges
 from blip2_megatron.parallel import state
 from blip2_megatron.training.faults import EXIT_SAVE_FAILED, TrainingStopped, abort_rank
 
@@ -91,9 +92,12 @@ def checkpoint_root(job: JobConfig) -> Path:
     return Path(job.train.output_dir) / CHECKPOINTS
 
 
-def layout_of(job: JobConfig, zero: int) -> dict[str, int]:
-    """The parallel layout a checkpoint's engine files belong to."""
-    return {"tp": job.tp, "pp": job.pp, "dp": state.dp_size(), "zero": zero}
+def layout_of(job: JobConfig, zero: int) -> dict[str, Any]:
+    """The parallel layout a checkpoint's engine files belong to (with PP, each stage's decoder layers)."""
+    layout: dict[str, Any] = {"tp": job.tp, "pp": job.pp, "dp": state.dp_size(), "zero": zero}
+    if job.pp > 1:
+        layout["pp_layers"] = [list(r) for r in pipeline_layer_ranges(job.model, job.pp)]
+    return layout
 
 
 def base_weights(job: JobConfig) -> dict[str, str]:
@@ -185,6 +189,8 @@ def _resume_point(job: JobConfig, zero: int, path: Path) -> ResumePoint:
         saved.get("tp") == current["tp"]
         and saved.get("pp") == current["pp"]
         and saved.get("zero") == current["zero"]
+        # DeepSpeed's pipeline files hold each stage's layers: the split must be the same.
+        and saved.get("pp_layers") == current.get("pp_layers")
         # ZeRO partitions the optimizer state over the DP ranks; DeepSpeed cannot re-cut it.
         and (saved.get("dp") == current["dp"] or current["zero"] == 0)
         and any(path.glob("*model_states.pt"))
@@ -427,7 +433,7 @@ def save_checkpoint(engine: Any, job: JobConfig, step: int, trainer_state: dict[
             trainer_state,
             step=step,
             base_weights=base_weights(job),
-            layout=layout_of(job, engine.zero_stage),
+            layout=layout_of(job, engine.configured_zero_stage),
             scheduler=engine.scheduler.state_dict(),
         )
         write_json_atomic(full_state, partial / TRAINER_STATE)

@@ -105,6 +105,28 @@ def fill_ds_config(job: JobConfig, ds_config: dict[str, Any], dp_size: int) -> d
     return cfg
 
 
+def without_idle_zero(ds_config: dict[str, Any], dp_size: int) -> dict[str, Any]:
+    """The config DeepSpeed runs: ZeRO-1/2 become stage 0 when there is one data-parallel rank.
+
+    ZeRO-1/2 partition optimizer states (and gradients) over the data-parallel ranks; with
+    one rank nothing is partitioned, yet DeepSpeed's ZeRO optimizer still keeps flat fp32
+    copies of the trained weights and copies every gradient into buckets from backward
+    hooks (measured on CPU, tiny job at fp32: backward 18.7 ms under ZeRO-2, 12.1 ms
+    without). The step is the same computation either way. Offloading needs ZeRO and keeps
+    its stage, as does ZeRO-3. Checkpoints still record the configured stage.
+    """
+    zero = ds_config.get("zero_optimization", {})
+    offloads = zero.get("cpu_offload") is True or any(
+        (zero.get(key) or {}).get("device", "none") != "none"
+        for key in ("offload_optimizer", "offload_param")
+    )
+    if dp_size > 1 or zero_stage(ds_config) not in (1, 2) or offloads:
+        return ds_config
+    cfg = copy.deepcopy(ds_config)
+    cfg["zero_optimization"]["stage"] = 0
+    return cfg
+
+
 def _fill_pipeline(cfg: dict[str, Any]) -> None:
     """Turn off DeepSpeed's TP-partitioned activations between stages (on by default).
 

@@ -34,7 +34,7 @@ from blip2_megatron.models.blip2 import Blip2PipeStage
 from blip2_megatron.parallel import state
 from blip2_megatron.parallel.mpu import MegatronMpu
 from blip2_megatron.parallel.pipeline import check_grid_matches_megatron
-from blip2_megatron.training.ds_config import fill_ds_config, zero_stage
+from blip2_megatron.training.ds_config import fill_ds_config, without_idle_zero, zero_stage
 from blip2_megatron.training.faults import EXIT_NON_FINITE, TrainingStopped
 from blip2_megatron.training.optim import WarmupCosineSchedule, build_optimizer
 from blip2_megatron.training.throughput import StepTiming, add_flops, batch_lengths, train_flops_by_part
@@ -185,6 +185,7 @@ class Engine:
     scheduler: WarmupCosineSchedule
     model: nn.Module
     job: JobConfig
+    configured_zero_stage: int  # the ds_config's stage (DeepSpeed may run another: see without_idle_zero)
 
     @property
     def pipeline(self) -> bool:
@@ -192,6 +193,7 @@ class Engine:
 
     @property
     def zero_stage(self) -> int:
+        """The ZeRO stage DeepSpeed runs."""
         return int(self.ds.zero_optimization_stage())
 
     @functools.cached_property
@@ -364,7 +366,8 @@ def build_engine(
     import deepspeed
 
     device = accelerator.current_device()
-    ds_config = fill_ds_config(job, ds_raw, state.dp_size())
+    configured = fill_ds_config(job, ds_raw, state.dp_size())
+    ds_config = without_idle_zero(configured, state.dp_size())
     if job.pp > 1:
         module: nn.Module = build_pipeline_module(job, device, trained)
         mpu = None  # the pipeline engine brings its own grid (checked equal to megatron-core's)
@@ -384,13 +387,21 @@ def build_engine(
             mpu=mpu,
             dist_init_required=False,
         )
+    stage = zero_stage(ds_config)
+    if job.pp == 1 and state.dp_size() == 1 and stage == 0:
+        ds_engine.enable_backward_allreduce = False  # an all-reduce over one rank: flatten and copy back
     model = unwrap_stage(module.forward_funcs[0]) if job.pp > 1 else module
     logger.info(
-        "engine: %s, ZeRO stage %d, TP %d x PP %d x DP %d",
+        "engine: %s, ZeRO stage %d%s, TP %d x PP %d x DP %d",
         "pipeline" if job.pp > 1 else "data parallel",
-        zero_stage(ds_config),
+        stage,
+        f" (ds_config: {zero_stage(configured)}, nothing to partition at DP 1)"
+        if stage != zero_stage(configured)
+        else "",
         job.tp,
         job.pp,
         state.dp_size(),
     )
-    return Engine(ds=ds_engine, scheduler=scheduler, model=model, job=job)
+    return Engine(
+        ds=ds_engine, scheduler=scheduler, model=model, job=job, configured_zero_stage=zero_stage(configured)
+    )

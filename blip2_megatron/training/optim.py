@@ -8,6 +8,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from blip2_megatron import accelerator
 from blip2_megatron.config import TrainConfig
 
 
@@ -37,7 +38,13 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     groups = parameter_groups(trainable_parameters(model), cfg.weight_decay)
     if not groups:
         raise RuntimeError("the model has no trainable parameters: nothing to optimise")
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    # torch picks its multi-tensor AdamW for CUDA parameters only and otherwise loops over
+    # the parameters one by one (measured on CPU, tiny job: 6.9 ms -> 2.1 ms per step fused);
+    # the fused kernel runs on CPU and CUDA, other devices get the multi-tensor one.
+    fused = accelerator.device_type() in ("cpu", "cuda")
+    return torch.optim.AdamW(
+        groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused, foreach=None if fused else True
+    )
 
 
 class WarmupCosineSchedule:

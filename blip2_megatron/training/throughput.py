@@ -1,9 +1,8 @@
-"""Throughput accounting: FLOPs per image from the model config, FPS, TFLOP/s, MFU, memory.
+"""Throughput accounting: FPS, TFLOP/s, MFU and memory, from the FLOPs each batch costs.
 
-FLOPs count matmuls only (2 per multiply-add), as Megatron and nanoGPT's MFU do. Per
-training step each part costs: trained = 3x forward (forward, input grads, weight grads),
-frozen with gradients flowing through it to something trainable = 2x forward (forward and
-input grads), frozen with nothing trainable upstream = 1x forward.
+The FLOP model (per part, from the config and the batch's real lengths) is
+``blip2_megatron.models.flops``; MFU divides each part's FLOPs by the peak rate of the
+dtype its matmuls run in (:func:`part_precisions`).
 """
 
 from __future__ import annotations
@@ -14,67 +13,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from blip2_megatron import accelerator
-from blip2_megatron.config import Blip2Config, LLMConfig, QFormerConfig, VisionConfig
-
-
-def vision_forward_flops(cfg: VisionConfig) -> float:
-    n, d, i = cfg.num_positions, cfg.hidden_size, cfg.intermediate_size
-    patch = 2.0 * cfg.num_patches * 3 * cfg.patch_size**2 * d
-    per_layer = 2.0 * n * (4 * d * d + 2 * d * i) + 4.0 * n * n * d
-    return patch + cfg.num_layers * per_layer
-
-
-def qformer_forward_flops(cfg: QFormerConfig, num_query: int, num_text: int, image_tokens: int) -> float:
-    """One Q-Former pass over ``num_query`` query and ``num_text`` text tokens."""
-    h, i, dv = cfg.hidden_size, cfg.intermediate_size, cfg.encoder_hidden_size
-    s = num_query + num_text
-    total = 0.0
-    for layer in range(cfg.num_layers):
-        total += 2.0 * s * 4 * h * h + 4.0 * s * s * h + 2.0 * s * 2 * h * i
-        if cfg.has_cross_attention(layer) and num_query:
-            total += 2.0 * num_query * 2 * h * h  # query and output projections
-            total += 2.0 * image_tokens * 2 * dv * h  # image keys and values
-            total += 4.0 * num_query * image_tokens * h
-    return total
-
-
-def llm_forward_flops(cfg: LLMConfig, seq_len: int) -> float:
-    d, kv = cfg.hidden_size, cfg.kv_heads * cfg.head_dim
-    attn_proj = 2 * d * d + 2 * d * kv
-    ffn = (3 if cfg.arch == "llama" else 2) * d * cfg.intermediate_size
-    per_layer = 2.0 * seq_len * (attn_proj + ffn) + 4.0 * seq_len * seq_len * d
-    return cfg.num_layers * per_layer + 2.0 * seq_len * d * cfg.vocab_size
-
-
-def train_flops_by_part(cfg: Blip2Config, lengths: list[int]) -> dict[str, float]:
-    """Training FLOPs of one batch by part (``vision``, ``qformer``, ``llm``), from its real lengths.
-
-    ``lengths``: per sample, the tokens the model reads without padding: the LLM input
-    (image slots, prompt and caption) for LLM jobs; the caption for stage 1. Padding is
-    computed but is not useful work, so it does not count (as MFU is usually defined).
-    """
-    q = cfg.qformer.num_query_tokens
-    image_tokens = cfg.vision.num_positions
-    images = len(lengths)
-    parts = {"vision": images * vision_forward_flops(cfg.vision) * (1 if cfg.vision.freeze else 3)}
-    if cfg.kind == "stage1":
-        per_caption = [
-            qformer_forward_flops(cfg.qformer, q, 0, image_tokens)  # ITC image side
-            + qformer_forward_flops(cfg.qformer, 0, t, 0)  # ITC text side
-            + 3 * qformer_forward_flops(cfg.qformer, q, t, image_tokens)  # ITM on 3B pairs
-            + qformer_forward_flops(cfg.qformer, q, t, 0)  # ITG (query K/V reused)
-            for t in lengths
-        ]
-        parts["qformer"] = 3 * sum(per_caption)
-        return parts
-    if cfg.image_encoder == "patches":
-        parts["qformer"] = 0.0
-    else:
-        parts["qformer"] = images * qformer_forward_flops(cfg.qformer, q, 0, image_tokens)
-        parts["qformer"] *= 1 if cfg.freeze_qformer else 3
-    parts["qformer"] += images * 2.0 * cfg.num_image_slots * cfg.image_feature_size * cfg.llm.hidden_size * 3
-    parts["llm"] = sum(llm_forward_flops(cfg.llm, n) for n in lengths) * (2 if cfg.llm.freeze else 3)
-    return parts
+from blip2_megatron.config import Blip2Config
+from blip2_megatron.models.flops import train_flops_by_part, train_flops_per_image  # noqa: F401 - re-exported
 
 
 def add_flops(total: dict[str, float], flops: dict[str, float]) -> None:
@@ -86,13 +26,6 @@ def add_flops(total: dict[str, float], flops: dict[str, float]) -> None:
 def batch_lengths(batch: dict) -> list[int]:
     """Per-sample real token counts of a loader batch (read on the host, before it moves to the device)."""
     return [int(n) for n in batch["attention_mask"].sum(dim=1).tolist()]
-
-
-def train_flops_per_image(cfg: Blip2Config, text_len: int | None = None) -> float:
-    """Training FLOPs of one image-text sample whose caption has ``text_len`` tokens (``max_txt_len``)."""
-    text_len = text_len or cfg.max_txt_len
-    length = text_len if cfg.kind == "stage1" else cfg.num_image_slots + text_len
-    return sum(train_flops_by_part(cfg, [length]).values())
 
 
 def part_precisions(cfg: Blip2Config, precision: str) -> dict[str, str]:
@@ -179,6 +112,14 @@ class ThroughputMeter:
     started: float = field(default_factory=time.perf_counter)
     window: _Window = field(default_factory=_Window)  # since the last log step
     measured: _Window | None = None  # since the end of warm-up
+
+    def __post_init__(self) -> None:
+        # Look the peak rates up now: on CPU they are measured (about a second), which must
+        # not fall inside a timed window.
+        for dtype in set(self.precisions.values()):
+            accelerator.peak_tflops(dtype)
+        self.started = time.perf_counter()
+        self.window = _Window()
 
     def record(self, timing: StepTiming, flops: dict[str, float]) -> None:
         """Account for one step (host only)."""

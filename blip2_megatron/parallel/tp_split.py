@@ -1,0 +1,87 @@
+"""The image path split over tensor-parallel ranks: each encodes 1/TP of the images.
+
+Every TP rank of a data-parallel rank reads the same batch, and the LLM needs all of its
+image features on every TP rank. The ViT and Q-Former are replicated, not split by
+tensor parallelism, so if each TP rank encoded the whole batch, TP - 1 of every TP
+ranks' image work would be redundant (with a ViT-g trained at 364 px, ~85% of a caption
+fine-tuning step). Instead (DESIGN.md, "Parallelism"):
+
+* :func:`rows_of_this_rank` picks this TP rank's ``ceil(B / TP)`` images;
+* :func:`gather_rows` all-gathers the encoded rows over the TP group; its backward hands
+  each rank the gradient of its own rows (the LLM after the gather is tensor-parallel
+  with replicated activations, so every rank holds the same full gradient there);
+* :func:`sum_gradients_over_tp` makes each replicated image-path parameter's gradient the
+  sum over TP ranks (a hook on the parameter, before the gradient is accumulated, so that
+  DeepSpeed's own reduction over data-parallel ranks, hooked or not, sees the whole
+  batch's gradient): the gradient is reduced over DP x TP, as one rank with the whole
+  batch would compute it.
+
+When B does not divide by TP, the last rank's rows past the end repeat the last image;
+their outputs are dropped after the gather, so they get no gradient.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from blip2_megatron.parallel import state
+
+
+def rows_per_rank(batch: int, tp: int) -> int:
+    return -(-batch // tp)
+
+
+def rows_of_this_rank(tensor: torch.Tensor) -> torch.Tensor:
+    """This TP rank's ``ceil(B / TP)`` rows of ``tensor`` (B along dim 0)."""
+    tp = state.tp_size()
+    batch = tensor.shape[0]
+    per_rank = rows_per_rank(batch, tp)
+    start = state.tp_rank() * per_rank
+    index = torch.arange(start, start + per_rank, device=tensor.device).clamp(max=batch - 1)
+    return tensor.index_select(0, index)
+
+
+class _GatherRows(torch.autograd.Function):
+    """All-gather equal row blocks over the TP group, keep the first ``batch`` rows."""
+
+    @staticmethod
+    def forward(ctx, local: torch.Tensor, batch: int) -> torch.Tensor:
+        group = state.tp_group()
+        ctx.per_rank = local.shape[0]
+        ctx.rank = state.tp_rank()
+        blocks = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(blocks, local.contiguous(), group=group)
+        return torch.cat(blocks)[:batch]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        start = ctx.rank * ctx.per_rank
+        own = grad[start : start + ctx.per_rank]
+        if own.shape[0] < ctx.per_rank:  # rows past the end of the batch: dropped, no gradient
+            padding = grad.new_zeros((ctx.per_rank - own.shape[0], *grad.shape[1:]))
+            own = torch.cat([own, padding])
+        return own.contiguous(), None
+
+
+def gather_rows(local: torch.Tensor, batch: int) -> torch.Tensor:
+    """The whole batch's ``batch`` rows on every TP rank from each rank's :func:`rows_of_this_rank` output."""
+    return _GatherRows.apply(local, batch)
+
+
+def sum_gradients_over_tp(parameters: Iterable[nn.Parameter]) -> None:
+    """From now on each of these (replicated, trained) parameters' gradients is summed over the TP group."""
+    group = state.tp_group()
+
+    def all_reduce(grad: torch.Tensor) -> torch.Tensor:
+        # A copy: autograd may hand the same tensor to another input too (``x + pos_embed``).
+        grad = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(grad, group=group)
+        return grad
+
+    for param in parameters:
+        if param.requires_grad:
+            param.register_hook(all_reduce)
