@@ -145,14 +145,14 @@ def peak_tflops(dtype: str, device_name: str | None = None) -> float | None:
 
 
 @functools.cache
-def measured_cpu_peak_tflops(dtype: str, size: int = 4096, repeats: int = 2) -> float | None:
+def measured_cpu_peak_tflops(dtype: str, size: int = 2048, repeats: int = 10) -> float | None:
     """This CPU's matmul rate for ``dtype`` with this process's threads, in TFLOP/s.
 
     The best of ``repeats`` products of two ``size`` x ``size`` matrices (after one warm-up):
     what a large dense matmul reaches here, the denominator of CPU MFU. Measured once per
-    process (about two seconds at fp32 on 2 cores: smaller products fall short of the rate
-    large ones reach, 138 vs 175 GFLOP/s at 2048 vs 4096 here); None for a dtype the CPU
-    does not compute (fp16).
+    process (about a second at fp32 on 2 cores; the best of several, since a shared machine
+    gives single products 100-165 GFLOP/s here); None for a dtype the CPU does not compute
+    (fp16). Call it before a memory window opens: it allocates three ``size``^2 matrices.
     """
     torch_dtype = DTYPE_BY_NAME[dtype]
     if not supports_dtype(torch_dtype):

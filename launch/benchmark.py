@@ -42,6 +42,12 @@ def main(argv: list[str] | None = None) -> int:
         help="also run transformers' Blip2 model (hf), or this layout with every TP rank encoding "
         "all images (replicated, TP > 1), and print the ratios",
     )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="with --baseline: alternate baseline and ours this many times, compare each side's fastest",
+    )
     parser.add_argument("--out", default=None, help="JSON output (default: <output_dir>/benchmark.json)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides")
@@ -59,7 +65,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = Path(args.out) if args.out else Path(job.train.output_dir) / "benchmark.json"
     try:
-        run_benchmark(job, args.ds_config, args.steps, args.warmup, args.real_data, args.baseline, out)
+        run_benchmark(
+            job, args.ds_config, args.steps, args.warmup, args.real_data, args.baseline, out, args.rounds
+        )
     finally:
         state.destroy()
     print(f"figures written to {out}")

@@ -25,13 +25,13 @@ EVAL_ONLY = {"vqa_zeroshot_opt2.7b", "vqa_zeroshot_internlm2_1.8b"}
 
 
 def readme_trained_jobs() -> set[str]:
-    """Shipped jobs a README command trains (test_readme.py runs them at tiny size)."""
+    """Shipped jobs a README command trains at tiny size or benchmarks (test_readme.py runs them)."""
     from test_readme import readme_commands
 
     jobs = set()
     for command in readme_commands():
         words = command.split()
-        if "launch/train.py" in words:
+        if "launch/train.py" in words or "launch/benchmark.py" in words:
             jobs.add(words[words.index("--config") + 1] if "--config" in words else "tiny_stage2")
     return jobs
 

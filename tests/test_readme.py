@@ -43,8 +43,8 @@ SUBSTITUTIONS = {
     "/data/laion": "{scratch}/laion",
     "/data/coco_wds": "{scratch}/coco_wds",
     TINY_BLIP2: "{scratch}/blip2-opt-tiny",
-    # The mid-size benchmarks (seconds per step on 2 cores): one measured step, no warm-up.
-    "--steps 4 --warmup 2": "--steps 1 --warmup 0",
+    # The mid-size benchmarks (seconds per step on 2 cores): one round of one measured step.
+    "--steps 4 --warmup 2 --rounds 2": "--steps 1 --warmup 0 --rounds 1",
 }
 TRAIN_STEPS = ["train.max_steps=6", "train.log_interval=2", "eval.max_samples=4", "eval.num_beams=2"]
 SHIPPED_TINY = {"tiny_stage1", "tiny_stage2"}
@@ -265,6 +265,16 @@ def _check_output(words: list[str], proc: subprocess.CompletedProcess, scratch: 
         assert int(re.search(r'"num_evaluated": (\d+)', proc.stdout).group(1)) > 0, proc.stdout[-2000:]
     elif "launch/convert.py" in words or "data_tools/make_sample_dataset.py" in words:
         assert "wrote" in out or "sample dataset" in out.lower(), out[-2000:]
+    elif "launch/benchmark.py" in words:
+        # Every figure written; a baseline's ratios beside ours, each side measured.
+        figures = json.loads(
+            (scratch / re.search(r"figures written to (\S+)", proc.stdout).group(1)).read_text()
+        )
+        assert figures["ours"]["fps"] > 0 and figures["ours"]["mfu"] is not None, figures
+        if "--baseline" in words:
+            assert figures["baseline"]["fps"] > 0 and figures["ratios"]["speed"] > 0, figures
+        if "model.llm.pp=2" in words:
+            assert (figures["tp"], figures["pp"]) == (2, 2), figures
     elif "data_tools/download.py" in words:
         stats = json.loads(next((scratch / "laion").glob("*_stats.json")).read_text())
         assert (stats["successes"], stats["failed_to_download"]) == (6, 1)

@@ -10,14 +10,13 @@ import torch
 
 from blip2_megatron import accelerator
 from blip2_megatron.config import build_model_config
+from blip2_megatron.models.flops import train_flops_by_part, train_flops_per_image
 from blip2_megatron.training.throughput import (
     StepTiming,
     ThroughputMeter,
     batch_lengths,
     model_flops_utilization,
     part_precisions,
-    train_flops_by_part,
-    train_flops_per_image,
 )
 
 

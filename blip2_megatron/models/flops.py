@@ -48,16 +48,14 @@ def llm_head_forward_flops(cfg: LLMConfig, seq_len: int) -> float:
     return 2.0 * seq_len * cfg.hidden_size * cfg.vocab_size
 
 
-def llm_forward_flops(cfg: LLMConfig, seq_len: int) -> float:
-    return cfg.num_layers * llm_layer_forward_flops(cfg, seq_len) + llm_head_forward_flops(cfg, seq_len)
-
-
-def train_flops_by_part(cfg: Blip2Config, lengths: list[int]) -> dict[str, float]:
+def train_flops_by_part(cfg: Blip2Config, lengths: list[int], first_label: int = 0) -> dict[str, float]:
     """Training FLOPs of one batch by part (``vision``, ``qformer``, ``llm``), from its real lengths.
 
     ``lengths``: per sample, the tokens the model reads without padding: the LLM input
     (image slots, prompt and caption) for LLM jobs; the caption for stage 1. Padding is
     computed but is not useful work, so it does not count (as MFU is usually defined).
+    ``first_label``: the batch's first labelled position (``data.batch``): the head's
+    logits before the position ahead of it predict nothing, so they do not count either.
     """
     q = cfg.qformer.num_query_tokens
     image_tokens = cfg.vision.num_positions
@@ -79,7 +77,13 @@ def train_flops_by_part(cfg: Blip2Config, lengths: list[int]) -> dict[str, float
         parts["qformer"] = images * qformer_forward_flops(cfg.qformer, q, 0, image_tokens)
         parts["qformer"] *= 1 if cfg.freeze_qformer else 3
     parts["qformer"] += images * 2.0 * cfg.num_image_slots * cfg.image_feature_size * cfg.llm.hidden_size * 3
-    parts["llm"] = sum(llm_forward_flops(cfg.llm, n) for n in lengths) * (2 if cfg.llm.freeze else 3)
+    skipped = max(first_label - 1, 0)
+    llm = cfg.llm
+    forward = sum(
+        llm.num_layers * llm_layer_forward_flops(llm, n) + llm_head_forward_flops(llm, max(n - skipped, 0))
+        for n in lengths
+    )
+    parts["llm"] = forward * (2 if llm.freeze else 3)
     return parts
 
 
@@ -101,7 +105,7 @@ def pipeline_costs(cfg: Blip2Config, seq_len: int | None = None) -> tuple[float,
     image_path = sum(v for k, v in train_flops_by_part(cfg, [seq_len]).items() if k != "llm")
     passes = 2 if llm.freeze else 3
     layer = llm_layer_forward_flops(llm, seq_len) * passes
-    return image_path, layer, llm_head_forward_flops(llm, seq_len) * passes
+    return image_path, layer, llm_head_forward_flops(llm, cfg.max_txt_len) * passes  # logits of the text only
 
 
 def stage_train_flops(cfg: Blip2Config, ranges: list[tuple[int, int]]) -> list[float]:

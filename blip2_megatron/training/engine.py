@@ -31,13 +31,14 @@ from blip2_megatron.build import build_model, build_pipeline_stage
 from blip2_megatron.config import JobConfig
 from blip2_megatron.convert.run_checkpoint import unwrap_stage
 from blip2_megatron.models.blip2 import Blip2PipeStage
+from blip2_megatron.models.flops import train_flops_by_part
 from blip2_megatron.parallel import state
 from blip2_megatron.parallel.mpu import MegatronMpu
 from blip2_megatron.parallel.pipeline import check_grid_matches_megatron
 from blip2_megatron.training.ds_config import fill_ds_config, without_idle_zero, zero_stage
 from blip2_megatron.training.faults import EXIT_NON_FINITE, TrainingStopped
 from blip2_megatron.training.optim import WarmupCosineSchedule, build_optimizer
-from blip2_megatron.training.throughput import StepTiming, add_flops, batch_lengths, train_flops_by_part
+from blip2_megatron.training.throughput import StepTiming, add_flops, batch_lengths
 
 logger = logging.getLogger(__name__)
 
@@ -156,7 +157,7 @@ def _zero_gradient_loss(module: nn.Module) -> torch.Tensor:
 
 
 def _add_flops(total: dict[str, float], cfg: Any, batch: Batch) -> None:
-    add_flops(total, train_flops_by_part(cfg, batch_lengths(batch)))
+    add_flops(total, train_flops_by_part(cfg, batch_lengths(batch), batch.get("first_label", 0)))
 
 
 @dataclass

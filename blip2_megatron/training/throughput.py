@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 
 from blip2_megatron import accelerator
 from blip2_megatron.config import Blip2Config
-from blip2_megatron.models.flops import train_flops_by_part, train_flops_per_image  # noqa: F401 - re-exported
 
 
 def add_flops(total: dict[str, float], flops: dict[str, float]) -> None:
@@ -114,7 +113,7 @@ class ThroughputMeter:
     measured: _Window | None = None  # since the end of warm-up
 
     def __post_init__(self) -> None:
-        # Look the peak rates up now: on CPU they are measured (about a second), which must
+        # Look the peak rates up now: on CPU they are measured (under a second), which must
         # not fall inside a timed window.
         for dtype in set(self.precisions.values()):
             accelerator.peak_tflops(dtype)
