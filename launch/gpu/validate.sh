@@ -6,11 +6,19 @@
 #   2. train: the default tiny job (tiny_stage2, built-in data) for 50 bf16 steps under the
 #      DeepSpeed launcher on NPROC GPUs, ZeRO-2, no evaluation; the loss must be finite and
 #      fall, no step skipped, the run on the GPU;
-#   3. benchmark: launch/benchmark.py on the same job, 20 bf16 steps after 5 of warm-up.
+#   3. benchmark: launch/benchmark.py on the same job, 20 bf16 steps after 5 of warm-up;
+#   4. caption: LAVIS's COCO caption fine-tuning at its real size with random weights (EVA
+#      ViT-g trained at 364 px with activation checkpointing, OPT-2.7B frozen in bf16, batch
+#      16, bf16) for 20 steps after 5 of warm-up on one GPU, and the same model through
+#      transformers' Blip2 for the speed and memory ratios (launch/benchmark.py --baseline hf).
 #
 #   bash launch/gpu/validate.sh [NPROC]      # NPROC: GPUs for the training run (default 1)
 #
-# Needs the package installed (bash install.sh) and NPROC visible GPUs. Runs from the
+# Needs NPROC visible GPUs and torch. Where deepspeed or megatron-core do not import, they
+# are installed first from the wheels in launch/gpu/wheels/ (or $WHEELS), made elsewhere with
+#   pip download -d launch/gpu/wheels -c constraints.txt deepspeed megatron-core
+# (their dependencies come along); the package itself is installed without dependencies
+# when it does not import. Runs from the
 # repository root wherever it is started; logs, the run directory and the JSON figures go to
 # a fresh directory under ${TMPDIR:-/tmp}, printed first and kept. Every part runs even when
 # an earlier one failed; the exit status is 1 when any part failed (2: could not start).
@@ -33,6 +41,18 @@ if ((visible < NPROC)); then
   echo "validate: $NPROC GPU(s) asked for, torch sees $visible" >&2
   exit 2
 fi
+WHEELS=${WHEELS:-$REPO_DIR/launch/gpu/wheels}
+if ! "$PYTHON" -c 'import deepspeed, megatron.core' 2>/dev/null; then
+  if ! compgen -G "$WHEELS/*.whl" >/dev/null; then
+    echo "validate: deepspeed or megatron-core does not import and $WHEELS holds no wheels" >&2
+    exit 2
+  fi
+  echo "[validate] installing deepspeed and megatron-core from $WHEELS"
+  "$PYTHON" -m pip install -q --no-index --find-links "$WHEELS" deepspeed megatron-core || exit 2
+fi
+if ! "$PYTHON" -c 'import blip2_megatron' 2>/dev/null; then
+  "$PYTHON" -m pip install -q --no-deps -e "$REPO_DIR" || exit 2
+fi
 # The package picks its device through DeepSpeed's accelerator; a stale DS_ACCELERATOR=cpu
 # from a test shell would run everything on the CPU (and the gpu tests would skip).
 export DS_ACCELERATOR=cuda
@@ -48,8 +68,47 @@ report() { # report PART ok|FAILED LINE
   if [[ $2 != ok ]]; then FAILED=1; fi
 }
 
+# benchmark_line FILE: one line of figures from launch/benchmark.py's JSON (status 1 on a problem)
+benchmark_line() {
+  "$PYTHON" - "$1" <<'EOF'
+import json
+import math
+import sys
+
+try:
+    result = json.loads(open(sys.argv[1]).read())
+except OSError as err:
+    print(f"no benchmark figures ({err})")
+    sys.exit(1)
+ours = result["ours"]
+
+
+def fmt(key, spec):
+    value = ours.get(key)
+    return "n/a" if value is None else format(value, spec)
+
+
+problems = []
+ratios = result.get("ratios") or {}
+if result.get("device", "cpu") == "cpu":
+    problems.append("ran on the CPU")
+if not ours.get("fps", 0) > 0:
+    problems.append(f"fps {ours.get('fps')}")
+if not math.isfinite(ours.get("final_loss", math.nan)):
+    problems.append(f"final loss {ours.get('final_loss')}")
+print(
+    f"{result.get('precision')} on {result.get('world_size')} x {result.get('device')}: "
+    f"{fmt('fps', '.1f')} images/s, step {fmt('step_time', '.4f')} s, {fmt('tflops_per_device', '.3f')} TFLOP/s, "
+    f"MFU {fmt('mfu', '.2%')}, peak {fmt('peak_mem_gb', '.2f')} GiB"
+    + (f"; vs transformers: speed {ratios['speed']:.2f}x, memory {ratios['memory']:.2f}x" if ratios else "")
+    + ("" if not problems else "; " + "; ".join(problems))
+)
+sys.exit(1 if problems else 0)
+EOF
+}
+
 # ------------------------------------------------------------------ 1. gpu tests
-echo "[validate] 1/3 gpu tests"
+echo "[validate] 1/4 gpu tests"
 if "$PYTHON" -m pytest -q -m gpu -rsP -p no:cacheprovider --junitxml="$WORK/tests.xml" tests/test_gpu.py 2>&1 |
   tee "$WORK/tests.log"; then
   tests_rc=0
@@ -78,7 +137,7 @@ else
 fi
 
 # ------------------------------------------------------------------ 2. bf16 training run
-echo "[validate] 2/3 bf16 training of tiny_stage2 on $NPROC GPU(s)"
+echo "[validate] 2/4 bf16 training of tiny_stage2 on $NPROC GPU(s)"
 RUN_DIR="$WORK/train"
 PORT=$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 if deepspeed --num_gpus "$NPROC" --master_port "$PORT" launch/train.py --ds_config ds_configs/zero2.json \
@@ -131,50 +190,33 @@ else
 fi
 
 # ------------------------------------------------------------------ 3. benchmark
-echo "[validate] 3/3 benchmark of tiny_stage2 in bf16"
+echo "[validate] 3/4 benchmark of tiny_stage2 in bf16"
 if "$PYTHON" launch/benchmark.py --config tiny_stage2 --steps 20 --warmup 5 --out "$WORK/benchmark.json" \
   train.precision=bf16 "train.output_dir=$WORK/benchmark" 2>&1 | tee "$WORK/benchmark.log"; then
   bench_rc=0
 else
   bench_rc=$?
 fi
-if line=$("$PYTHON" - "$WORK/benchmark.json" <<'EOF'
-import json
-import math
-import sys
-
-try:
-    result = json.loads(open(sys.argv[1]).read())
-except OSError as err:
-    print(f"no benchmark figures ({err})")
-    sys.exit(1)
-ours = result["ours"]
-
-
-def fmt(key, spec):
-    value = ours.get(key)
-    return "n/a" if value is None else format(value, spec)
-
-
-problems = []
-if result.get("device", "cpu") == "cpu":
-    problems.append("ran on the CPU")
-if not ours.get("fps", 0) > 0:
-    problems.append(f"fps {ours.get('fps')}")
-if not math.isfinite(ours.get("final_loss", math.nan)):
-    problems.append(f"final loss {ours.get('final_loss')}")
-print(
-    f"{result.get('precision')} on {result.get('world_size')} x {result.get('device')}: "
-    f"{fmt('fps', '.1f')} images/s, step {fmt('step_time', '.4f')} s, {fmt('tflops_per_device', '.3f')} TFLOP/s, "
-    f"MFU {fmt('mfu', '.2%')}, peak {fmt('peak_mem_gb', '.2f')} GiB"
-    + ("" if not problems else "; " + "; ".join(problems))
-)
-sys.exit(1 if problems else 0)
-EOF
-) && ((bench_rc == 0)); then
+if line=$(benchmark_line "$WORK/benchmark.json") && ((bench_rc == 0)); then
   report benchmark ok "$line"
 else
   report benchmark FAILED "$line (exit $bench_rc; log $WORK/benchmark.log)"
+fi
+
+# ------------------------------------------------------------------ 4. caption job at real size
+echo "[validate] 4/4 caption fine-tuning at real size (random weights), ours vs transformers, bf16"
+if "$PYTHON" launch/benchmark.py --config caption_coco_opt2.7b --steps 20 --warmup 5 --baseline hf \
+  --out "$WORK/caption.json" train.precision=bf16 model.llm.dtype=bf16 model.init_checkpoint= \
+  model.llm.weights= model.llm.tokenizer=builtin:tiny model.qformer.tokenizer=builtin:tiny \
+  "train.output_dir=$WORK/caption" 2>&1 | tee "$WORK/caption.log"; then
+  caption_rc=0
+else
+  caption_rc=$?
+fi
+if line=$(benchmark_line "$WORK/caption.json") && ((caption_rc == 0)); then
+  report caption ok "$line"
+else
+  report caption FAILED "$line (exit $caption_rc; log $WORK/caption.log)"
 fi
 
 echo
