@@ -86,3 +86,34 @@ def test_each_tp_rank_encodes_its_share_and_gradients_equal_the_replicated_layou
         assert result["num_grads"] > 50 and result["zero_grads"] == 0
         assert result["different_grads"] == [], result
     assert results[0]["losses"] == pytest.approx(results[1]["losses"], rel=1e-7)  # TP ranks agree
+
+
+def _dropout_rows(rank: int, world: int) -> dict:
+    from blip2_megatron.build import build_model
+    from blip2_megatron.config import build_model_config
+    from blip2_megatron.parallel import state
+
+    state.initialize_model_parallel(world, 1)
+    cfg = build_model_config("tiny")
+    cfg = dataclasses.replace(
+        cfg,
+        qformer=dataclasses.replace(cfg.qformer, hidden_dropout_prob=0.3),
+        llm=dataclasses.replace(cfg.llm, tp=2),
+    )
+    torch.manual_seed(0)
+    model = build_model(cfg, device="cpu").train()
+    image = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(1)).expand(2, -1, -1, -1)
+    with torch.no_grad():
+        rows = model.image_embeddings(image)  # rank 0 encodes the first copy, rank 1 the second
+    return {
+        "rows_equal": bool(torch.equal(rows[0], rows[1])),
+        "next_draw": int(torch.randint(0, 2**30, (1,))),
+    }
+
+
+@pytest.mark.dist
+def test_tp_ranks_draw_their_own_dropout_and_stay_in_step():
+    """Two copies of one image, one per TP rank: Q-Former dropout differs, the shared stream agrees after."""
+    results = run_distributed(_dropout_rows, 2)
+    assert not results[0]["rows_equal"] and not results[1]["rows_equal"]
+    assert results[0]["next_draw"] == results[1]["next_draw"]

@@ -30,7 +30,12 @@ from blip2_megatron.models.llm import ParallelCausalLM
 from blip2_megatron.models.query_encoder import QueryEncoder
 from blip2_megatron.models.vision import VisionEncoder, freeze_vision, frozen_vision_dtype
 from blip2_megatron.parallel import state
-from blip2_megatron.parallel.tp_split import gather_rows, rows_of_this_rank, sum_gradients_over_tp
+from blip2_megatron.parallel.tp_split import (
+    gather_rows,
+    own_random_stream,
+    rows_of_this_rank,
+    sum_gradients_over_tp,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -138,7 +143,8 @@ class Blip2ForLLM(nn.Module):
         if not self.split_images:
             features = self.image_encoder(image)
             return self.language_projection(features.to(self.language_projection.weight.dtype))
-        features = self.image_encoder(rows_of_this_rank(image))
+        with own_random_stream():
+            features = self.image_encoder(rows_of_this_rank(image))
         embeds = self.language_projection(features.to(self.language_projection.weight.dtype))
         return gather_rows(embeds, image.shape[0])
 

@@ -105,7 +105,8 @@ def pipeline_costs(cfg: Blip2Config, seq_len: int | None = None) -> tuple[float,
     image_path = sum(v for k, v in train_flops_by_part(cfg, [seq_len]).items() if k != "llm")
     passes = 2 if llm.freeze else 3
     layer = llm_layer_forward_flops(llm, seq_len) * passes
-    return image_path, layer, llm_head_forward_flops(llm, cfg.max_txt_len) * passes  # logits of the text only
+    # The pipeline's last stage computes every position's logits (first_label is not sent along).
+    return image_path, layer, llm_head_forward_flops(llm, seq_len) * passes
 
 
 def stage_train_flops(cfg: Blip2Config, ranges: list[tuple[int, int]]) -> list[float]:

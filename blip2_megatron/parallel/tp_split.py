@@ -17,17 +17,20 @@ fine-tuning step). Instead (DESIGN.md, "Parallelism"):
   batch would compute it.
 
 When B does not divide by TP, the last rank's rows past the end repeat the last image;
-their outputs are dropped after the gather, so they get no gradient.
+their outputs are dropped after the gather, so they get no gradient. The encoding runs in
+:func:`own_random_stream`, so the TP ranks' dropout masks differ as their images do.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+from collections.abc import Iterable, Iterator
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from blip2_megatron import accelerator
 from blip2_megatron.parallel import state
 
 
@@ -85,3 +88,23 @@ def sum_gradients_over_tp(parameters: Iterable[nn.Parameter]) -> None:
     for param in parameters:
         if param.requires_grad:
             param.register_hook(all_reduce)
+
+
+@contextlib.contextmanager
+def own_random_stream() -> Iterator[None]:
+    """Inside, a random stream of this TP rank's own, seeded from the stream TP ranks share.
+
+    The TP ranks of one DP rank share a random stream (replicated modules must draw the same
+    dropout). Encoding different images they must not: the same Q-Former dropout masks would
+    fall on each rank's first image. One draw from the shared stream (the same on every TP
+    rank, so they stay in step) seeds a stream offset by the TP rank for what runs inside;
+    afterwards the shared stream continues from that draw.
+    """
+    seed = int(torch.randint(0, 2**62, (1,)))
+    cpu_state, device_state = torch.get_rng_state(), accelerator.rng_state()
+    accelerator.manual_seed(seed + state.tp_rank())
+    try:
+        yield
+    finally:
+        torch.set_rng_state(cpu_state)
+        accelerator.set_rng_state(device_state)

@@ -433,7 +433,7 @@ def save_checkpoint(engine: Any, job: JobConfig, step: int, trainer_state: dict[
             trainer_state,
             step=step,
             base_weights=base_weights(job),
-            layout=layout_of(job, engine.configured_zero_stage),
+            layout=layout_of(job, engine.zero_stage),
             scheduler=engine.scheduler.state_dict(),
         )
         write_json_atomic(full_state, partial / TRAINER_STATE)

@@ -113,7 +113,8 @@ def without_idle_zero(ds_config: dict[str, Any], dp_size: int) -> dict[str, Any]
     copies of the trained weights and copies every gradient into buckets from backward
     hooks (measured on CPU, tiny job at fp32: backward 18.7 ms under ZeRO-2, 12.1 ms
     without). The step is the same computation either way. Offloading needs ZeRO and keeps
-    its stage, as does ZeRO-3. Checkpoints still record the configured stage.
+    its stage, as does ZeRO-3. Checkpoints record the stage DeepSpeed ran (its files differ
+    by stage): one written by ZeRO-2 at one rank resumes here from its saved weights.
     """
     zero = ds_config.get("zero_optimization", {})
     offloads = zero.get("cpu_offload") is True or any(

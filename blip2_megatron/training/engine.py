@@ -186,7 +186,6 @@ class Engine:
     scheduler: WarmupCosineSchedule
     model: nn.Module
     job: JobConfig
-    configured_zero_stage: int  # the ds_config's stage (DeepSpeed may run another: see without_idle_zero)
 
     @property
     def pipeline(self) -> bool:
@@ -194,7 +193,7 @@ class Engine:
 
     @property
     def zero_stage(self) -> int:
-        """The ZeRO stage DeepSpeed runs."""
+        """The ZeRO stage DeepSpeed runs (may differ from the ds_config's: see ``without_idle_zero``)."""
         return int(self.ds.zero_optimization_stage())
 
     @functools.cached_property
@@ -403,6 +402,4 @@ def build_engine(
         job.pp,
         state.dp_size(),
     )
-    return Engine(
-        ds=ds_engine, scheduler=scheduler, model=model, job=job, configured_zero_stage=zero_stage(configured)
-    )
+    return Engine(ds=ds_engine, scheduler=scheduler, model=model, job=job)

@@ -28,7 +28,7 @@ from blip2_megatron.eval.runner import run_evaluation
 from blip2_megatron.io import CheckpointMismatchError, write_json_atomic
 from blip2_megatron.parallel import state
 from blip2_megatron.training import checkpoint, faults
-from blip2_megatron.training.ds_config import check_layout, read_ds_config, zero_stage
+from blip2_megatron.training.ds_config import check_layout, read_ds_config, without_idle_zero, zero_stage
 from blip2_megatron.training.engine import Engine, build_engine
 from blip2_megatron.training.faults import EXIT_NON_FINITE, TrainingStopped
 from blip2_megatron.training.monitors import Monitors, ProgressBar, without_deepspeed_monitors
@@ -226,7 +226,8 @@ class _TrainingRun:
         self.total_steps = job.train.max_steps or job.train.epochs * steps_per_epoch
 
         checkpoint.clean_partial_checkpoints(job)
-        resume = checkpoint.resolve_resume(job, zero_stage(ds_raw))
+        # The stage DeepSpeed will run decides which engine files fit (they differ by stage).
+        resume = checkpoint.resolve_resume(job, zero_stage(without_idle_zero(ds_raw, self.dp_size)))
         # Same seed everywhere for initialisation (replicated modules must start equal), then
         # one stream per data-parallel rank: TP/PP ranks of one DP rank draw the same dropout.
         accelerator.manual_seed(job.train.seed)
