@@ -320,8 +320,8 @@ def _plain_linear(layer: nn.Module, kwargs: dict) -> bool:
     )
 
 
-class ColumnParallelLinear(tensor_parallel.ColumnParallelLinear):
-    """megatron-core's column-parallel linear; plain ``F.linear`` at TP 1 (:func:`_plain_linear`)."""
+class _PlainAtOneRank:
+    """Runs a megatron-core linear layer's matmul as plain ``F.linear`` where :func:`_plain_linear` allows."""
 
     def _forward_impl(self, input, weight, *args, **kwargs):
         if _plain_linear(self, kwargs):
@@ -329,13 +329,12 @@ class ColumnParallelLinear(tensor_parallel.ColumnParallelLinear):
         return super()._forward_impl(input, weight, *args, **kwargs)
 
 
-class RowParallelLinear(tensor_parallel.RowParallelLinear):
-    """megatron-core's row-parallel linear; plain ``F.linear`` at TP 1 (:func:`_plain_linear`)."""
+class ColumnParallelLinear(_PlainAtOneRank, tensor_parallel.ColumnParallelLinear):
+    """megatron-core's column-parallel linear; plain ``F.linear`` at TP 1."""
 
-    def _forward_impl(self, input, weight, *args, **kwargs):
-        if _plain_linear(self, kwargs):
-            return F.linear(input, weight, kwargs.get("bias"))
-        return super()._forward_impl(input, weight, *args, **kwargs)
+
+class RowParallelLinear(_PlainAtOneRank, tensor_parallel.RowParallelLinear):
+    """megatron-core's row-parallel linear; plain ``F.linear`` at TP 1."""
 
 
 class SelfAttention(nn.Module):
