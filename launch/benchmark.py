@@ -70,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     finally:
         state.destroy()
-    print(f"figures written to {out}")
+    if state.launch_env().rank == 0:  # rank 0 writes them (and one line, not one per rank)
+        print(f"figures written to {out}")
     return 0
 
 

@@ -267,7 +267,8 @@ def _check_output(words: list[str], proc: subprocess.CompletedProcess, scratch: 
     elif "launch/convert.py" in words or "data_tools/make_sample_dataset.py" in words:
         assert "wrote" in out or "sample dataset" in out.lower(), out[-2000:]
     elif "launch/benchmark.py" in words:
-        # Every figure written; a baseline's ratios beside ours, each side measured.
+        # Every figure written (by rank 0, once); a baseline's ratios beside ours, each side measured.
+        assert proc.stdout.count("figures written to") == 1, proc.stdout[-2000:]
         figures = json.loads(
             (scratch / re.search(r"figures written to (\S+)", proc.stdout).group(1)).read_text()
         )
