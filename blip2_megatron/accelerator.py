@@ -145,27 +145,40 @@ def peak_tflops(dtype: str, device_name: str | None = None) -> float | None:
 
 
 @functools.cache
-def measured_cpu_peak_tflops(dtype: str, size: int = 2048, repeats: int = 10) -> float | None:
+def measured_cpu_peak_tflops(dtype: str, max_size: int = 2048, budget_s: float = 1.5) -> float | None:
     """This CPU's matmul rate for ``dtype`` with this process's threads, in TFLOP/s.
 
-    The best of ``repeats`` products of two ``size`` x ``size`` matrices (after one warm-up):
-    what a large dense matmul reaches here, the denominator of CPU MFU. Measured once per
-    process (about a second at fp32 on 2 cores; the best of several, since a shared machine
-    gives single products 100-165 GFLOP/s here); None for a dtype the CPU does not compute
-    (fp16). Call it before a memory window opens: it allocates three ``size``^2 matrices.
+    The best of several products of two square matrices: what a large dense matmul reaches
+    here, the denominator of CPU MFU. Measured once per process, in about ``budget_s``
+    seconds whatever the CPU: the side doubles from 256 up to ``max_size`` while one
+    product takes under a twentieth of the budget, then products of that side repeat (up
+    to ten) until the budget is spent. A CPU without bf16 instructions emulates bf16
+    matmuls ~15x slower than fp32 ones (a 2048 product took a minute on such an EPYC), so
+    a fixed size would not do. None for a dtype the CPU does not compute (fp16). Call it
+    before a memory window opens: it allocates three matrices.
     """
     torch_dtype = DTYPE_BY_NAME[dtype]
     if not supports_dtype(torch_dtype):
         return None
     gen = torch.Generator().manual_seed(0)
-    a = torch.randn(size, size, generator=gen).to(torch_dtype)
-    b = torch.randn(size, size, generator=gen).to(torch_dtype)
-    torch.mm(a, b)
-    best = float("inf")
-    for _ in range(repeats):
+    size = 256
+    while True:
+        a = torch.randn(size, size, generator=gen).to(torch_dtype)
+        b = torch.randn(size, size, generator=gen).to(torch_dtype)
+        start = time.perf_counter()
+        torch.mm(a, b)  # warm-up at this size: decides whether to grow
+        took = time.perf_counter() - start
+        if size >= max_size or took > budget_s / 20:
+            break
+        size *= 2
+    best, spent = float("inf"), 0.0
+    for _ in range(10):
         start = time.perf_counter()
         torch.mm(a, b)
-        best = min(best, time.perf_counter() - start)
+        elapsed = time.perf_counter() - start
+        best, spent = min(best, elapsed), spent + elapsed
+        if spent > budget_s:
+            break
     return 2.0 * size**3 / best / 1e12
 
 

@@ -12,17 +12,26 @@ DataLoader with 0, 1, 2 ... workers:
 Throughput is images per second after the first batch (worker start-up excluded), the
 best of ``--repeats`` runs with the two pipelines taking turns.
 
+With ``--tp N`` it measures instead one rank's train loader (``build_train_loader``, on
+webdataset shards of the same JPEGs) decoding every image of its batches, as each TP rank
+did before the image path was split, against decoding only its ``ceil(B / N)`` rows and
+validating the others (what a TP rank's loader does now).
+
     python data_tools/bench_loader.py
     python data_tools/bench_loader.py --sizes 224 --workers 0 2 --num-images 256
+    python data_tools/bench_loader.py --tp 2 --sizes 364 --workers 0
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import itertools
 import random
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -30,12 +39,15 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from blip2_megatron.data import DataConfig, build_train_loader
+from blip2_megatron.data.batch import image_rows
 from blip2_megatron.data.processors import (
     CLIP_MEAN,
     CLIP_STD,
     ImageTrainProcessor,
     sample_random_resized_crop,
 )
+from blip2_megatron.data.wds import ShardWriter
 
 CROP_SCALE = (0.5, 1.0)
 CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
@@ -127,6 +139,63 @@ def best_of(datasets: list[Dataset], workers: int, batch_size: int, repeats: int
     return best
 
 
+def loader_images_per_second(cfg: DataConfig, rows: list[int] | None, num_batches: int) -> float:
+    """Images per second of one DP rank's batches (each batch counted whole) after the first."""
+    batches = iter(build_train_loader(cfg, 0, 1, seed=0, image_rows=rows))
+    next(batches)
+    started = time.perf_counter()
+    count = sum(len(batch["image_id"]) for batch in itertools.islice(batches, num_batches - 1))
+    return count / (time.perf_counter() - started)
+
+
+def tp_share_rows(args: argparse.Namespace, shards: Path) -> list[tuple]:
+    """Per case: (source, size, workers, all rows img/s, own rows img/s) for TP rank 0 of ``--tp``."""
+    results = []
+    num_batches = args.num_images // args.batch_size
+    own = image_rows(args.batch_size, 0, args.tp)
+    for shape in args.images:
+        width, height = (int(v) for v in shape.lower().split("x"))
+        folder = shards / shape
+        with ShardWriter(folder, samples_per_shard=args.num_images) as writer:
+            for index in range(args.num_images + args.batch_size):
+                writer.write(make_photo_jpeg(width, height, index % 8), f"a photo, number {index}")
+        kilobytes = (
+            sum(p.stat().st_size for p in folder.glob("*.tar")) / (args.num_images + args.batch_size) / 1024
+        )
+        for size, workers in itertools.product(args.sizes, args.workers):
+            cfg = DataConfig(
+                kind="wds",
+                train_shards=[str(folder / "00000.tar")],
+                image_size=size,
+                batch_size=args.batch_size,
+                num_workers=workers,
+                train_augment=True,
+                samples_per_epoch=args.num_images,
+            )
+            best = [0.0, 0.0]
+            for _ in range(args.repeats):
+                for index, rows in enumerate((None, own)):
+                    best[index] = max(best[index], loader_images_per_second(cfg, rows, num_batches))
+            results.append((f"{shape} ({kilobytes:.0f} KB)", size, workers, *best))
+    return results
+
+
+def main_tp(args: argparse.Namespace) -> int:
+    own = image_rows(args.batch_size, 0, args.tp)
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = tp_share_rows(args, Path(tmp))
+    print(
+        f"\none rank's train loader, batches of {args.batch_size}: every image decoded vs TP rank 0 of "
+        f"{args.tp} decoding its {len(own)} (the rest validated at 1/8 scale)"
+    )
+    print(
+        f"{'source JPEG':<22} {'out':>4} {'workers':>7} {'all img/s':>10} {'own rows img/s':>15} {'ratio':>6}"
+    )
+    for source, size, workers, whole, shared in rows:
+        print(f"{source:<22} {size:>4} {workers:>7} {whole:>10.1f} {shared:>15.1f} {shared / whole:>5.2f}x")
+    return 0
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -139,6 +208,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--num-images", type=int, default=128, help="images per measurement")
     parser.add_argument("--batch-size", type=int, default=16, help="DataLoader batch size")
     parser.add_argument("--repeats", type=int, default=3, help="runs per measurement; the best counts")
+    parser.add_argument(
+        "--tp",
+        type=int,
+        default=None,
+        help="measure one rank's train loader: every image of its batches vs TP rank 0's share",
+    )
     return parser.parse_args(argv)
 
 
@@ -147,6 +222,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.num_images < 2 * args.batch_size:
         raise SystemExit("--num-images must be at least twice --batch-size (the first batch is not timed)")
     torch.set_num_threads(1)  # the transforms are single-threaded; keep the main process comparable
+    if args.tp is not None:
+        if args.tp < 2:
+            raise SystemExit("--tp must be at least 2")
+        return main_tp(args)
     rows = []
     cases = [
         (shape, size, workers) for shape in args.images for size in args.sizes for workers in args.workers

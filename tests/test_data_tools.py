@@ -200,3 +200,12 @@ def test_bench_loader_runs_and_prints_the_table(capsys):
     assert load_tool("bench_loader").main(argv) == 0
     output = capsys.readouterr().out
     assert "ratio" in output and "96x64" in output
+
+
+def test_bench_loader_compares_a_tp_ranks_share_with_the_whole_batch(capsys):
+    argv = ["--tp", "2", "--sizes", "32", "--workers", "0", "--images", "96x64", "--num-images", "32"]
+    assert load_tool("bench_loader").main([*argv, "--batch-size", "8", "--repeats", "1"]) == 0
+    output = capsys.readouterr().out
+    row = next(line for line in output.splitlines() if line.startswith("96x64"))
+    whole, shared = (float(value) for value in row.split()[-3:-1])
+    assert whole > 0 and shared > 0 and "decoding its 4" in output

@@ -11,7 +11,9 @@ import torch
 from data_helpers import jpeg_bytes, sample_members, truncated_jpeg, write_id_shards, write_tar
 
 from blip2_megatron.config import ConfigError, from_dict
-from blip2_megatron.data import DataConfig, build_train_loader
+from blip2_megatron.data import DataConfig, ImageEvalProcessor, ImageTrainProcessor, build_train_loader
+from blip2_megatron.data.batch import image_rows
+from blip2_megatron.data.processors import ImageDecodeError
 from blip2_megatron.data.wds import (
     ShardWriter,
     count_shard_samples,
@@ -216,6 +218,71 @@ def test_bad_samples_are_skipped_and_counted_by_reason(tmp_path, num_workers):
     restored = build_train_loader(cfg, 0, 1, seed=0)
     restored.load_state_dict(loader.state_dict())
     assert restored.stats == loader.stats
+
+
+def _shards_with_bad_samples(tmp_path) -> str:
+    write_tar(tmp_path / "00000.tar", bad_shard_members())
+    write_id_shards(tmp_path / "b", 1, 8, prefix="b")
+    (tmp_path / "b" / "00000.tar").rename(tmp_path / "00001.tar")
+    return str(tmp_path / "{00000..00001}.tar")
+
+
+def _count_full_decodes(monkeypatch) -> list[int]:
+    decoded = []
+    for processor in (ImageTrainProcessor, ImageEvalProcessor):
+        call = processor.__call__
+
+        def counting(self, *args, _call=call, **kwargs):
+            image = _call(self, *args, **kwargs)
+            decoded.append(1)  # decoded in full (an undecodable image raised above)
+            return image
+
+        monkeypatch.setattr(processor, "__call__", counting)
+    return decoded
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_ranks_sharing_batches_decode_only_their_image_rows(tmp_path, monkeypatch, num_workers):
+    """TP ranks of one DP rank: each fully decodes only its rows' images; batches and skips stay equal."""
+    cfg = wds_config(
+        _shards_with_bad_samples(tmp_path),
+        batch_size=3,
+        num_workers=num_workers,
+        shuffle_buffer=4,
+        samples_per_epoch=16,
+        train_augment=True,
+    )
+    decoded = _count_full_decodes(monkeypatch)
+    whole = build_train_loader(cfg, 0, 1, seed=4)
+    expected = list(whole)
+    decodes_whole = len(decoded)
+    for rows in (image_rows(3, 0, 2), image_rows(3, 1, 2), []):  # rows [0, 1]; [2, 2]; a later stage
+        decoded.clear()
+        shared = build_train_loader(cfg, 0, 1, seed=4, image_rows=rows)
+        batches = list(shared)
+        assert len(batches) == len(expected) == 5
+        for batch, reference in zip(batches, expected):
+            assert (
+                batch["image_id"] == reference["image_id"] and batch["text_input"] == reference["text_input"]
+            )
+            assert torch.equal(batch["image"], reference["image"][rows] if rows else torch.empty(0))
+        assert shared.stats == whole.stats and "truncated_image" in whole.stats
+        if num_workers == 0:  # (workers count in their own processes)
+            assert decodes_whole == 15 and len(decoded) == 5 * len(set(rows))
+
+
+def test_image_that_validates_but_fails_to_decode_stops_a_shared_batch(tmp_path, monkeypatch):
+    """The ranks that only validate it would keep it: stop with its name rather than split the batches."""
+    cfg = wds_config(write_id_shards(tmp_path, 1, 8), batch_size=2, train_augment=True)
+
+    def fails(self, *args, **kwargs):
+        raise ImageDecodeError("corrupt_image", "broken in full")
+
+    monkeypatch.setattr(ImageTrainProcessor, "__call__", fails)
+    with pytest.raises(RuntimeError, match="passes the 1/8-scale validation.*broken in full"):
+        next(iter(build_train_loader(cfg, 0, 1, seed=0, image_rows=[1])))
+    batch = next(iter(build_train_loader(cfg, 0, 1, seed=0, image_rows=[])))  # decodes nothing: fine
+    assert len(batch["image_id"]) == 2
 
 
 def test_corrupt_tar_is_counted_not_fatal(tmp_path):

@@ -11,7 +11,8 @@ tiny stand-in, written out in :data:`SUBSTITUTIONS` and :func:`_tiny_job_overrid
   (``journeys.tiny_overrides``), a few steps;
 * a URL list (``laion.parquet``) -> one served from 127.0.0.1; ``/data/...`` -> scratch folders;
 * 8 processes -> 2 (this machine has 2 cores);
-* benchmarks' rounds -> 1; the mid-size benchmarks' 4 measured steps after 2 warm-up steps -> 1 step.
+* benchmarks' rounds -> 1; the mid-size benchmarks' 4 measured steps after 2 warm-up steps -> 1 step;
+  the loader benchmark's 64 images -> 32.
 
 The default job (the first command) runs whole and must learn: CIDEr on the held-out val
 split far above the untrained model's. Other training commands run a few steps. The
@@ -46,6 +47,7 @@ SUBSTITUTIONS = {
     # Benchmarks: one round each; the mid-size ones (seconds per step on 2 cores) one step.
     "--steps 4 --warmup 2 --rounds 2": "--steps 1 --warmup 0 --rounds 1",
     "--rounds 3": "--rounds 1",
+    "--num-images 64 --repeats 3": "--num-images 32 --repeats 1",
 }
 TRAIN_STEPS = ["train.max_steps=6", "train.log_interval=2", "eval.max_samples=4", "eval.num_beams=2"]
 SHIPPED_TINY = {"tiny_stage1", "tiny_stage2"}

@@ -5,7 +5,8 @@ every image-path parameter (ViT trained here, Q-Former, queries, projection) mus
 those of the replicated layout, where every TP rank encodes the whole batch: the gathered
 rows are the same and each replicated parameter's gradient is summed over the TP ranks.
 Batches of 5 and 1 images do not divide by 2 (the last rank repeats an image whose output
-is dropped). The layout journeys and ``test_parallel_training`` check TP 2 against one
+is dropped). A batch holding only the rank's own images (what the train loader decodes
+for it) gives exactly what the whole batch's images give. The layout journeys and ``test_parallel_training`` check TP 2 against one
 process over whole training runs.
 """
 
@@ -26,10 +27,14 @@ CAPTIONS = [
 ]
 
 
-def _loss_grads_and_images(split: bool, batch_size: int) -> tuple[float, dict[str, torch.Tensor], list[int]]:
+def _loss_grads_and_images(
+    split: bool, batch_size: int, own_rows_only: bool = False
+) -> tuple[float, dict[str, torch.Tensor], list[int]]:
+    """``own_rows_only``: the batch holds only this TP rank's images, as the train loader decodes them."""
     from blip2_megatron.build import build_model
     from blip2_megatron.config import build_model_config
-    from blip2_megatron.data.batch import build_batch_builder
+    from blip2_megatron.data.batch import build_batch_builder, image_rows
+    from blip2_megatron.parallel import state
 
     cfg = build_model_config("tiny")
     cfg = dataclasses.replace(
@@ -49,7 +54,10 @@ def _loss_grads_and_images(split: bool, batch_size: int) -> tuple[float, dict[st
         "image": torch.randn(batch_size, 3, 32, 32, generator=gen),
         "text_input": CAPTIONS[:batch_size],
     }
-    loss = model(build_batch_builder(cfg)(samples))["loss"]
+    batch = build_batch_builder(cfg)(samples)
+    if own_rows_only:
+        batch["image"] = batch["image"][image_rows(batch_size, state.tp_rank(), state.tp_size())]
+    loss = model(batch)["loss"]
     loss.backward()
     image_path = [*model.image_encoder.named_parameters(), *model.language_projection.named_parameters()]
     grads = {name: param.grad.clone() for name, param in image_path if param.requires_grad}
@@ -61,6 +69,7 @@ def _compare(rank: int, world: int, batch_size: int) -> dict:
 
     state.initialize_model_parallel(world, 1)
     loss_split, grads_split, encoded_split = _loss_grads_and_images(True, batch_size)
+    loss_own, grads_own, encoded_own = _loss_grads_and_images(True, batch_size, own_rows_only=True)
     loss_rep, grads_rep, encoded_rep = _loss_grads_and_images(False, batch_size)
     # atol: the attention key biases' true gradient is zero (softmax ignores a constant
     # shift); theirs is rounding noise of ~3e-10 in either layout.
@@ -71,6 +80,9 @@ def _compare(rank: int, world: int, batch_size: int) -> dict:
         "num_grads": len(grads_rep),
         "zero_grads": sum(int(not g.any()) for g in grads_rep.values()),
         "encoded": (encoded_split, encoded_rep),
+        "own_rows_same": loss_own == loss_split
+        and encoded_own == encoded_split
+        and all(torch.equal(grads_own[n], grads_split[n]) for n in grads_split),
     }
 
 
@@ -85,6 +97,7 @@ def test_each_tp_rank_encodes_its_share_and_gradients_equal_the_replicated_layou
         assert result["encoded"] == ([per_rank], [batch_size])
         assert result["num_grads"] > 50 and result["zero_grads"] == 0
         assert result["different_grads"] == [], result
+        assert result["own_rows_same"]  # given only its rows, as the loader decodes them
     assert results[0]["losses"] == pytest.approx(results[1]["losses"], rel=1e-7)  # TP ranks agree
 
 

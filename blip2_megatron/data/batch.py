@@ -45,6 +45,10 @@ Training batches (what the loader yields and the engine feeds the model)::
 ``first_label`` (an int, computed here on the host) is the first position that holds a
 label in any row: the model computes logits and the loss from there on only (BLIP-2's
 query slots and prompt tokens never carry one), without reading the labels on the device.
+
+``image`` holds every row's image, or only the rows one rank encodes (:func:`image_rows`:
+with tensor parallelism each TP rank encodes ``ceil(B / TP)`` of the images, and the
+loader decodes only those); the text tensors always hold all ``B`` rows.
 """
 
 from __future__ import annotations
@@ -329,6 +333,18 @@ class LLMBatchBuilder:
     def decode(self, tokens: torch.Tensor) -> list[str]:
         """Generated token ids -> texts (special tokens dropped, surrounding space stripped)."""
         return [text.strip() for text in self.tokenizer.batch_decode(tokens, skip_special_tokens=True)]
+
+
+def image_rows(batch_size: int, share: int, shares: int) -> list[int]:
+    """The rows of a batch whose images share ``share`` of ``shares`` encodes.
+
+    ``ceil(B / shares)`` consecutive rows each; past the end of the batch a share repeats
+    the last row (so every share has the same number of rows: an all-gather of equal
+    blocks puts the batch back together, and the repeats are dropped after it).
+    """
+    per_share = -(-batch_size // shares)
+    start = share * per_share
+    return [min(row, batch_size - 1) for row in range(start, start + per_share)]
 
 
 def first_labelled_position(labels: torch.Tensor) -> int:

@@ -33,6 +33,17 @@ torch's DataLoader returns when worker k plays stream k. Stream ``s`` of rank ``
    instruction by it),
 4. groups them into batches of ``batch_size``.
 
+Ranks that share a DP rank's batches but not its images
+--------------------------------------------------------
+With tensor parallelism each TP rank encodes only ``ceil(B / TP)`` of a batch's images
+(``parallel/tp_split.py``), and a later pipeline stage encodes none. Such a rank passes
+``image_rows``: it fully decodes only the images of those rows and only validates the
+others, with the same 1/8-scale decode a resume replays with. Every rank still reads and
+validates every sample, so all of them skip the same bad samples and build the same
+batches; the batch's ``"image"`` holds the decoded rows only. A validation passing where
+the full decode fails would split the ranks' batches apart, so that case stops the job
+with the sample's name instead of skipping it on one rank.
+
 Every random choice is keyed by (seed, epoch, ...), so the epoch is a pure function of
 (seed, epoch, dp_rank, dp_size, num_workers, data).
 
@@ -135,6 +146,7 @@ class StreamSpec:
     image_processor: ImageTrainProcessor | ImageEvalProcessor
     text_processor: CaptionProcessor
     batch_builder: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    image_rows: tuple[int, ...] | None = None  # rows whose images this rank decodes (None: all)
 
 
 # ----------------------------------------------------------------------------- stream stages
@@ -177,30 +189,50 @@ def _source_samples(spec: StreamSpec, source_index: int, epoch: int, stream_id: 
 
 
 def _process_sample(
-    spec: StreamSpec, raw: dict[str, Any], rng: random.Random, validate_only: bool
-) -> dict[str, Any] | None:
-    """Raw sample -> {"image", "text_output", "image_id"}; raises SampleError with a reason."""
+    spec: StreamSpec, raw: dict[str, Any], rng: random.Random, decode: bool
+) -> dict[str, Any]:
+    """Raw sample -> {"image", "text_output", "image_id"}; raises SampleError with a reason.
+
+    Without ``decode`` the image is only validated and ``"image"`` is None.
+    """
     image_bytes, caption, image_id = unpack_sample(raw, rng)
     text = spec.text_processor.clean(caption)
     if not text:
         raise SampleError("missing_caption", f"{raw.get('__key__')}: caption empty after cleaning")
-    if validate_only:
+    if not decode:
         check_decodable(image_bytes)
-        return None
-    return {"image": spec.image_processor(image_bytes, rng), "text_output": text, "image_id": image_id}
+        image = None
+    elif spec.image_rows is None:
+        image = spec.image_processor(image_bytes, rng)
+    else:
+        try:
+            image = spec.image_processor(image_bytes, rng)
+        except SampleError as err:
+            check_decodable(image_bytes)  # fails too: every rank skips the sample alike
+            raise RuntimeError(
+                f"{raw.get('__key__')}: the image passes the 1/8-scale validation but fails to decode "
+                f"in full ({err}); the ranks that only validate it would keep it. Remove the sample "
+                "from the data or set model.tp_split_images=false"
+            ) from err
+    return {"image": image, "text_output": text, "image_id": image_id}
 
 
-def collate_train(samples: list[dict[str, Any]], prompt: str) -> dict[str, Any]:
+def collate_train(
+    samples: list[dict[str, Any]], prompt: str, image_rows: Sequence[int] | None = None
+) -> dict[str, Any]:
     """Stack processed samples into the train batch layout.
 
     ``text_input`` is prompt + caption (what the LLM models read, as LAVIS's caption
     processor builds it); with a prompt the batch also carries ``prompt`` and
     ``text_output`` (the caption alone) so the model can mask the prompt tokens.
-    ``sample_key`` lists each sample's position in the data.
+    ``sample_key`` lists each sample's position in the data. ``image`` stacks the images
+    of ``image_rows`` (default: every row; none gives an empty tensor).
     """
     captions = [sample["text_output"] for sample in samples]
+    rows = range(len(samples)) if image_rows is None else image_rows
+    images = [samples[row]["image"] for row in rows]
     batch: dict[str, Any] = {
-        "image": torch.stack([sample["image"] for sample in samples]),
+        "image": torch.stack(images) if images else torch.empty(0),
         "text_input": [prompt + caption for caption in captions],
         "image_id": [sample["image_id"] for sample in samples],
         SAMPLE_KEY: [sample[SAMPLE_KEY] for sample in samples],
@@ -243,14 +275,16 @@ def stream_batches(
     per_source = [_source_samples(spec, index, epoch, stream_id, skips) for index in range(len(spec.sources))]
     index = 0  # samples drawn by this stream so far (usable or not): the last part of each sample's key
     usable_seen = False
+    decoded_rows = set(range(spec.batch_size) if spec.image_rows is None else spec.image_rows)
     for batches_done, feed in enumerate(_batch_feeds(spec, per_source, epoch, stream_id, key)):
         replaying = batches_done < skip
         pending: list[dict[str, Any]] = []
         while len(pending) < spec.batch_size:
             raw = next(feed)
             sample_key = "/".join(str(part) for part in (*key, index))
+            decode = not replaying and len(pending) in decoded_rows
             try:
-                item = _process_sample(spec, raw, make_rng(*key, "sample", index), validate_only=replaying)
+                item = _process_sample(spec, raw, make_rng(*key, "sample", index), decode)
             except SampleError as err:
                 skips.record(err.reason, str(err))
                 if not usable_seen and index + 1 >= _MAX_LEADING_FAILURES:
@@ -262,11 +296,11 @@ def stream_batches(
             finally:
                 index += 1
             usable_seen = True
-            pending.append(item if replaying else {**item, SAMPLE_KEY: sample_key})
+            pending.append({**item, SAMPLE_KEY: sample_key})
         if replaying:
             skips.take()  # counted before the checkpoint already (restored with the state)
         else:
-            batch = collate_train(pending, spec.text_processor.prompt)
+            batch = collate_train(pending, spec.text_processor.prompt, spec.image_rows)
             if spec.batch_builder is not None:
                 batch = spec.batch_builder(batch)  # tokenized here, in the loader's workers
             batch[SKIPPED_KEY] = skips.take()
@@ -466,14 +500,20 @@ def build_train_loader(
     dp_size: int,
     seed: int,
     batch_builder: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+    image_rows: Sequence[int] | None = None,
 ) -> TrainLoader:
     """The training loader of one DP rank; every TP / PP rank of that DP rank passes the same arguments.
 
     ``batch_builder`` (``blip2_megatron.data.batch``) turns each collated batch into model
     tensors inside the loader's workers; without it batches carry the raw texts.
+    ``image_rows``: the rows of each batch whose images this rank encodes (default: all;
+    see "Ranks that share a DP rank's batches but not its images" above); the batches are
+    the same whatever it is, except for which images they hold.
     """
     if not 0 <= dp_rank < dp_size:
         raise ValueError(f"dp_rank={dp_rank} must be in [0, dp_size={dp_size})")
+    if image_rows is not None and not all(0 <= row < cfg.batch_size for row in image_rows):
+        raise ValueError(f"image_rows={list(image_rows)} must be rows of a batch of {cfg.batch_size}")
     cfg = prepare_data(cfg)
     sources = build_train_sources(cfg)
     num_streams = max(1, cfg.num_workers)
@@ -506,6 +546,7 @@ def build_train_loader(
         image_processor=build_train_image_processor(cfg),
         text_processor=CaptionProcessor(cfg.prompt, cfg.max_words),
         batch_builder=batch_builder,
+        image_rows=None if image_rows is None else tuple(image_rows),
     )
     logger.info(
         "train data: %d source(s) mixed per %s, %d samples/epoch, %d batches/epoch of %d per DP rank "
@@ -518,6 +559,11 @@ def build_train_loader(
         dp_rank,
         dp_size,
     )
+    if image_rows is not None:
+        logger.info(
+            "this rank decodes the images of rows %s of each batch and only validates the others",
+            list(image_rows),
+        )
     return TrainLoader(TrainStream(spec), cfg.num_workers)
 
 

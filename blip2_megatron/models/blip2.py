@@ -133,26 +133,28 @@ class Blip2ForLLM(nn.Module):
         return self.patch_encoder if self.cfg.image_encoder == "patches" else self.query_encoder
 
     # ----------------------------------------------------------------- forward
-    def image_embeddings(self, image: torch.Tensor) -> torch.Tensor:
-        """Projected image features [B, num_image_slots, llm hidden].
+    def image_embeddings(self, image: torch.Tensor, batch: int | None = None) -> torch.Tensor:
+        """Projected image features [B, num_image_slots, llm hidden] of a batch of ``batch``.
 
         With tensor parallelism each TP rank encodes ``ceil(B / TP)`` of the images and the
         projected rows are all-gathered (``blip2_megatron.parallel.tp_split``): no TP rank
-        repeats another's ViT and Q-Former work. Collective over the TP group.
+        repeats another's ViT and Q-Former work. ``image`` holds the whole batch's images or,
+        as the train loader decodes them, only this rank's. Collective over the TP group.
         """
         if not self.split_images:
             features = self.image_encoder(image)
             return self.language_projection(features.to(self.language_projection.weight.dtype))
+        batch = image.shape[0] if batch is None else batch
         with own_random_stream():
-            features = self.image_encoder(rows_of_this_rank(image))
+            features = self.image_encoder(rows_of_this_rank(image, batch))
         embeds = self.language_projection(features.to(self.language_projection.weight.dtype))
-        return gather_rows(embeds, image.shape[0])
+        return gather_rows(embeds, batch)
 
     def input_embeddings(
         self, image: torch.Tensor, input_ids: torch.Tensor, image_slots: torch.Tensor
     ) -> torch.Tensor:
         """Token embeddings with the projected image features scattered into the image slots."""
-        image_embeds = self.image_embeddings(image)
+        image_embeds = self.image_embeddings(image, input_ids.shape[0])
         token_embeds = self.language_model.get_input_embeddings()(input_ids)
         if isinstance(token_embeds, tuple):
             token_embeds = token_embeds[0]

@@ -14,7 +14,9 @@ import datetime
 import logging
 import os
 import socket
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch.distributed as dist
 from megatron.core import parallel_state
@@ -96,6 +98,8 @@ def init_distributed(timeout_s: float = 600) -> LaunchEnv:
             f"WORLD_SIZE={env.world_size} but MASTER_ADDR/MASTER_PORT are not set; "
             "start the job with deepspeed, torchrun or srun"
         )
+    if accelerator.is_cpu():
+        _check_op_build_locks()
     # DeepSpeed keeps its own handle on the (already running) process group.
     import deepspeed
 
@@ -103,6 +107,46 @@ def init_distributed(timeout_s: float = 600) -> LaunchEnv:
     _release_shared_memory_buffer(env.rank)
     logger.info("torch.distributed up: rank %d/%d, backend %s", env.rank, env.world_size, backend)
     return env
+
+
+#: DeepSpeed's CPU op builds in under a minute here; a build lock older than this was left by a killed build.
+STALE_BUILD_LOCK_S = 300
+
+
+def _check_op_build_locks() -> None:
+    """Remove build locks that a killed build left behind; say so when a fresh one may hold us up.
+
+    On the first CPU run DeepSpeed JIT-builds its communication op (``deepspeed_shm_comm``)
+    under a lock file in torch's extension directory, and every other process waits for
+    that file to go. A build killed midway leaves it, and every later run then waits forever
+    in ``deepspeed.init_distributed``. A lock older than any build takes is removed here
+    (this process then builds the op); a younger one is named in the log, in case no
+    process is building any more.
+    """
+    from torch.utils.cpp_extension import get_default_build_root
+
+    # torch builds op X in $TORCH_EXTENSIONS_DIR/X, or else in <its cache>/<python, device tag>/X.
+    if "TORCH_EXTENSIONS_DIR" in os.environ:
+        locks = Path(os.environ["TORCH_EXTENSIONS_DIR"]).glob("*/lock")
+    else:
+        locks = Path(get_default_build_root()).glob("*/*/lock")
+    for lock in locks:
+        try:
+            age = time.time() - lock.stat().st_mtime
+        except FileNotFoundError:  # the build finished meanwhile
+            continue
+        if age > STALE_BUILD_LOCK_S:
+            logger.warning(
+                "removing %s, a build lock left %.0f s ago by a build that did not finish", lock, age
+            )
+            lock.unlink(missing_ok=True)
+        else:
+            logger.warning(
+                "%s exists (%.0f s old): DeepSpeed waits until the process building its CPU op removes "
+                "it; if no such process runs (a build was killed), remove the file",
+                lock,
+                age,
+            )
 
 
 def _release_shared_memory_buffer(rank: int) -> None:

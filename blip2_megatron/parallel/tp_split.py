@@ -6,7 +6,8 @@ tensor parallelism, so if each TP rank encoded the whole batch, TP - 1 of every 
 ranks' image work would be redundant (with a ViT-g trained at 364 px, ~85% of a caption
 fine-tuning step). Instead (DESIGN.md, "Parallelism"):
 
-* :func:`rows_of_this_rank` picks this TP rank's ``ceil(B / TP)`` images;
+* :func:`rows_of_this_rank` picks this TP rank's ``ceil(B / TP)`` images (the train
+  loader decodes only those: :func:`loader_image_rows`);
 * :func:`gather_rows` all-gathers the encoded rows over the TP group; its backward hands
   each rank the gradient of its own rows (the LLM after the gather is tensor-parallel
   with replicated activations, so every rank holds the same full gradient there);
@@ -31,21 +32,41 @@ import torch.distributed as dist
 from torch import nn
 
 from blip2_megatron import accelerator
+from blip2_megatron.config import Blip2Config
+from blip2_megatron.data.batch import image_rows
 from blip2_megatron.parallel import state
 
 
-def rows_per_rank(batch: int, tp: int) -> int:
-    return -(-batch // tp)
+def rows_of_this_rank(images: torch.Tensor, batch: int) -> torch.Tensor:
+    """This TP rank's ``ceil(B / TP)`` images of a batch of ``batch`` (B along dim 0).
+
+    ``images`` holds the whole batch's images, or already only this rank's rows (as the
+    train loader decodes them); both give the same rows.
+    """
+    rows = image_rows(batch, state.tp_rank(), state.tp_size())
+    if images.shape[0] == len(rows):  # decoded for this rank (with B = 1 both readings agree)
+        return images
+    if images.shape[0] != batch:
+        raise ValueError(
+            f"a batch of {batch} holds {images.shape[0]} images: neither all of them nor TP rank "
+            f"{state.tp_rank()}'s {len(rows)}"
+        )
+    return images.index_select(0, torch.tensor(rows, device=images.device))
 
 
-def rows_of_this_rank(tensor: torch.Tensor) -> torch.Tensor:
-    """This TP rank's ``ceil(B / TP)`` rows of ``tensor`` (B along dim 0)."""
-    tp = state.tp_size()
-    batch = tensor.shape[0]
-    per_rank = rows_per_rank(batch, tp)
-    start = state.tp_rank() * per_rank
-    index = torch.arange(start, start + per_rank, device=tensor.device).clamp(max=batch - 1)
-    return tensor.index_select(0, index)
+def loader_image_rows(cfg: Blip2Config, batch_size: int) -> list[int] | None:
+    """The rows of each training batch whose images this rank encodes (None: all of them).
+
+    What the train loader decodes: a pipeline stage after the first encodes no image, and
+    with the image path split over TP ranks each encodes :func:`rows_of_this_rank`.
+    """
+    if cfg.llm is None:  # stage 1: no LLM to split
+        return None
+    if state.pp_rank() > 0:
+        return []
+    if cfg.tp_split_images and state.tp_size() > 1:
+        return image_rows(batch_size, state.tp_rank(), state.tp_size())
+    return None
 
 
 class _GatherRows(torch.autograd.Function):

@@ -30,6 +30,7 @@ from blip2_megatron.config import JobConfig
 from blip2_megatron.data.batch import build_batch_builder
 from blip2_megatron.parallel import state
 from blip2_megatron.parallel.state import launch_env
+from blip2_megatron.parallel.tp_split import loader_image_rows
 from blip2_megatron.training.ds_config import check_layout, read_ds_config
 from blip2_megatron.training.engine import build_engine
 from blip2_megatron.training.throughput import StepTiming, add_flops, model_flops_utilization, part_precisions
@@ -62,7 +63,8 @@ def _batches(job: JobConfig, use_real_data: bool):
     if use_real_data:
         from blip2_megatron.data.loader import build_train_loader
 
-        loader = build_train_loader(job.data, state.dp_rank(), state.dp_size(), job.train.seed, builder)
+        rows = loader_image_rows(job.model, job.data.batch_size)
+        loader = build_train_loader(job.data, state.dp_rank(), state.dp_size(), job.train.seed, builder, rows)
         return loader.endless()
     return itertools.repeat(builder(synthetic_samples(job, seed=state.dp_rank())))
 

@@ -27,6 +27,7 @@ from blip2_megatron.data.loader import build_train_loader
 from blip2_megatron.eval.runner import run_evaluation
 from blip2_megatron.io import CheckpointMismatchError, write_json_atomic
 from blip2_megatron.parallel import state
+from blip2_megatron.parallel.tp_split import loader_image_rows
 from blip2_megatron.training import checkpoint, faults
 from blip2_megatron.training.ds_config import check_layout, read_ds_config, without_idle_zero, zero_stage
 from blip2_megatron.training.engine import Engine, build_engine
@@ -221,6 +222,7 @@ class _TrainingRun:
             dp_size=self.dp_size,
             seed=job.train.seed,
             batch_builder=self.builder,
+            image_rows=loader_image_rows(job.model, job.data.batch_size),
         )
         steps_per_epoch = max(self.loader.batches_per_epoch // job.train.grad_accum, 1)
         self.total_steps = job.train.max_steps or job.train.epochs * steps_per_epoch
