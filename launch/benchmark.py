@@ -48,6 +48,12 @@ def main(argv: list[str] | None = None) -> int:
         default=1,
         help="with --baseline: alternate baseline and ours this many times, compare each side's fastest",
     )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="after the measured steps, profile a few more of each side: op time, the share in "
+        "matmul / attention / convolution kernels, the costliest ops (tables in <out>_profile.txt)",
+    )
     parser.add_argument("--out", default=None, help="JSON output (default: <output_dir>/benchmark.json)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides")
@@ -66,7 +72,15 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out) if args.out else Path(job.train.output_dir) / "benchmark.json"
     try:
         run_benchmark(
-            job, args.ds_config, args.steps, args.warmup, args.real_data, args.baseline, out, args.rounds
+            job,
+            args.ds_config,
+            args.steps,
+            args.warmup,
+            args.real_data,
+            args.baseline,
+            out,
+            args.rounds,
+            args.profile,
         )
     finally:
         state.destroy()

@@ -271,14 +271,17 @@ def _check_output(words: list[str], proc: subprocess.CompletedProcess, scratch: 
     elif "launch/benchmark.py" in words:
         # Every figure written (by rank 0, once); a baseline's ratios beside ours, each side measured.
         assert proc.stdout.count("figures written to") == 1, proc.stdout[-2000:]
-        figures = json.loads(
-            (scratch / re.search(r"figures written to (\S+)", proc.stdout).group(1)).read_text()
-        )
+        out_json = scratch / re.search(r"figures written to (\S+)", proc.stdout).group(1)
+        figures = json.loads(out_json.read_text())
         assert figures["ours"]["fps"] > 0 and figures["ours"]["mfu"] is not None, figures
         if "--baseline" in words:
             assert figures["baseline"]["fps"] > 0 and figures["ratios"]["speed"] > 0, figures
         if "model.llm.pp=2" in words:
             assert (figures["tp"], figures["pp"]) == (2, 2), figures
+        if "--profile" in words:  # where each side's step goes, and the op tables beside the figures
+            for side in ("ours", "baseline"):
+                assert 0 < figures["profile"][side]["dense_share"] < 1, figures["profile"]
+            assert "aten::mm" in out_json.with_name("benchmark_profile.txt").read_text()
     elif "data_tools/download.py" in words:
         stats = json.loads(next((scratch / "laion").glob("*_stats.json")).read_text())
         assert (stats["successes"], stats["failed_to_download"]) == (6, 1)

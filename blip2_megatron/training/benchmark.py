@@ -9,6 +9,11 @@ and memory ratios against a baseline measured in the same run:
   ``transformers``' Blip2ForConditionalGeneration, in a child process (one device);
 * ``baseline="replicated"`` (TP > 1): the same layout with every TP rank encoding all the
   images (``model.tp_split_images=false``), then split as by default.
+
+``profile=True`` runs a few more steps of each side under torch.profiler after the measured
+ones (so the profiler's overhead stays out of the figures) and reports where the step
+goes: the op time per step, the share of it in the dense kernels both stacks must run
+(matmuls, attention, convolutions), the costliest ops, and their full table in a text file.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import json
 import logging
 import multiprocessing as mp
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -69,15 +75,70 @@ def _batches(job: JobConfig, use_real_data: bool):
     return itertools.repeat(builder(synthetic_samples(job, seed=state.dp_rank())))
 
 
-def _measure(engine, batches, steps: int, warmup: int) -> tuple[list[StepTiming], list[Any]]:
-    """Step timings (the device synchronised after each phase) and results after warm-up."""
+#: Ops whose self time is the dense math any implementation of the model runs.
+_DENSE_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_addmm_activation"}
+_DENSE_OP_PARTS = ("convolution", "scaled_dot_product", "flash_attention", "efficient_attention")
+
+
+def profile_steps(steps: int) -> int:
+    """How many profiled steps follow the measured ones."""
+    return min(steps, 3)
+
+
+def profiled_steps(step: Callable[[], Any], steps: int) -> dict[str, Any]:
+    """:func:`profile_summary` of :func:`profile_steps` calls of ``step`` (after the measured ``steps``)."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if accelerator.device_type() == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    count = profile_steps(steps)
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(count):
+            step()
+    return profile_summary(prof, count)
+
+
+def profile_summary(prof: torch.profiler.profile, steps: int) -> dict[str, Any]:
+    """Per step: op self time, the dense kernels' part of it, the ten costliest ops; and the op table.
+
+    Self time is the device's on a GPU (kernels run asynchronously), the host's elsewhere.
+    """
+    on_device = accelerator.device_type() == "cuda"
+    sort_key = "self_device_time_total" if on_device else "self_cpu_time_total"
+    events = prof.key_averages()
+
+    def seconds(event: Any) -> float:
+        return getattr(event, sort_key) / 1e6 / steps
+
+    total = sum(seconds(event) for event in events)
+    dense = sum(
+        seconds(event)
+        for event in events
+        if event.key in _DENSE_OPS or any(part in event.key for part in _DENSE_OP_PARTS)
+    )
+    costliest = sorted(events, key=seconds, reverse=True)[:10]
+    return {
+        "steps": steps,
+        "op_time_s": total,
+        "dense_time_s": dense,
+        "dense_share": dense / total if total else None,
+        "top_ops": [[event.key, seconds(event)] for event in costliest],
+        "table": events.table(sort_by=sort_key, row_limit=40),
+    }
+
+
+def _measure(
+    engine, batches, steps: int, warmup: int, profile: bool = False
+) -> tuple[list[StepTiming], list[Any], dict[str, Any] | None]:
+    """Step timings (the device synchronised after each phase) and results after warm-up,
+    and with ``profile`` the :func:`profile_summary` of :func:`profile_steps` more steps."""
     timings, results = [], []
     for index in range(warmup + steps):
         result = engine.step(batches, sync_timing=True)
         if index >= warmup:
             timings.append(result.timing)
             results.append(result)
-    return timings, results
+    profiled = profiled_steps(lambda: engine.step(batches, sync_timing=True), steps) if profile else None
+    return timings, results, profiled
 
 
 def _mean_timing(timings: list[StepTiming]) -> StepTiming:
@@ -91,7 +152,12 @@ def _mean_timing(timings: list[StepTiming]) -> StepTiming:
 
 
 def benchmark_ours(
-    job: JobConfig, ds_raw: dict[str, Any], steps: int, warmup: int, use_real_data: bool
+    job: JobConfig,
+    ds_raw: dict[str, Any],
+    steps: int,
+    warmup: int,
+    use_real_data: bool,
+    profile: bool = False,
 ) -> dict[str, Any]:
     """FPS and the step breakdown of this stack (all ranks; figures reduced on rank 0).
 
@@ -99,8 +165,9 @@ def benchmark_ours(
     """
     accelerator.manual_seed(job.train.seed)
     accelerator.reset_peak_memory()
-    engine = build_engine(job, ds_raw, total_steps=warmup + steps, steps_per_epoch=warmup + steps)
-    timings, results = _measure(engine, _batches(job, use_real_data), steps, warmup)
+    total_steps = warmup + steps + (profile_steps(steps) if profile else 0)
+    engine = build_engine(job, ds_raw, total_steps=total_steps, steps_per_epoch=total_steps)
+    timings, results, profiled = _measure(engine, _batches(job, use_real_data), steps, warmup, profile)
     engine.ds.destroy()
     mean = _mean_timing(timings)
     world = dist.get_world_size()
@@ -131,6 +198,7 @@ def benchmark_ours(
         "peak_mem_gb": peak_mem_gb,
         "final_loss": float(results[-1].losses["loss"]),
         "trainable_params": sum(p.numel() for p in engine.model.parameters() if p.requires_grad),
+        **({"profile": profiled} if profiled else {}),
     }
 
 
@@ -141,15 +209,15 @@ def _sum_flops(results: list[Any]) -> dict[str, float]:
     return total
 
 
-def _hf_worker(job_dict: dict[str, Any], steps: int, warmup: int, queue: Any) -> None:
+def _hf_worker(job_dict: dict[str, Any], steps: int, warmup: int, profile: bool, queue: Any) -> None:
     """Child process: the transformers baseline (one device, same batch and split)."""
     try:
-        queue.put(("ok", _hf_benchmark(job_dict, steps, warmup)))
+        queue.put(("ok", _hf_benchmark(job_dict, steps, warmup, profile)))
     except Exception as err:  # noqa: BLE001 - reported back to the parent
         queue.put(("error", repr(err)))
 
 
-def _hf_benchmark(job_dict: dict[str, Any], steps: int, warmup: int) -> dict[str, Any]:
+def _hf_benchmark(job_dict: dict[str, Any], steps: int, warmup: int, profile: bool = False) -> dict[str, Any]:
     from transformers import Blip2ForConditionalGeneration
 
     from blip2_megatron.config import job_config_from_dict
@@ -174,8 +242,8 @@ def _hf_benchmark(job_dict: dict[str, Any], steps: int, warmup: int) -> dict[str
     inputs = hf_inputs_from_batch(job.model, tokenizer, synthetic_samples(job), hf_cfg)
     inputs = {k: v.to(accelerator.current_device()) for k, v in inputs.items()}
     dtype = accelerator.DTYPE_BY_NAME[job.train.precision]
-    timings = []
-    for index in range(warmup + steps):
+
+    def step() -> tuple[StepTiming, torch.Tensor]:
         timing = StepTiming()
         start = time.perf_counter()
         with accelerator.autocast(dtype):
@@ -191,8 +259,14 @@ def _hf_benchmark(job_dict: dict[str, Any], steps: int, warmup: int) -> dict[str
         optimizer.zero_grad(set_to_none=True)
         accelerator.synchronize()
         timing.optimizer = time.perf_counter() - start
+        return timing, loss
+
+    timings = []
+    for index in range(warmup + steps):
+        timing, loss = step()
         if index >= warmup:
             timings.append(timing)
+    profiled = profiled_steps(step, steps) if profile else None
     mean = _mean_timing(timings)
     fps = job.data.batch_size / mean.total
     return {
@@ -204,16 +278,17 @@ def _hf_benchmark(job_dict: dict[str, Any], steps: int, warmup: int) -> dict[str
         "final_loss": float(loss.detach()),
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "peak_mem_gb": accelerator.peak_memory_bytes() / 2**30,
+        **({"profile": profiled} if profiled else {}),
     }
 
 
-def benchmark_hf(job: JobConfig, steps: int, warmup: int) -> dict[str, Any]:
+def benchmark_hf(job: JobConfig, steps: int, warmup: int, profile: bool = False) -> dict[str, Any]:
     """Run the transformers baseline in a fresh process (clean memory peak) and return its figures."""
     from blip2_megatron.config import job_config_to_dict
 
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_hf_worker, args=(job_config_to_dict(job), steps, warmup, queue))
+    proc = ctx.Process(target=_hf_worker, args=(job_config_to_dict(job), steps, warmup, profile, queue))
     proc.start()
     status, value = queue.get()
     proc.join()
@@ -280,6 +355,7 @@ def run_benchmark(
     baseline: str | None = None,
     out_json: Path | None = None,
     rounds: int = 1,
+    profile: bool = False,
 ) -> dict[str, Any]:
     """Benchmark ``job``; return (and on rank 0 write) {"ours": ..., "baseline": ..., "ratios": ...}.
 
@@ -298,19 +374,29 @@ def run_benchmark(
     baseline_runs: list[dict[str, Any]] = []
     our_runs: list[dict[str, Any]] = []
     ds_raw = None
-    for _ in range(rounds if baseline else 1):
+    for round_index in range(rounds if baseline else 1):
+        profiled = profile and round_index == 0
         if baseline == "hf":
             # The first round's runs first, while this process is still small: on Linux a
             # child inherits its parent's peak RSS across fork/exec as a floor.
-            baseline_runs.append(benchmark_hf(job, steps, warmup))
+            baseline_runs.append(benchmark_hf(job, steps, warmup, profiled))
         if ds_raw is None:
             state.init_distributed(job.train.collective_timeout_s)
             ds_raw = read_ds_config(ds_config_path)
             check_layout(job, ds_raw, dist.get_world_size())
             state.initialize_model_parallel(job.tp, job.pp)
         if baseline == "replicated":
-            baseline_runs.append(benchmark_ours(replicated, ds_raw, steps, warmup, use_real_data))
-        our_runs.append(benchmark_ours(job, ds_raw, steps, warmup, use_real_data))
+            baseline_runs.append(benchmark_ours(replicated, ds_raw, steps, warmup, use_real_data, profiled))
+        our_runs.append(benchmark_ours(job, ds_raw, steps, warmup, use_real_data, profiled))
+    profiles = (
+        {
+            side: runs[0].pop("profile")
+            for side, runs in (("ours", our_runs), ("baseline", baseline_runs))
+            if runs
+        }
+        if profile
+        else {}
+    )
     ours = _best_round(our_runs)
     baseline_figures = _best_round(baseline_runs) if baseline_runs else None
     if baseline == "replicated" and accelerator.is_cpu():
@@ -334,6 +420,11 @@ def run_benchmark(
         "baseline": baseline_figures,
         "baseline_kind": baseline,
     }
+    if profiles:
+        result["profile"] = {
+            side: {key: value for key, value in summary.items() if key != "table"}
+            for side, summary in profiles.items()
+        }
     if baseline_figures is not None:
         result["ratios"] = {
             "speed": ours["fps"] / baseline_figures["fps"],
@@ -348,8 +439,41 @@ def run_benchmark(
             table += (
                 f"\nspeed ratio by round (same order): {by_round}; the table holds each side's fastest round"
             )
+        if profiles:
+            table += "\n" + format_profiles(profiles, BASELINE_LABELS.get(baseline or "hf"))
         logger.info("\n%s", table)
         if out_json is not None:
             out_json.parent.mkdir(parents=True, exist_ok=True)
             out_json.write_text(json.dumps(result, indent=2))
+            if profiles:
+                tables = "\n\n".join(f"== {side}\n{summary['table']}" for side, summary in profiles.items())
+                profile_path(out_json).write_text(tables + "\n")
     return result
+
+
+def profile_path(out_json: Path) -> Path:
+    """Where the profiled ops' tables go, beside the figures."""
+    return out_json.with_name(f"{out_json.stem}_profile.txt")
+
+
+def format_profiles(profiles: dict[str, dict[str, Any]], label: str) -> str:
+    """Where each side's step goes; with a baseline, the speed ratio if only dense kernels remained."""
+    names = {"ours": "blip2-megatron", "baseline": label}
+    lines = []
+    for side, summary in profiles.items():
+        top = ", ".join(f"{name} {seconds:.4f}" for name, seconds in summary["top_ops"][:5])
+        share = summary["dense_share"]
+        lines.append(
+            f"profile of {names[side]} ({summary['steps']} steps): {summary['op_time_s']:.4f} s of ops per step, "
+            f"{summary['dense_time_s']:.4f} s ({share:.0%}) in matmul / attention / convolution kernels; "
+            f"costliest (s): {top}"
+            if share is not None
+            else f"profile of {names[side]}: no ops recorded"
+        )
+    if "baseline" in profiles and profiles["ours"]["dense_time_s"]:
+        ceiling = profiles["baseline"]["op_time_s"] / profiles["ours"]["dense_time_s"]
+        lines.append(
+            f"ceiling: running nothing but its dense kernels, blip2-megatron would be {ceiling:.2f}x as fast "
+            f"as {label} (that side's op time over our dense kernels' time)"
+        )
+    return "\n".join(lines)
