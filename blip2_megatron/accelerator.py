@@ -153,8 +153,8 @@ def measured_cpu_peak_tflops(dtype: str, max_size: int = 2048, budget_s: float =
     seconds whatever the CPU: the side doubles from 256 up to ``max_size`` while one
     product takes under a twentieth of the budget, then products of that side repeat (up
     to ten) until the budget is spent. A CPU without bf16 instructions emulates bf16
-    matmuls ~15x slower than fp32 ones (a 2048 product took a minute on such an EPYC), so
-    a fixed size would not do. None for a dtype the CPU does not compute (fp16). Call it
+    matmuls, 15-75x slower than fp32 ones (a 2048 product took a minute on such an EPYC),
+    so a fixed size would not do. None for a dtype the CPU does not compute (fp16). Call it
     before a memory window opens: it allocates three matrices.
     """
     torch_dtype = DTYPE_BY_NAME[dtype]

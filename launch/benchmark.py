@@ -8,7 +8,8 @@ Warm-up steps are excluded. Data is synthetic and in memory unless --real-data i
 `--baseline hf` also runs the same model size, batch, frozen/trained split and dtype
 through transformers' Blip2ForConditionalGeneration (single process) and prints the
 speed and memory ratios; `--baseline replicated` (TP > 1) runs the same layout with every
-TP rank encoding all images first. A JSON file with every figure is written (--out).
+TP rank encoding all images first. A JSON file with every figure is written (--out);
+`--profile` adds where each side's step goes (torch.profiler, a few steps after the measured ones).
 
     deepspeed --num_gpus 2 launch/benchmark.py --config bench_vision_tp model.llm.tp=2 --baseline replicated
 """
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         "--profile",
         action="store_true",
         help="after the measured steps, profile a few more of each side: op time, the share in "
-        "matmul / attention / convolution kernels, the costliest ops (tables in <out>_profile.txt)",
+        "matmul / attention / convolution kernels, the costliest ops (op tables in <out stem>_profile.txt)",
     )
     parser.add_argument("--out", default=None, help="JSON output (default: <output_dir>/benchmark.json)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
