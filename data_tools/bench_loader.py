@@ -148,7 +148,7 @@ def loader_images_per_second(cfg: DataConfig, rows: list[int] | None, num_batche
     return count / (time.perf_counter() - started)
 
 
-def tp_share_rows(args: argparse.Namespace, shards: Path) -> list[tuple]:
+def loader_share_cases(args: argparse.Namespace, shards: Path) -> list[tuple]:
     """Per case: (source, size, workers, all rows img/s, own rows img/s) for TP rank 0 of ``--tp``."""
     results = []
     num_batches = args.num_images // args.batch_size
@@ -157,11 +157,9 @@ def tp_share_rows(args: argparse.Namespace, shards: Path) -> list[tuple]:
         width, height = (int(v) for v in shape.lower().split("x"))
         folder = shards / shape
         with ShardWriter(folder, samples_per_shard=args.num_images) as writer:
-            for index in range(args.num_images + args.batch_size):
+            for index in range(args.num_images):
                 writer.write(make_photo_jpeg(width, height, index % 8), f"a photo, number {index}")
-        kilobytes = (
-            sum(p.stat().st_size for p in folder.glob("*.tar")) / (args.num_images + args.batch_size) / 1024
-        )
+        kilobytes = (folder / "00000.tar").stat().st_size / args.num_images / 1024
         for size, workers in itertools.product(args.sizes, args.workers):
             cfg = DataConfig(
                 kind="wds",
@@ -183,7 +181,7 @@ def tp_share_rows(args: argparse.Namespace, shards: Path) -> list[tuple]:
 def main_tp(args: argparse.Namespace) -> int:
     own = image_rows(args.batch_size, 0, args.tp)
     with tempfile.TemporaryDirectory() as tmp:
-        rows = tp_share_rows(args, Path(tmp))
+        rows = loader_share_cases(args, Path(tmp))
     print(
         f"\none rank's train loader, batches of {args.batch_size}: every image decoded vs TP rank 0 of "
         f"{args.tp} decoding its {len(own)} (the rest validated at 1/8 scale)"
