@@ -201,19 +201,18 @@ def _process_sample(
         raise SampleError("missing_caption", f"{raw.get('__key__')}: caption empty after cleaning")
     if not decode:
         check_decodable(image_bytes)
-        image = None
-    elif spec.image_rows is None:
+        return {"image": None, "text_output": text, "image_id": image_id}
+    try:
         image = spec.image_processor(image_bytes, rng)
-    else:
-        try:
-            image = spec.image_processor(image_bytes, rng)
-        except SampleError as err:
-            check_decodable(image_bytes)  # fails too: every rank skips the sample alike
-            raise RuntimeError(
-                f"{raw.get('__key__')}: the image passes the 1/8-scale validation but fails to decode "
-                f"in full ({err}); the ranks that only validate it would keep it. Remove the sample "
-                "from the data or set model.tp_split_images=false"
-            ) from err
+    except SampleError as err:
+        if spec.image_rows is None:  # no other rank validates this batch's images instead
+            raise
+        check_decodable(image_bytes)  # fails too: every rank skips the sample alike
+        raise RuntimeError(
+            f"{raw.get('__key__')}: the image passes the 1/8-scale validation but fails to decode "
+            f"in full ({err}); the ranks that only validate it would keep it. Remove the sample "
+            "from the data or set model.tp_split_images=false"
+        ) from err
     return {"image": image, "text_output": text, "image_id": image_id}
 
 

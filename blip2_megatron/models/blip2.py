@@ -29,11 +29,11 @@ from blip2_megatron.models import generation
 from blip2_megatron.models.llm import ParallelCausalLM
 from blip2_megatron.models.query_encoder import QueryEncoder
 from blip2_megatron.models.vision import VisionEncoder, freeze_vision, frozen_vision_dtype
-from blip2_megatron.parallel import state
 from blip2_megatron.parallel.tp_split import (
     gather_rows,
     own_random_stream,
     rows_of_this_rank,
+    splits_images,
     sum_gradients_over_tp,
 )
 
@@ -103,7 +103,7 @@ class Blip2ForLLM(nn.Module):
                 init_weights=False if on_meta else None,
             )
         self.apply_freezing()
-        self.split_images = pre_process and cfg.tp_split_images and state.tp_size() > 1
+        self.split_images = pre_process and splits_images(cfg)
         if self.split_images:
             # Each TP rank encodes its share of the images (image_embeddings): the image
             # path's gradients are summed over TP ranks before DeepSpeed reduces them over DP.

@@ -54,6 +54,11 @@ def rows_of_this_rank(images: torch.Tensor, batch: int) -> torch.Tensor:
     return images.index_select(0, torch.tensor(rows, device=images.device))
 
 
+def splits_images(cfg: Blip2Config) -> bool:
+    """Whether the image path is split over TP ranks (on the stage that holds it)."""
+    return cfg.tp_split_images and state.tp_size() > 1
+
+
 def loader_image_rows(cfg: Blip2Config, batch_size: int) -> list[int] | None:
     """The rows of each training batch whose images this rank encodes (None: all of them).
 
@@ -64,7 +69,7 @@ def loader_image_rows(cfg: Blip2Config, batch_size: int) -> list[int] | None:
         return None
     if state.pp_rank() > 0:
         return []
-    if cfg.tp_split_images and state.tp_size() > 1:
+    if splits_images(cfg):
         return image_rows(batch_size, state.tp_rank(), state.tp_size())
     return None
 
