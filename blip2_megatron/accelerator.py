@@ -149,13 +149,15 @@ def measured_cpu_peak_tflops(dtype: str, max_size: int = 2048, budget_s: float =
     """This CPU's matmul rate for ``dtype`` with this process's threads, in TFLOP/s.
 
     The best of several products of two square matrices: what a large dense matmul reaches
-    here, the denominator of CPU MFU. Measured once per process, in about ``budget_s``
-    seconds whatever the CPU: the side doubles from 256 up to ``max_size`` while one
-    product takes under a twentieth of the budget, then products of that side repeat (up
-    to ten) until the budget is spent. A CPU without bf16 instructions emulates bf16
-    matmuls, 15-75x slower than fp32 ones (a 2048 product took a minute on such an EPYC),
-    so a fixed size would not do. None for a dtype the CPU does not compute (fp16). Call it
-    before a memory window opens: it allocates three matrices.
+    here, the denominator of CPU MFU. The products go through ``F.linear``, the kernel the
+    model's Linear layers run: on a CPU without bf16 instructions (bf16 is emulated there)
+    ``torch.mm``'s bf16 path is ~10x slower than it, and a peak below the model's own rate
+    gave an MFU above 1. Measured once per process, in about ``budget_s`` seconds whatever
+    the CPU: the side doubles from 256 up to ``max_size`` while one product takes under a
+    twentieth of the budget, then products of that side repeat (up to ten) until the
+    budget is spent (emulated bf16 runs 6-75x slower than fp32, so a fixed size would not
+    do). None for a dtype the CPU does not compute (fp16). Call it before a memory window
+    opens: it allocates three matrices.
     """
     torch_dtype = DTYPE_BY_NAME[dtype]
     if not supports_dtype(torch_dtype):
@@ -166,7 +168,7 @@ def measured_cpu_peak_tflops(dtype: str, max_size: int = 2048, budget_s: float =
         a = torch.randn(size, size, generator=gen).to(torch_dtype)
         b = torch.randn(size, size, generator=gen).to(torch_dtype)
         start = time.perf_counter()
-        torch.mm(a, b)  # warm-up at this size: decides whether to grow
+        torch.nn.functional.linear(a, b)  # warm-up at this size: decides whether to grow
         took = time.perf_counter() - start
         if size >= max_size or took > budget_s / 20:
             break
@@ -174,7 +176,7 @@ def measured_cpu_peak_tflops(dtype: str, max_size: int = 2048, budget_s: float =
     best, spent = float("inf"), 0.0
     for _ in range(10):
         start = time.perf_counter()
-        torch.mm(a, b)
+        torch.nn.functional.linear(a, b)
         elapsed = time.perf_counter() - start
         best, spent = min(best, elapsed), spent + elapsed
         if spent > budget_s:

@@ -20,7 +20,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from _common import setup_logging
+from _common import exit_with, importing_libraries, setup_logging
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -61,9 +61,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setup_logging()
 
-    from blip2_megatron.config import ConfigError, load_job_config
-    from blip2_megatron.parallel import state
-    from blip2_megatron.training.benchmark import run_benchmark
+    with importing_libraries():
+        from blip2_megatron.config import ConfigError, load_job_config
+        from blip2_megatron.parallel import state
+        from blip2_megatron.training.benchmark import run_benchmark
 
     try:
         job = load_job_config(args.config, args.overrides)
@@ -91,4 +92,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main())

@@ -25,7 +25,7 @@ import contextlib
 import os
 import sys
 
-from _common import setup_logging
+from _common import exit_with, importing_libraries, setup_logging
 
 COMMANDS = "/image <path>, /reset, /help, /quit"
 
@@ -131,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setup_logging()
 
-    from blip2_megatron.chat import Chat, GenerationOptions, import_gradio, serve_web_demo
+    with importing_libraries():
+        from blip2_megatron.chat import Chat, GenerationOptions, import_gradio, serve_web_demo
 
     try:
         options = GenerationOptions(
@@ -162,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {err}", file=sys.stderr)
             return 2
 
-    from blip2_megatron.api import load_model_and_preprocess
+    with importing_libraries():
+        from blip2_megatron.api import load_model_and_preprocess
 
     overrides = dict(o.split("=", 1) for o in args.overrides)
     # Piped, stdout carries the answers only: what loading prints (DeepSpeed's op builder) goes to stderr.
@@ -191,4 +193,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main())

@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from types import ModuleType
 
-from _common import setup_logging
+from _common import exit_with, importing_libraries, setup_logging
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,19 +57,19 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("ours-to-hf needs --checkpoint or --config")
     setup_logging()
 
-    from blip2_megatron.config import ConfigError
-    from blip2_megatron.io import CheckpointMismatchError
+    with importing_libraries():
+        from blip2_megatron.config import ConfigError
+        from blip2_megatron.convert import cli
+        from blip2_megatron.io import CheckpointMismatchError
 
     try:
-        return _run(args)
+        return _run(cli, args)
     except (ConfigError, FileExistsError, FileNotFoundError, CheckpointMismatchError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
 
-def _run(args: argparse.Namespace) -> int:
-    from blip2_megatron.convert import cli
-
+def _run(cli: ModuleType, args: argparse.Namespace) -> int:
     if args.command == "hf-to-ours":
         counts = cli.hf_to_ours(args.hf, args.out, args.llm_out, overwrite=args.overwrite)
         print(
@@ -91,4 +92,4 @@ def _run(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main())

@@ -18,7 +18,7 @@ import json
 import sys
 from pathlib import Path
 
-from _common import setup_logging
+from _common import exit_with, importing_libraries, setup_logging
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,11 +35,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setup_logging()
 
-    from blip2_megatron.api import load_trained_model
-    from blip2_megatron.config import ConfigError
-    from blip2_megatron.eval.runner import EvaluationError, run_evaluation
-    from blip2_megatron.io import CheckpointMismatchError
-    from blip2_megatron.parallel import state
+    with importing_libraries():
+        from blip2_megatron.api import load_trained_model
+        from blip2_megatron.config import ConfigError
+        from blip2_megatron.eval.runner import EvaluationError, run_evaluation
+        from blip2_megatron.io import CheckpointMismatchError
+        from blip2_megatron.parallel import state
 
     try:
         model, job, run_dir = load_trained_model(
@@ -61,4 +62,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main())

@@ -16,7 +16,7 @@ import json
 import logging
 import sys
 
-from _common import setup_logging
+from _common import exit_with, importing_libraries, setup_logging
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,9 +37,10 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     logging.getLogger("blip2_megatron").setLevel(logging.WARNING)  # model-building chatter
 
-    from blip2_megatron.config import ConfigError, build_model_config
-    from blip2_megatron.models.param_count import count_parameters, format_report, report_dict
-    from blip2_megatron.parallel import state
+    with importing_libraries():
+        from blip2_megatron.config import ConfigError, build_model_config
+        from blip2_megatron.models.param_count import count_parameters, format_report, report_dict
+        from blip2_megatron.parallel import state
 
     state.initialize_model_parallel(1, 1)
     failed = 0
@@ -58,4 +59,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main())

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from _common import setup_logging
+from _common import exit_with, importing_libraries, setup_logging
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,10 +43,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setup_logging()
 
-    import torch
+    with importing_libraries():
+        import torch
 
-    from blip2_megatron.api import load_model_and_preprocess
-    from blip2_megatron.data.processors import ImageDecodeError, load_rgb
+        from blip2_megatron.api import load_model_and_preprocess
+        from blip2_megatron.data.processors import ImageDecodeError, load_rgb
 
     model, image_processors, _ = load_model_and_preprocess(args.model, precision=args.precision)
     processor = image_processors["eval"]
@@ -89,4 +90,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main())

@@ -15,7 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from _common import setup_logging
+from _common import exit_with, importing_libraries, setup_logging
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -53,9 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
-    from blip2_megatron.io import CheckpointMismatchError
-    from blip2_megatron.training.faults import TrainingStopped
-    from blip2_megatron.training.trainer import run_training
+    with importing_libraries():
+        from blip2_megatron.io import CheckpointMismatchError
+        from blip2_megatron.training.faults import TrainingStopped
+        from blip2_megatron.training.trainer import run_training
 
     try:
         run_training(job, args.ds_config)
@@ -76,4 +77,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main())

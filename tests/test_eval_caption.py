@@ -151,7 +151,6 @@ def test_same_numbers_as_pycocoevalcaps_own_driver(tmp_path, monkeypatch):
     """Int ids, a file path, unordered results: the numbers of COCOEvalCap with pycocotools."""
     pytest.importorskip("pycocotools")
     import pycocoevalcap.eval as coco_eval_cap
-    import pycocoevalcap.meteor.meteor
     from pycocotools.coco import COCO
 
     class _NoSpice:  # COCOEvalCap always runs SPICE, which would try to download CoreNLP.
@@ -163,7 +162,7 @@ def test_same_numbers_as_pycocoevalcaps_own_driver(tmp_path, monkeypatch):
 
     monkeypatch.setattr(coco_eval_cap, "Spice", _NoSpice)
     monkeypatch.setattr(coco_eval_cap, "Meteor", _RecordingMeteor)
-    monkeypatch.setattr(pycocoevalcap.meteor.meteor, "Meteor", _RecordingMeteor)
+    monkeypatch.setattr(caption_module, "_meteor_server", _RecordingMeteor)
     monkeypatch.setattr(_RecordingMeteor, "calls", [])
     references = {index + 10: captions for index, captions in enumerate(REFERENCES.values())}
     ground_truth = _coco_ground_truth(references) | {"info": {}, "licenses": [], "type": "captions"}
@@ -185,6 +184,22 @@ def test_same_numbers_as_pycocoevalcaps_own_driver(tmp_path, monkeypatch):
     assert ours == pytest.approx({name: float(evaluator.eval[name]) for name in ours}, rel=1e-12, abs=1e-15)
     theirs_meteor_input, our_meteor_input = _RecordingMeteor.calls
     assert our_meteor_input == theirs_meteor_input
+
+
+@pytest.mark.slow
+def test_one_meteor_server_per_process_and_a_fresh_one_after_a_failure():
+    """Its JVM takes ~10 s to start: periodic validation keeps one; one that died is replaced."""
+    first = score_captions(PERFECT_RESULTS, _coco_ground_truth(REFERENCES), with_spice=False)
+    server = caption_module._meteor_server()
+    assert score_captions(PERFECT_RESULTS, _coco_ground_truth(REFERENCES), with_spice=False) == first
+    assert caption_module._meteor_server() is server and server.meteor_p.poll() is None
+    server.meteor_p.kill()
+    server.meteor_p.wait()
+    with pytest.raises((ValueError, OSError)):
+        score_captions(PERFECT_RESULTS, _coco_ground_truth(REFERENCES), with_spice=False)
+    assert not server.lock.locked()
+    assert score_captions(PERFECT_RESULTS, _coco_ground_truth(REFERENCES), with_spice=False) == first
+    assert caption_module._meteor_server() is not server
 
 
 # ----------------------------------------------------------------------------- input checks (no Java)

@@ -5,7 +5,8 @@ few dozen steps in each layout: DP 2 with ZeRO-0/1/2/3, TP 2, PP 2 and TP 2 x PP
 run's loss falls and its end-of-training evaluation runs (VQA on the built-in questions:
 the same generation and gathering as captions, without pycocoevalcap's JVM start-ups); a
 second run resumed from the first run's mid-way checkpoint logs the same losses as the
-uninterrupted run.
+uninterrupted run (for DP 2 with ZeRO-2, TP 2 and PP 2 that is shown by test_faults.py,
+whose runs of those layouts are killed mid-step and restarted: a launch here costs ~30 s).
 
 Resharding: the TP 2 and PP 2 runs, rewritten for TP 1 / PP 1 by ``launch/convert.py
 reshard``, give the same eval loss and the same greedy tokens as before.
@@ -32,6 +33,9 @@ LAYOUTS = {
     "pp2": (2, 1, 2, 1),
     "tp2-pp2": (4, 2, 2, 1),
 }
+# Their resume is checked by test_faults.py's killed-rank restarts: DP 2 and TP 2 under
+# ZeRO-2, and PP 2 (with DP 2 there, 4 processes) under ZeRO-1.
+RESUMED_BY_FAULT_TESTS = {"dp2-zero2", "tp2", "pp2"}
 
 
 def _args(sample, run, tp: int, pp: int, zero: int, *extra: str) -> list[str]:
@@ -53,7 +57,7 @@ def _args(sample, run, tp: int, pp: int, zero: int, *extra: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def layout_runs(tmp_path_factory, sample):
-    """name -> (uninterrupted run, resumed run), trained once per module."""
+    """name -> (uninterrupted run, resumed run or None), trained once per module."""
     root = tmp_path_factory.mktemp("layouts")
     runs = {}
     for name, (nproc, tp, pp, zero) in LAYOUTS.items():
@@ -64,6 +68,9 @@ def layout_runs(tmp_path_factory, sample):
             nproc=nproc,
             timeout=900,
         )
+        if name in RESUMED_BY_FAULT_TESTS:
+            runs[name] = (run, None)
+            continue
         launch(
             "train.py",
             *_args(
@@ -94,6 +101,8 @@ def test_layout_trains_evaluates_and_resumes_exactly(layout_runs, name):
     stats = summary(run)
     assert (stats["world_size"], stats["tp"], stats["pp"]) == (nproc, tp, pp)
     assert stats["num_evaluated"] == 8 and 0 <= stats["overall"] <= 100  # the job's evaluation ran
+    if resumed is None:
+        return
     again = step_records(resumed)
     assert sorted(again) == list(range(SAVE_AT + 1, STEPS + 1)), "the resumed run starts after its checkpoint"
     for step in again:

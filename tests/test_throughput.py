@@ -100,8 +100,12 @@ def test_meter_reads_the_wall_clock_between_log_steps_and_leaves_pauses_out():
     assert 0.015 < figures["step_time"] < 0.05, figures  # 4 steps, ~0.06 s of training, not ~0.26 s
     assert figures["fps"] == pytest.approx(8 / figures["step_time"])
     assert figures["data_time"] == pytest.approx(0.001)
-    # CPU: MFU against the measured matmul rate (4e9 FLOPs in ~0.06 s is far below it)
-    assert 0.0 < figures["mfu"] < 0.5, figures
+    # CPU: MFU against the matmul rate measured on this machine (its value depends on the
+    # machine and its load, so the check is the formula, not a range)
+    peak = accelerator.peak_tflops("fp32")
+    assert peak and peak > 0
+    seconds = 4 * figures["step_time"]
+    assert figures["mfu"] == pytest.approx(4e9 / (peak * 1e12) / (seconds * 2)), figures
     summary = meter.summary({"llm": 3e9})
     assert summary["steps_measured"] == 3
     assert 0.015 < summary["step_time_mean"] < 0.05

@@ -24,6 +24,8 @@ folder must be writable by the evaluating process.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
 import json
 import logging
@@ -181,6 +183,38 @@ def _tokenize(captions: dict[str, list[str]]) -> dict[str, list[str]]:
     return tokenized
 
 
+# --------------------------------------------------------------------------- METEOR
+
+
+@functools.cache
+def _meteor_server() -> Any:
+    """pycocoevalcap's METEOR: a Java server process, started once per process.
+
+    Starting it costs ~10 s (the JVM loading the paraphrase table) and a scoring ~0.01 s,
+    so a training job that validates every few hundred steps keeps one server. It ends
+    with the process: it exits when its stdin closes.
+    """
+    from pycocoevalcap.meteor.meteor import Meteor
+
+    return Meteor()
+
+
+def _meteor_score(references: dict[str, list[str]], candidates: dict[str, list[str]]) -> float:
+    server = _meteor_server()
+    try:
+        return float(server.compute_score(references, candidates)[0])
+    except BaseException:
+        # A failed scoring leaves the server mid-answer and the scorer's lock held (its
+        # __del__ would wait on that lock forever): stop it; the next scoring starts another.
+        _meteor_server.cache_clear()
+        server.meteor_p.kill()
+        with contextlib.suppress(OSError):  # a broken pipe: it had died
+            server.meteor_p.stdin.close()
+        if server.lock.locked():
+            server.lock.release()
+        raise
+
+
 def _run_scorers(
     references: dict[str, list[str]],
     candidates: dict[str, list[str]],
@@ -190,7 +224,6 @@ def _run_scorers(
     """Run the pycocoevalcap scorers on tokenized captions; returns the corpus-level scores."""
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
-    from pycocoevalcap.meteor.meteor import Meteor
     from pycocoevalcap.rouge.rouge import Rouge
 
     scores: dict[str, float] = {}
@@ -198,9 +231,7 @@ def _run_scorers(
     # verbose=0: BleuScorer would otherwise print its n-gram statistics to stdout.
     bleu, _ = Bleu(4).compute_score(references, candidates, verbose=0)
     scores.update({f"Bleu_{n}": float(value) for n, value in enumerate(bleu, start=1)})
-    # METEOR is a Java server process; dropping the scorer object (end of this function)
-    # stops it. Most of its ~10 s is the JVM loading the paraphrase table.
-    scores["METEOR"] = float(Meteor().compute_score(references, candidates)[0])
+    scores["METEOR"] = _meteor_score(references, candidates)
     scores["ROUGE_L"] = float(Rouge().compute_score(references, candidates)[0])
     scores["CIDEr"] = float(Cider().compute_score(references, candidates)[0])
     if with_spice:
