@@ -38,7 +38,7 @@ setup(
     install_requires=REQUIREMENTS,
     extras_require={
         # selenium drives the web chat demo's browser test (tests/test_chat.py).
-        "dev": ["pytest>=8", "ruff>=0.5", "selenium>=4.20"],
+        "dev": ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.5", "selenium>=4.20"],
         "apex": ["apex"],
         # The web chat demo (launch/chat.py --web): gradio 6 (theme at launch, message-format chat).
         "demo": ["gradio>=6.0,<7"],

@@ -40,15 +40,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     setup_logging()
-    from blip2_megatron.config import ConfigError, load_job_config, shipped_job_names
+    with importing_libraries():
+        from blip2_megatron.config import ConfigError, load_job_config, shipped_job_names
+        from blip2_megatron.training.ds_config import read_ds_config
 
     if args.list_jobs:
         print("\n".join(shipped_job_names()))
         return 0
     try:
         job = load_job_config(args.config, args.overrides)
-        from blip2_megatron.training.ds_config import read_ds_config
-
         read_ds_config(args.ds_config)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)

@@ -120,6 +120,7 @@ def test_concurrent_builders_and_crashes_leave_one_whole_dataset(tmp_path, monke
     assert sorted(path.name for path in tmp_path.iterdir()) == ["shared"]
 
 
+@pytest.mark.alone
 def test_make_sample_dataset_defaults_take_under_20_seconds(tmp_path, capsys):
     started = time.perf_counter()
     assert load_tool("make_sample_dataset").main(["--root", str(tmp_path / "default")]) == 0

@@ -71,6 +71,7 @@ def _rank_process(launcher: subprocess.Popen, local_rank: int) -> psutil.Process
     raise AssertionError(f"no process of local rank {local_rank} appeared")
 
 
+@pytest.mark.alone
 @pytest.mark.dist
 @pytest.mark.parametrize(
     ("nproc", "zero", "layout"),

@@ -86,6 +86,7 @@ def test_cpu_keeps_fp16_frozen_weights_in_fp32_but_honours_bf16():
     assert part_precisions(cfg, "bf16") == {"vision": "fp32", "qformer": "bf16", "llm": "bf16"}
 
 
+@pytest.mark.alone
 def test_meter_reads_the_wall_clock_between_log_steps_and_leaves_pauses_out():
     meter = ThroughputMeter(global_batch=8, world_size=2, precisions={"llm": "fp32"}, warmup_steps=1)
     flops = {"llm": 1e9}
@@ -132,6 +133,7 @@ def test_every_model_kind_has_its_parts_accounted(flavour):
     assert mfu == pytest.approx(ideal_seconds) and 0 < mfu, mfu
 
 
+@pytest.mark.alone
 def test_cpu_peak_is_measured_for_the_dtypes_it_computes():
     started = time.perf_counter()
     fp32 = accelerator.measured_cpu_peak_tflops("fp32", max_size=512, budget_s=0.2)

@@ -109,7 +109,9 @@ EOF
 
 # ------------------------------------------------------------------ 1. gpu tests
 echo "[validate] 1/4 gpu tests"
-if "$PYTHON" -m pytest -q -m gpu -rsP -p no:cacheprovider --junitxml="$WORK/tests.xml" tests/test_gpu.py 2>&1 |
+# One process (the repository's addopts run two test workers, and pytest-xdist may be absent here).
+if "$PYTHON" -m pytest -q -o addopts=--strict-markers -p no:xdist -m gpu -rsP -p no:cacheprovider \
+  --junitxml="$WORK/tests.xml" tests/test_gpu.py 2>&1 |
   tee "$WORK/tests.log"; then
   tests_rc=0
 else
