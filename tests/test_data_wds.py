@@ -192,7 +192,6 @@ def bad_shard_members():
     return members
 
 
-@pytest.mark.alone
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_bad_samples_are_skipped_and_counted_by_reason(tmp_path, num_workers):
     write_tar(tmp_path / "00000.tar", bad_shard_members())

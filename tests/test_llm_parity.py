@@ -205,6 +205,63 @@ def test_pipeline_stages_compose_to_the_whole_model(single_process_group):
     torch.testing.assert_close(out.loss, ref.loss, **TOL)
 
 
+def _autograd_ops(tensor: torch.Tensor) -> set[str]:
+    """The names of the autograd nodes that lead to ``tensor``."""
+    ops, todo = set(), [tensor.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is not None:
+            ops.add(type(node).__name__)
+            todo += [next_node for next_node, _ in node.next_functions]
+    return ops
+
+
+@pytest.mark.parametrize("skip_bias_add", [False, True])
+def test_linear_layers_at_one_tp_rank_are_one_plain_product(single_process_group, skip_bias_add):
+    """At TP 1 our megatron linears skip megatron's identity region functions and fold the bias in."""
+    from megatron.core import ModelParallelConfig, tensor_parallel
+
+    from blip2_megatron.models.llm import ColumnParallelLinear, RowParallelLinear
+
+    config = ModelParallelConfig(tensor_model_parallel_size=1, use_cpu_initialization=True)
+    init = torch.nn.init.normal_
+    torch.manual_seed(0)
+    layers = [
+        ColumnParallelLinear(
+            HIDDEN, 96, config=config, init_method=init, bias=True, skip_bias_add=skip_bias_add
+        ),
+        RowParallelLinear(
+            96,
+            HIDDEN,
+            config=config,
+            init_method=init,
+            bias=True,
+            input_is_parallel=True,
+            skip_bias_add=skip_bias_add,
+        ),
+    ]
+    megatron_forward = [
+        tensor_parallel.ColumnParallelLinear.forward,
+        tensor_parallel.RowParallelLinear.forward,
+    ]
+    for layer, reference in zip(layers, megatron_forward):
+        torch.nn.init.normal_(layer.bias)
+        x = torch.randn(5, 3, layer.weight.shape[1], requires_grad=True)
+        out, bias = layer(x)
+        ref_out, ref_bias = reference(layer, x)
+        assert bias is ref_bias and (bias is layer.bias) == skip_bias_add
+        torch.testing.assert_close(out, ref_out, **TOL)
+        ops, ref_ops = _autograd_ops(out), _autograd_ops(ref_out)
+        assert any("ModelParallelRegion" in op for op in ref_ops), ref_ops  # megatron's own path
+        assert not any("ModelParallelRegion" in op or "LinearWith" in op for op in ops), ops
+        if not skip_bias_add:
+            assert "AddmmBackward0" in ops and "AddBackward0" not in ops, ops  # the bias inside the product
+        grads = torch.autograd.grad(out.square().sum(), [x, layer.weight])
+        ref_grads = torch.autograd.grad(ref_out.square().sum(), [x, layer.weight])
+        for grad, ref_grad in zip(grads, ref_grads):
+            torch.testing.assert_close(grad, ref_grad, **TOL)
+
+
 def test_activation_checkpointing_gives_the_same_gradients(single_process_group):
     hf = make_hf_model("llama_gqa")
     plain, ckpt = make_ours(hf), make_ours(hf)

@@ -11,7 +11,8 @@ tiny stand-in, written out in :data:`SUBSTITUTIONS` and :func:`_tiny_job_overrid
   (``journeys.tiny_overrides``), a few steps;
 * a URL list (``laion.parquet``) -> one served from 127.0.0.1; ``/data/...`` -> scratch folders;
 * 8 processes -> 2 (this machine has 2 cores);
-* benchmarks' rounds -> 1; the mid-size benchmarks' 4 measured steps after 2 warm-up steps -> 1 step;
+* benchmarks' rounds -> 1; the mid-size benchmarks' 4 measured steps after 2 warm-up steps -> 1 step,
+  and the mid-size model's 12 layers per part -> 2;
   the loader benchmark's 64 images -> 32.
 
 The default job (the first command) runs whole and must learn: CIDEr on the held-out val
@@ -44,7 +45,11 @@ SUBSTITUTIONS = {
     "/data/laion": "{scratch}/laion",
     "/data/coco_wds": "{scratch}/coco_wds",
     TINY_BLIP2: "{scratch}/blip2-opt-tiny",
-    # Benchmarks: one round each; the mid-size ones (seconds per step on 2 cores) one step.
+    # Benchmarks: one round each; the mid-size ones (seconds per step on 2 cores) one step,
+    # the mid-size model with 2 of its 12 layers in each part (its widths and vocabulary kept).
+    "--config bench_midsize": (
+        "--config bench_midsize model.vision.num_layers=2 model.qformer.num_layers=2 model.llm.num_layers=2"
+    ),
     "--steps 4 --warmup 2 --rounds 2": "--steps 1 --warmup 0 --rounds 1",
     "--rounds 3": "--rounds 1",
     "--num-images 64 --repeats 3": "--num-images 32 --repeats 1",

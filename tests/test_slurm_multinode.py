@@ -210,7 +210,6 @@ def _kill_training_on(cluster, node: str) -> dict[int, str]:
     return victims
 
 
-@pytest.mark.alone
 def test_two_node_preemption_requeue_and_lost_node(cluster, tmp_path):
     t0 = time.monotonic()
     name = "faults"

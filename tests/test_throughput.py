@@ -11,6 +11,7 @@ import torch
 from blip2_megatron import accelerator
 from blip2_megatron.config import build_model_config
 from blip2_megatron.models.flops import train_flops_by_part, train_flops_per_image
+from blip2_megatron.training import throughput
 from blip2_megatron.training.throughput import (
     StepTiming,
     ThroughputMeter,
@@ -86,30 +87,32 @@ def test_cpu_keeps_fp16_frozen_weights_in_fp32_but_honours_bf16():
     assert part_precisions(cfg, "bf16") == {"vision": "fp32", "qformer": "bf16", "llm": "bf16"}
 
 
-@pytest.mark.alone
-def test_meter_reads_the_wall_clock_between_log_steps_and_leaves_pauses_out():
+def test_meter_reads_the_wall_clock_between_log_steps_and_leaves_pauses_out(monkeypatch):
+    clock = [100.0]  # the meter's clock, driven by the test: 20 ms per step
+    monkeypatch.setattr(throughput, "_clock", lambda: clock[0])
     meter = ThroughputMeter(global_batch=8, world_size=2, precisions={"llm": "fp32"}, warmup_steps=1)
     flops = {"llm": 1e9}
+    clock[0] += 0.02
     meter.record(StepTiming(data=0.001), flops)  # warm-up step: starts the measured window after it
     assert meter.measured is not None and meter.measured.steps == 0
     for _ in range(3):
-        time.sleep(0.02)
+        clock[0] += 0.02
         meter.record(StepTiming(data=0.001), flops)
     with meter.paused():
-        time.sleep(0.2)  # a checkpoint save: not training time
+        clock[0] += 0.2  # a checkpoint save: not training time
     figures = meter.interval({"llm": 4e9})
-    assert 0.015 < figures["step_time"] < 0.05, figures  # 4 steps, ~0.06 s of training, not ~0.26 s
-    assert figures["fps"] == pytest.approx(8 / figures["step_time"])
+    assert figures["step_time"] == pytest.approx(0.02), figures  # 4 steps in 0.08 s, the save left out
+    assert figures["fps"] == pytest.approx(8 / 0.02)
     assert figures["data_time"] == pytest.approx(0.001)
     # CPU: MFU against the matmul rate measured on this machine (its value depends on the
     # machine and its load, so the check is the formula, not a range)
     peak = accelerator.peak_tflops("fp32")
     assert peak and peak > 0
-    seconds = 4 * figures["step_time"]
-    assert figures["mfu"] == pytest.approx(4e9 / (peak * 1e12) / (seconds * 2)), figures
+    assert figures["mfu"] == pytest.approx(4e9 / (peak * 1e12) / (0.08 * 2)), figures
     summary = meter.summary({"llm": 3e9})
     assert summary["steps_measured"] == 3
-    assert 0.015 < summary["step_time_mean"] < 0.05
+    assert summary["step_time_mean"] == pytest.approx(0.02)  # the 3 steps after warm-up
+    assert summary["total_time_s"] == pytest.approx(0.28)
     # The next window starts after the log step.
     assert meter.window.steps == 0
 
@@ -133,7 +136,6 @@ def test_every_model_kind_has_its_parts_accounted(flavour):
     assert mfu == pytest.approx(ideal_seconds) and 0 < mfu, mfu
 
 
-@pytest.mark.alone
 def test_cpu_peak_is_measured_for_the_dtypes_it_computes():
     started = time.perf_counter()
     fp32 = accelerator.measured_cpu_peak_tflops("fp32", max_size=512, budget_s=0.2)

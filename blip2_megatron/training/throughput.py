@@ -76,11 +76,18 @@ class StepTiming:
         return self.data + self.forward + self.backward + self.optimizer
 
 
+_clock = time.perf_counter  # the meter's clock (a test drives its own)
+
+
+def _now() -> float:
+    return _clock()
+
+
 @dataclass
 class _Window:
     """Totals over a stretch of steps, timed on the wall clock between two device syncs."""
 
-    started: float = field(default_factory=time.perf_counter)
+    started: float = field(default_factory=_now)
     steps: int = 0
     data_time: float = 0.0
     paused: float = 0.0  # seconds spent saving or validating, not training
@@ -108,7 +115,7 @@ class ThroughputMeter:
     precisions: dict[str, str]  # part -> dtype its matmuls run in (part_precisions)
     warmup_steps: int = 2  # steps excluded from the summary
     steps_seen: int = 0
-    started: float = field(default_factory=time.perf_counter)
+    started: float = field(default_factory=_now)
     window: _Window = field(default_factory=_Window)  # since the last log step
     measured: _Window | None = None  # since the end of warm-up
 
@@ -117,7 +124,7 @@ class ThroughputMeter:
         # not fall inside a timed window.
         for dtype in set(self.precisions.values()):
             accelerator.peak_tflops(dtype)
-        self.started = time.perf_counter()
+        self.started = _now()
         self.window = _Window()
 
     def record(self, timing: StepTiming, flops: dict[str, float]) -> None:
@@ -134,7 +141,7 @@ class ThroughputMeter:
             self.measured.add(timing, flops)
 
     def _figures(self, window: _Window, flops: dict[str, float]) -> dict[str, float | None]:
-        seconds = max(time.perf_counter() - window.started - window.paused, 1e-9)
+        seconds = max(_now() - window.started - window.paused, 1e-9)
         step_time = seconds / max(window.steps, 1)
         fps = self.global_batch / step_time
         return {
@@ -151,14 +158,14 @@ class ThroughputMeter:
     def paused(self) -> Iterator[None]:
         """Leave what runs inside (a checkpoint save, a validation pass) out of the figures."""
         accelerator.synchronize()
-        start = time.perf_counter()
+        start = _now()
         try:
             yield
         finally:
             accelerator.synchronize()
             for window in (self.window, self.measured):
                 if window is not None:
-                    window.paused += time.perf_counter() - start
+                    window.paused += _now() - start
 
     def interval(self, global_flops: dict[str, float]) -> dict[str, float | None]:
         """Figures since the last call (the device is synchronised first); starts the next window.
@@ -176,7 +183,7 @@ class ThroughputMeter:
         ``global_flops``: :attr:`measured`'s FLOPs summed over data-parallel ranks.
         """
         accelerator.synchronize()
-        total = {"total_time_s": time.perf_counter() - self.started}
+        total = {"total_time_s": _now() - self.started}
         if self.measured is None or not self.measured.steps or global_flops is None:
             return {
                 "fps_mean": None,
