@@ -314,7 +314,8 @@ def _plain_linear(layer: nn.Module) -> bool:
     product itself in a function that overlaps the input-gradient all-reduce with the
     weight-gradient matmul. With one rank there is nothing to communicate or overlap, and
     ``F.linear`` computes the same product, bias included, as one fused ``addmm`` with
-    autograd's own backward (measured on CPU: 5-18% faster per layer, forward + backward).
+    autograd's own backward (measured on CPU, forward + backward: the product alone 5-18%
+    faster per layer; the tiny LLM's four decoder layers 17.1 ms instead of 18.9 ms).
     """
     return (
         layer.tp_group.size() == 1
