@@ -121,6 +121,25 @@ def test_a_killed_rank_ends_the_job_quickly_and_a_restart_resumes_exactly(
         assert after[step]["loss"] == pytest.approx(before[step]["loss"], rel=1e-5, abs=1e-6), step
 
 
+def test_a_killed_process_not_yet_collected_by_its_parent_counts_as_lost():
+    """A SIGKILLed rank is a zombie until the launcher collects it; signal 0 still reaches it."""
+    from blip2_megatron.training.faults import _alive
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        assert _alive(child.pid)
+        child.send_signal(signal.SIGKILL)
+        deadline = time.time() + 10
+        while psutil.Process(child.pid).status() != psutil.STATUS_ZOMBIE:
+            assert time.time() < deadline
+            time.sleep(0.05)
+        assert not _alive(child.pid)  # still a zombie: not collected yet
+    finally:
+        child.kill()
+        child.wait()
+    assert not _alive(child.pid)
+
+
 # ------------------------------------------------------------------------------ saves
 def test_a_process_killed_while_saving_leaves_the_last_checkpoint_intact(sample, tmp_path):
     from blip2_megatron.training.checkpoint import verify_checkpoint

@@ -19,6 +19,7 @@ import logging
 import os
 import socket
 import sys
+from pathlib import Path
 from typing import NoReturn
 
 import torch.distributed as dist
@@ -55,13 +56,21 @@ def register_peer() -> None:
 
 
 def _alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs. A killed rank stays a zombie until the launcher
+    collects it, and a signal 0 still reaches a zombie: its state in /proc says it is gone."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    if not Path("/proc").is_dir():
+        return True  # not Linux: the signal is all there is to go by
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]  # "pid (comm) S ..."
+    except OSError:
+        return False  # collected since the signal
+    return state != "Z"
 
 
 def describe_lost_peers() -> str:
