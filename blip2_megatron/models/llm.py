@@ -326,16 +326,21 @@ def _plain_linear(layer: nn.Module) -> bool:
     )
 
 
+def _plain_forward(layer: nn.Module, input_: torch.Tensor, weight: torch.Tensor):
+    """megatron's ``(output, bias)`` pair from one ``F.linear``: the bias inside it unless
+    ``skip_bias_add`` hands it back for the caller to add."""
+    if layer.skip_bias_add:
+        return F.linear(input_, weight), layer.bias
+    return F.linear(input_, weight, layer.bias), None
+
+
 class ColumnParallelLinear(tensor_parallel.ColumnParallelLinear):
     """megatron-core's column-parallel linear; plain ``F.linear`` at TP 1 (:func:`_plain_linear`)."""
 
     def forward(self, input_, weight=None, runtime_gather_output=None):
         if not _plain_linear(self):
             return super().forward(input_, weight, runtime_gather_output)
-        weight = self.weight if weight is None else weight
-        if self.skip_bias_add:
-            return F.linear(input_, weight), self.bias
-        return F.linear(input_, weight, self.bias), None
+        return _plain_forward(self, input_, self.weight if weight is None else weight)
 
 
 class RowParallelLinear(tensor_parallel.RowParallelLinear):
@@ -344,9 +349,7 @@ class RowParallelLinear(tensor_parallel.RowParallelLinear):
     def forward(self, input_):
         if not _plain_linear(self):
             return super().forward(input_)
-        if self.skip_bias_add:
-            return F.linear(input_, self.weight), self.bias
-        return F.linear(input_, self.weight, self.bias), None
+        return _plain_forward(self, input_, self.weight)
 
 
 class SelfAttention(nn.Module):
