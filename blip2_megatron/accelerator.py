@@ -23,6 +23,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -101,6 +102,16 @@ def current_device() -> torch.device:
     if is_cpu():
         return torch.device("cpu")
     return torch.device(get_accelerator().current_device_name())
+
+
+def device_tensor(values: Any, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``values`` as a tensor on this process's device: what a collective on a device group carries.
+
+    NCCL takes only CUDA tensors and HCCL only NPU ones; a tensor made without a device
+    stays on the CPU and fails there (gloo, on CPU, takes either, so CPU runs cannot show
+    it). Host-side flags go through ``parallel.state.host_group()`` as CPU tensors instead.
+    """
+    return torch.tensor(values, dtype=dtype, device=current_device())
 
 
 def set_device(local_rank: int) -> None:
@@ -319,3 +330,124 @@ def peak_memory_bytes() -> int:
 
 def device_count() -> int:
     return int(get_accelerator().device_count()) if not is_cpu() else 1
+
+
+# Attention on Ascend. torch_npu's fused attention kernel (``npu_fusion_attention``) takes head
+# sizes that are multiples of 16, up to 512, on the CANN releases for Atlas A2 (later ones document
+# 1..768); for other sizes its SDPA takes the math path and materialises the [B, N, S, S] scores
+# (EVA ViT-g's head size 88: 677 x 677 per head and layer at 364 px). Heads of other sizes are
+# therefore zero-padded up to the next multiple of 16 (88 -> 96) and still go through the kernel.
+NPU_ATTENTION_HEAD_MULTIPLE = 16
+NPU_ATTENTION_MAX_HEAD_DIM = 512
+# Devices the kernel runs on, as fragments of the name torch_npu reports (upper-cased, no spaces or
+# dashes, as for PEAK_TFLOPS): Atlas A2 (910B) and Atlas A3 (910C, "Ascend910_93xx").
+NPU_FUSED_ATTENTION_DEVICES = ("ASCEND910B", "ASCEND910_93")
+
+# Head sizes whose math-path fallback has been logged in this process (one warning each).
+_MATH_ATTENTION_WARNED: set[int] = set()
+
+
+def attention_function(head_dim: int) -> Callable[..., torch.Tensor]:
+    """The attention for heads of ``head_dim``, called as ``torch.nn.functional.scaled_dot_product_attention``.
+
+    Same arguments (query, key, value ``[B, N, S, D]``, ``attn_mask`` boolean with True = may attend,
+    ``dropout_p``, ``is_causal``, ``scale``, ``enable_gqa``), same result. On CUDA and CPU it is SDPA
+    itself, which picks its own kernel per call. On Ascend it is torch_npu's fused kernel through
+    :func:`_npu_fused_attention` (heads padded where the kernel needs it); where that kernel is missing
+    (an older torch_npu, a chip it does not run on) it is SDPA, and a head size that SDPA can only
+    serve with its math path is logged once per process.
+    """
+    if device_type() != "npu":
+        return torch.nn.functional.scaled_dot_product_attention
+    kernel, why_not = _npu_fusion_attention_kernel()
+    if kernel is not None and head_dim <= NPU_ATTENTION_MAX_HEAD_DIM:
+        return functools.partial(_npu_fused_attention, kernel)
+    if head_dim % NPU_ATTENTION_HEAD_MULTIPLE or head_dim > NPU_ATTENTION_MAX_HEAD_DIM:
+        if head_dim not in _MATH_ATTENTION_WARNED:
+            _MATH_ATTENTION_WARNED.add(head_dim)
+            logger.warning(
+                "attention with head size %d on %s (%s) falls back to SDPA's math path, which holds the "
+                "full score matrix of every head in memory: %s",
+                head_dim,
+                device_type(),
+                device_name_for_peak(),
+                why_not or f"npu_fusion_attention takes head sizes up to {NPU_ATTENTION_MAX_HEAD_DIM}",
+            )
+    return torch.nn.functional.scaled_dot_product_attention
+
+
+@functools.lru_cache(maxsize=1)
+def _npu_fusion_attention_kernel() -> tuple[Callable[..., Any] | None, str]:
+    """``(torch_npu.npu_fusion_attention, "")`` where it runs here, else ``(None, why not)``.
+
+    Decided once per process: the device name is a runtime query, and attention asks per layer.
+    """
+    try:
+        torch_npu = importlib.import_module("torch_npu")
+    except ImportError:
+        return None, "torch_npu is not installed"
+    kernel = getattr(torch_npu, "npu_fusion_attention", None)
+    if kernel is None:
+        return None, "this torch_npu has no npu_fusion_attention"
+    name = device_name_for_peak().upper().replace(" ", "").replace("-", "")
+    if not any(family in name for family in NPU_FUSED_ATTENTION_DEVICES):
+        return None, f"npu_fusion_attention runs on Atlas A2/A3 (Ascend 910B/910C) only, not on {name}"
+    return kernel, ""
+
+
+def _npu_fused_attention(
+    kernel: Callable[..., Any],
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+) -> torch.Tensor:
+    """SDPA's contract on ``npu_fusion_attention`` (layout "BNSD").
+
+    A head size the kernel does not take is zero-padded on q, k and v: zero columns of q and k add
+    nothing to q.k, so the scores are unchanged as long as the scale stays 1/sqrt(true head size);
+    zero columns of v give zero output columns, which are cut off. SDPA's boolean mask (True = may
+    attend) is inverted into the kernel's (True = masked out) and broadcast to a shape the kernel
+    takes ([B or 1, 1, Sq, Skv] or per head); ``is_causal`` is SDPA's triangle aligned to the upper
+    left. Fewer key/value heads than query heads (``enable_gqa``) the kernel takes as they are.
+    """
+    if attn_mask is not None and is_causal:
+        raise ValueError("attention takes either attn_mask or is_causal, not both (as SDPA)")
+    if attn_mask is not None and attn_mask.dtype != torch.bool:
+        raise ValueError(
+            f"attention on Ascend takes boolean masks (True = may attend), got {attn_mask.dtype}"
+        )
+    head_dim = query.shape[-1]
+    scale = head_dim**-0.5 if scale is None else scale
+    padded_dim = -(-head_dim // NPU_ATTENTION_HEAD_MULTIPLE) * NPU_ATTENTION_HEAD_MULTIPLE
+    if padded_dim != head_dim:
+        pad = (0, padded_dim - head_dim)
+        query, key, value = (torch.nn.functional.pad(t, pad) for t in (query, key, value))
+    q_len, kv_len = query.shape[-2], key.shape[-2]
+    masked_out, window = None, {}
+    if attn_mask is not None:
+        masked_out = ~attn_mask
+        while masked_out.dim() < 4:
+            masked_out = masked_out[None]
+        batch = query.shape[0] if masked_out.shape[1] > 1 else masked_out.shape[0]
+        masked_out = masked_out.expand(batch, -1, q_len, kv_len).contiguous()
+    elif is_causal:
+        masked_out = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).triu(1)
+        if q_len == kv_len:
+            window = {"next_tockens": 0}  # lets the kernel skip the blocks above the diagonal
+    out = kernel(
+        query.contiguous(),
+        key.contiguous(),
+        value.contiguous(),
+        head_num=query.shape[1],
+        input_layout="BNSD",
+        atten_mask=masked_out,
+        scale=scale,
+        keep_prob=1.0 - dropout_p,
+        **window,
+    )[0]
+    return out[..., :head_dim] if padded_dim != head_dim else out

@@ -53,6 +53,7 @@ from megatron.core import ModelParallelConfig, tensor_parallel
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from blip2_megatron import accelerator
 from blip2_megatron.config import LLMConfig
 from blip2_megatron.data.batch import IGNORE_INDEX
 from blip2_megatron.parallel import state
@@ -405,7 +406,7 @@ class SelfAttention(nn.Module):
             query, key = apply_rotary(query, *rotary), apply_rotary(key, *rotary)
         if kv_cache is not None:
             key, value = kv_cache.update(cache_index, key, value)
-        out = F.scaled_dot_product_attention(
+        out = accelerator.attention_function(self.head_dim)(
             query,
             key,
             value,

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from blip2_megatron import accelerator
 from blip2_megatron.config import QFormerConfig
 
 logger = logging.getLogger(__name__)
@@ -127,7 +128,7 @@ class QFormerMultiHeadAttention(nn.Module):
         if past_key_value is not None:
             key = torch.cat([past_key_value[0], key], dim=2)
             value = torch.cat([past_key_value[1], value], dim=2)
-        context = F.scaled_dot_product_attention(
+        context = accelerator.attention_function(self.head_dim)(
             query, key, value, attn_mask=mask, dropout_p=self.dropout_prob if self.training else 0.0
         )
         return context.transpose(1, 2).flatten(2), present

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from blip2_megatron import accelerator
 from blip2_megatron.config import VisionConfig
 
 logger = logging.getLogger(__name__)
@@ -139,7 +140,8 @@ class VisionAttention(nn.Module):
         weight = self.qkv.weight
         qkv = F.linear(x.to(weight.dtype), weight, self._qkv_bias())
         q, k, v = qkv.reshape(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v)
+        # The accelerator picks the kernel for this head size (EVA's 88 needs padding on Ascend).
+        out = accelerator.attention_function(self.head_dim)(q, k, v)
         return self.projection(out.transpose(1, 2).reshape(batch, tokens, self.hidden_size))
 
 
@@ -267,6 +269,4 @@ def freeze_vision(module: VisionEncoder, dtype: torch.dtype = torch.float16) -> 
 def frozen_vision_dtype(cfg: VisionConfig) -> torch.dtype:
     """Weight dtype of a frozen ViT's Linear/Conv layers on this device: ``cfg.frozen_dtype``,
     but fp32 for fp16 on CPU (half-precision matmuls are slow or missing there)."""
-    from blip2_megatron import accelerator
-
     return accelerator.weight_dtype(cfg.frozen_dtype)
