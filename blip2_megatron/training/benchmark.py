@@ -228,24 +228,39 @@ def _hf_benchmark(job_dict: dict[str, Any], steps: int, warmup: int, profile: bo
     accelerator.reset_peak_memory()
     torch.manual_seed(job.train.seed)
     hf_cfg = hf_config_from_ours(job.model)
-    model = Blip2ForConditionalGeneration(hf_cfg).to(accelerator.current_device())
-    # The same frozen/trained split as ours: frozen ViT in eval mode, LLM frozen or not.
+    device = accelerator.current_device()
+    model = Blip2ForConditionalGeneration(hf_cfg).to(device)
+    # Like for like: the same frozen/trained split as ours, frozen parts in the dtypes ours
+    # keeps them in (the LLM wholly in llm.dtype; a frozen ViT's Linear/Conv weights in
+    # vision.frozen_dtype, as LAVIS halves them), activation checkpointing where ours has
+    # it, and the batch copied to the device every step as our loader's batches are.
+    # (Mixed dtypes need autocast in transformers' modules: in fp32 everything stays fp32.)
+    half = job.train.precision != "fp32"
     if job.model.vision.freeze:
         model.vision_model.requires_grad_(False).eval()
+        for module in model.vision_model.modules():
+            if half and isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+                module.to(accelerator.weight_dtype(job.model.vision.frozen_dtype))
+    elif job.model.vision.grad_checkpointing:
+        model.vision_model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
     if job.model.llm.freeze:
         model.language_model.requires_grad_(False)
+        if half:
+            model.language_model.to(accelerator.weight_dtype(job.model.llm.weight_dtype_name))
     model.train()
     if job.model.vision.freeze:
         model.vision_model.eval()
     optimizer = build_optimizer(model, job.train)
     tokenizer = build_batch_builder(job.model).tokenizer
-    inputs = hf_inputs_from_batch(job.model, tokenizer, synthetic_samples(job), hf_cfg)
-    inputs = {k: v.to(accelerator.current_device()) for k, v in inputs.items()}
+    host_inputs = hf_inputs_from_batch(job.model, tokenizer, synthetic_samples(job), hf_cfg)
     dtype = accelerator.DTYPE_BY_NAME[job.train.precision]
 
     def step() -> tuple[StepTiming, torch.Tensor]:
         timing = StepTiming()
         start = time.perf_counter()
+        inputs = {k: v.to(device, non_blocking=True) for k, v in host_inputs.items()}
         with accelerator.autocast(dtype):
             loss = model(**inputs).loss
         accelerator.synchronize()
