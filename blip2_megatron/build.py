@@ -59,10 +59,11 @@ from blip2_megatron.data.batch import BatchBuilder, LLMBatchBuilder, build_batch
 from blip2_megatron.inference import Blip2Predictor
 from blip2_megatron.io import iter_checkpoint_files, load_state_dict_file
 from blip2_megatron.models.blip2 import Blip2ForLLM, Blip2PipeStage
-from blip2_megatron.models.flops import pipeline_layer_ranges
+from blip2_megatron.models.flops import pipeline_partition
 from blip2_megatron.models.llm import ParallelCausalLM
 from blip2_megatron.models.stage1 import Blip2Stage1
 from blip2_megatron.parallel import state
+from blip2_megatron.parallel.pipeline import PipelineStage
 
 logger = logging.getLogger(__name__)
 
@@ -205,15 +206,14 @@ def load_initial_weights(
 def build_model(
     cfg: Blip2Config,
     device: torch.device | str | None = None,
-    pre_process: bool = True,
-    post_process: bool = True,
-    layer_range: tuple[int, int] | None = None,
+    stage: PipelineStage | None = None,
     trained: str | Path | None = None,
 ) -> nn.Module:
     """The model ``cfg`` describes (this rank's TP shard / pipeline stage), weights loaded, frozen parts frozen.
 
-    ``trained`` is a run or checkpoint directory of ours whose saved tensors are loaded
-    last (any layout: this rank reads its own slice).
+    ``stage``: the parts of one pipeline stage (default the whole model). ``trained`` is a
+    run or checkpoint directory of ours whose saved tensors are loaded last (any layout:
+    this rank reads its own slice).
 
     A frozen LLM is built in ``llm.dtype`` (:func:`llm_weight_dtype`); a trained one in fp32
     (the engine casts it and keeps an fp32 master copy). An LLM whose weights come from
@@ -228,13 +228,11 @@ def build_model(
         llm_on_meta = weights.llm is not None
         model = Blip2ForLLM(
             cfg,
-            pre_process=pre_process,
-            post_process=post_process,
-            layer_range=layer_range,
+            stage=stage,
             llm_dtype=llm_weight_dtype(cfg),
             llm_device="meta" if llm_on_meta else None,
         )
-        if llm_on_meta:
+        if llm_on_meta and model.language_model is not None:
             _materialize(model.language_model, device if device is not None else "cpu")
     model.base_weight_names = frozenset(
         load_initial_weights(model, cfg, weights)
@@ -263,7 +261,7 @@ def _materialize(module: nn.Module, device: torch.device | str) -> None:
 def llm_weight_dtype(cfg: Blip2Config) -> torch.dtype:
     """The dtype the LLM is built in: ``llm.dtype`` when frozen (fp16 falls back to fp32 on
     CPU), fp32 when trained (the engine casts it to its precision)."""
-    return accelerator.weight_dtype(cfg.llm.dtype) if cfg.llm.freeze else torch.float32
+    return accelerator.weight_dtype(cfg.llm.weight_dtype_name) if cfg.llm.freeze else torch.float32
 
 
 def load_trained_weights(model: nn.Module, trained: str | Path) -> list[str]:
@@ -298,20 +296,13 @@ def build_pipeline_stage(
     device: torch.device | str | None = None,
     trained: str | Path | None = None,
 ) -> Blip2PipeStage:
-    """Pipeline stage ``stage`` of ``num_stages`` (its decoder layers and the parts it holds)."""
+    """Pipeline stage ``stage`` of ``num_stages``: the parts :func:`pipeline_partition` gives it."""
     if cfg.llm is None:
         raise ConfigError(
             "pipeline parallelism splits the LLM; stage-1 models have none (set model.llm.pp=1)"
         )
-    layer_range = pipeline_layer_ranges(cfg, num_stages)[stage]
-    model = build_model(
-        cfg,
-        device=device,
-        pre_process=stage == 0,
-        post_process=stage == num_stages - 1,
-        layer_range=layer_range,
-        trained=trained,
-    )
+    parts = pipeline_partition(cfg, num_stages)[stage]
+    model = build_model(cfg, device=device, stage=parts, trained=trained)
     return Blip2PipeStage(model, stage, num_stages)
 
 

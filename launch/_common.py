@@ -1,15 +1,38 @@
-"""Shared start-up and exit for the launch/ scripts: logging, and a quicker start and end."""
+"""Shared start-up and exit for the launch/ scripts: the package on the path, logging, a quicker start and end.
+
+Every launch script imports this module first (``from _common import ...``), so importing
+it is what makes ``blip2_megatron`` importable wherever the script is started.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import gc
+import importlib.util
 import logging
 import os
 import sys
 import warnings
 from collections.abc import Iterator
+from pathlib import Path
 from typing import NoReturn
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def ensure_package_importable() -> None:
+    """Put the repository root on ``sys.path`` when ``blip2_megatron`` is not installed.
+
+    ``python launch/x.py`` and ``deepspeed launch/x.py`` put ``launch/`` first on the path,
+    not the current directory, so a checkout that was never ``pip install``-ed (a fresh
+    GPU machine) would fail at the first ``import blip2_megatron``. An installed package
+    wins; the checkout is only the fallback. Spawned workers inherit ``sys.path``.
+    """
+    if importlib.util.find_spec("blip2_megatron") is None:
+        sys.path.insert(0, str(REPO_ROOT))
+
+
+ensure_package_importable()
 
 
 def setup_logging() -> None:

@@ -21,7 +21,7 @@ LONGEST_FIRST = (
     "test_journey_chains.py",
     "test_slurm_multinode.py",
     "test_parallel_training.py",
-    "test_collective_dtypes.py",
+    "test_collectives.py",
 )
 
 

@@ -14,7 +14,10 @@ module is collected and skipped with the reason. ``launch/gpu/validate.sh`` runs
   (TF32 off), with and without an attention mask; in bf16, that they run and what they
   return is shaped right;
 * device memory while a BLIP-2 model with a bf16 LLM is built from a Hugging Face OPT
-  directory: within 1.3x the bytes the model holds there.
+  directory: within 1.3x the bytes the model holds there;
+* ours exported to transformers' Blip2 (the export ``launch/convert.py ours-to-hf`` writes)
+  at BLIP-2 OPT-2.7B's widths with two layers per part, both sides from the same weights in
+  bf16: losses within rtol 2e-2 and identical greedy tokens.
 
 Each check is a function taking the device and dtype, so that the same code runs on CPU
 in bf16 wherever that is meaningful.
@@ -88,9 +91,9 @@ def cast_trained(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
 
 # ------------------------------------------------------------------ 1. a step of the real engine
 def expected_dtype(name: str, precision: str, frozen: str) -> torch.dtype:
-    """The designed dtype of parameter ``name`` under a ``precision`` engine with frozen parts in ``frozen``."""
+    """The designed dtype of parameter ``name`` under a ``precision`` engine with a frozen ViT in ``frozen``."""
     if name.startswith("language_model."):
-        return DTYPE_BY_NAME[frozen]  # frozen LLM: llm.dtype throughout
+        return DTYPE_BY_NAME[precision]  # frozen LLM: llm.dtype ("auto": the engine's precision) throughout
     if ".visual_encoder." in name:
         # LAVIS's frozen ViT: half Linear/Conv weights, fp32 LayerNorms, CLS and position embeddings
         return DTYPE_BY_NAME[frozen] if any(k in name for k in VIT_MATMULS) else torch.float32
@@ -126,7 +129,7 @@ def engine_steps(precision: str, frozen: str, zero: int, max_steps: int) -> dict
         [
             f"train.precision={precision}",
             f"model.vision.frozen_dtype={frozen}",
-            f"model.llm.dtype={frozen}",
+            "model.llm.dtype=auto",
             "model.llm.freeze=true",
             "data.batch_size=4",
             f"train.max_steps={max_steps}",
@@ -173,7 +176,7 @@ def engine_steps(precision: str, frozen: str, zero: int, max_steps: int) -> dict
 @pytest.mark.parametrize("zero", [0, 2])
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_engine_step_keeps_designed_dtypes_and_frozen_weights(single_process_group, precision, zero):
-    """The stage-2 layout as shipped (frozen ViT and LLM in fp16) under a bf16 or fp16 engine."""
+    """The stage-2 layout as shipped (frozen ViT in fp16, LLM in the engine's precision) under bf16 or fp16."""
     figures = engine_steps(precision, "fp16", zero, max_steps=1 if precision == "bf16" else 24)
     print(f"{precision} ZeRO {zero}: {figures}")
 
@@ -466,3 +469,93 @@ def test_build_from_hf_opt_in_bf16_peaks_near_the_model_size(single_process_grou
     assert all(p.device == device for p in model.parameters())
     assert llm > 0.9 * held, "the LLM should dominate what the model holds"
     assert peak <= 1.3 * held, figures
+
+
+# ------------------------------------------------------------------ 5. parity with transformers
+# BLIP-2 OPT-2.7B's widths (ViT-g, Q-Former, OPT-2.7B) with two layers per part: every matmul,
+# attention and norm at its real size, small enough to build and export in seconds.
+REAL_WIDTH_FEW_LAYERS = (
+    "blip2_opt2.7b",
+    {
+        "vision": {"num_layers": 2},
+        "qformer": {"num_layers": 2, "tokenizer": "builtin:tiny"},
+        "llm": {"num_layers": 2, "weights": "", "tokenizer": "builtin:tiny"},
+    },
+)
+TINY = ("tiny", {})
+PARITY_RTOL = {"fp32": 1e-4, "bf16": 2e-2}
+PARITY_CAPTIONS = ["a red circle at the top", "two blue squares on the left"]
+
+
+def exported_parity(
+    device: torch.device, dtype_name: str, size: tuple[str, dict], out_dir: Path, max_new_tokens: int = 8
+) -> dict:
+    """Ours and transformers' Blip2 from the same weights: the training loss and greedy tokens.
+
+    Our model of ``size`` (flavour, overrides) with its random initial weights is exported
+    with ``export_hf_blip2`` (what ``launch/convert.py ours-to-hf`` writes) into ``out_dir``
+    and loaded by ``Blip2ForConditionalGeneration.from_pretrained``; both then run wholly in
+    ``dtype_name`` on ``device``. The loss of a caption batch must agree within
+    :data:`PARITY_RTOL` and greedy decoding without a prompt must give the same tokens.
+    Megatron-core's groups must be running (TP = PP = 1). Returns the figures.
+    """
+    import transformers
+
+    from blip2_megatron.build import build_model, predictor_for
+    from blip2_megatron.convert.hf_blip2 import export_hf_blip2, hf_inputs_from_batch
+    from blip2_megatron.training.engine import to_device
+
+    flavour, overrides = size
+    full_precision = {"vision": {"frozen_dtype": "fp32"}, "llm": {"dtype": "fp32"}}
+    merged = {
+        part: {**overrides.get(part, {}), **full_precision.get(part, {})}
+        for part in ("vision", "qformer", "llm")
+    }
+    cfg = build_model_config(flavour, merged)
+    dtype = DTYPE_BY_NAME[dtype_name]
+    torch.manual_seed(0)
+    ours = build_model(cfg, device="cpu").eval()
+    builder = build_batch_builder(cfg)
+    exported = export_hf_blip2(ours, out_dir, tokenizer=builder.tokenizer)
+    theirs = transformers.Blip2ForConditionalGeneration.from_pretrained(exported, dtype=dtype)
+    theirs = theirs.to(device).eval()
+    assert {p.dtype for p in theirs.parameters()} == {dtype}, "transformers' side not wholly in the dtype"
+    ours = ours.to(device, dtype)
+
+    size_px = cfg.vision.image_size
+    pixels = torch.randn(2, 3, size_px, size_px, generator=torch.Generator().manual_seed(1))
+    samples = {"image": pixels, "text_input": PARITY_CAPTIONS}
+    with torch.no_grad(), full_fp32_matmuls():
+        batch = to_device(builder(samples), device)
+        batch["image"] = batch["image"].to(dtype)
+        our_loss = float(ours(batch)["loss"].float())
+        inputs = to_device(hf_inputs_from_batch(cfg, builder.tokenizer, samples, theirs.config), device)
+        inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+        their_loss = float(theirs(**inputs).loss.float())
+        greedy = dict(num_beams=1, max_new_tokens=max_new_tokens, min_new_tokens=0)
+        our_tokens = predictor_for(ours, cfg, builder).generate_tokens({"image": pixels}, prompt="", **greedy)
+        # transformers lays out <image> x num_query_tokens + BOS itself and returns them too.
+        their_tokens = theirs.generate(pixel_values=pixels.to(device, dtype), do_sample=False, **greedy)
+        their_tokens = their_tokens[:, cfg.qformer.num_query_tokens + 1 :]
+    our_tokens, their_tokens = our_tokens.cpu(), their_tokens.cpu()
+    figures = {
+        "size": flavour,
+        "dtype": dtype_name,
+        "device": str(device),
+        "loss_ours": our_loss,
+        "loss_transformers": their_loss,
+        "loss_rel_diff": abs(our_loss - their_loss) / abs(their_loss),
+        "greedy_tokens_identical": bool(torch.equal(our_tokens, their_tokens)),
+        "greedy_tokens": our_tokens.tolist(),
+    }
+    assert math.isfinite(our_loss) and math.isfinite(their_loss), figures
+    assert figures["loss_rel_diff"] <= PARITY_RTOL[dtype_name], figures
+    assert figures["greedy_tokens_identical"], (
+        f"ours {our_tokens.tolist()}\ntransformers {their_tokens.tolist()}"
+    )
+    return figures
+
+
+def test_exported_model_matches_transformers_at_real_width_in_bf16(single_process_group, tmp_path):
+    figures = exported_parity(accelerator.current_device(), "bf16", REAL_WIDTH_FEW_LAYERS, tmp_path / "hf")
+    print("parity with transformers: " + json.dumps(figures))

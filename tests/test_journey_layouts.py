@@ -1,15 +1,18 @@
 """Every layout the README names, trained as a user trains it: ``deepspeed --num_gpus N launch/train.py``.
 
 The default job (tiny_stage2 on the built-in data, whose captions vary in length) runs a
-few dozen steps in each layout: DP 2 with ZeRO-0/1/2/3, TP 2, PP 2 and TP 2 x PP 2. Each
+few dozen steps in each layout: DP 2 with ZeRO-0/1/2/3, TP 2, PP 2 and TP 2 x PP 2, and
+PP 2 with a trained ViT that outweighs the rest (frozen LLM), whose blocks the partition
+puts on both stages (``pp2-vit``, with an untied LLM head). PP layouts run 2 x PP micro-batches per step (the
+``train.grad_accum`` default with pipelining). Each
 run's loss falls and its end-of-training evaluation runs (VQA on the built-in questions:
 the same generation and gathering as captions, without pycocoevalcap's JVM start-ups); a
 second run resumed from the first run's mid-way checkpoint logs the same losses as the
 uninterrupted run (for DP 2 with ZeRO-2, TP 2 and PP 2 that is shown by test_faults.py,
 whose runs of those layouts are killed mid-step and restarted: a launch here costs ~30 s).
 
-Resharding: the TP 2 and PP 2 runs, rewritten for TP 1 / PP 1 by ``launch/convert.py
-reshard``, give the same eval loss and the same greedy tokens as before.
+Resharding: the TP 2, PP 2 and PP 2 ViT-split runs, rewritten for TP 1 / PP 1 by
+``launch/convert.py reshard``, give the same eval loss and the same greedy tokens as before.
 """
 
 from __future__ import annotations
@@ -32,13 +35,27 @@ LAYOUTS = {
     "tp2": (2, 2, 1, 2),
     "pp2": (2, 1, 2, 1),
     "tp2-pp2": (4, 2, 2, 1),
+    "pp2-vit": (2, 1, 2, 1),
+}
+# Layouts' own model settings: a trained ViT of 6 blocks at 64 px that outweighs the rest,
+# so that the PP 2 partition holds ViT blocks on both stages. The tiny LLM still trains (its
+# loss falls fast) but with an untied head: a trained tied OPT embedding keeps the whole
+# image path on stage 0 (models/flops.py, embedding_stays_on_first_stage).
+MODEL_OVERRIDES = {
+    "pp2-vit": [
+        "model.vision.freeze=false",
+        "model.vision.image_size=64",
+        "model.vision.num_layers=6",
+        "model.llm.tie_word_embeddings=false",
+    ],
 }
 # Their resume is checked by test_faults.py's killed-rank restarts: DP 2 and TP 2 under
 # ZeRO-2, and PP 2 (with DP 2 there, 4 processes) under ZeRO-1.
 RESUMED_BY_FAULT_TESTS = {"dp2-zero2", "tp2", "pp2"}
 
 
-def _args(sample, run, tp: int, pp: int, zero: int, *extra: str) -> list[str]:
+def _args(sample, run, name: str, *extra: str) -> list[str]:
+    _, tp, pp, zero = LAYOUTS[name]
     return [
         "--ds_config",
         str(DS_CONFIGS / f"zero{zero}.json"),
@@ -51,34 +68,38 @@ def _args(sample, run, tp: int, pp: int, zero: int, *extra: str) -> list[str]:
         "train.log_interval=1",
         "train.warmup_steps=4",
         "data.num_workers=1",
+        *MODEL_OVERRIDES.get(name, []),
         *extra,
     ]
 
 
 @pytest.fixture(scope="module")
 def layout_runs(tmp_path_factory, sample):
-    """name -> (uninterrupted run, resumed run or None), trained once per module."""
+    """name -> (uninterrupted run, resumed run or None), each layout trained once per module,
+    when a test first asks for it (``-k`` selects the layouts that run)."""
     root = tmp_path_factory.mktemp("layouts")
     runs = {}
-    for name, (nproc, tp, pp, zero) in LAYOUTS.items():
+
+    def train(name: str):
+        if name in runs:
+            return runs[name]
+        nproc = LAYOUTS[name][0]
         run, resumed = root / name, root / f"{name}-resumed"
         launch(
             "train.py",
-            *_args(sample, run, tp, pp, zero, "eval.task=vqa", "eval.max_samples=8", "eval.num_beams=1"),
+            *_args(sample, run, name, "eval.task=vqa", "eval.max_samples=8", "eval.num_beams=1"),
             nproc=nproc,
             timeout=900,
         )
         if name in RESUMED_BY_FAULT_TESTS:
             runs[name] = (run, None)
-            continue
+            return runs[name]
         launch(
             "train.py",
             *_args(
                 sample,
                 resumed,
-                tp,
-                pp,
-                zero,
+                name,
                 f"train.resume={run}/checkpoints/step_{SAVE_AT:08d}",
                 "eval.enabled=false",
             ),
@@ -86,13 +107,15 @@ def layout_runs(tmp_path_factory, sample):
             timeout=900,
         )
         runs[name] = (run, resumed)
-    return runs
+        return runs[name]
+
+    return train
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_layout_trains_evaluates_and_resumes_exactly(layout_runs, name):
     nproc, tp, pp, _ = LAYOUTS[name]
-    run, resumed = layout_runs[name]
+    run, resumed = layout_runs(name)
     steps = step_records(run)
     assert sorted(steps) == list(range(1, STEPS + 1))
     first = sum(steps[s]["loss"] for s in (1, 2, 3)) / 3
@@ -100,6 +123,12 @@ def test_layout_trains_evaluates_and_resumes_exactly(layout_runs, name):
     assert last < first - 0.2, (first, last)
     stats = summary(run)
     assert (stats["world_size"], stats["tp"], stats["pp"]) == (nproc, tp, pp)
+    saved = json.loads((run / "checkpoints" / f"step_{SAVE_AT:08d}" / "trainer_state.json").read_text())
+    if pp > 1:
+        stages = saved["layout"]["pp_stages"]  # the partition the engine files belong to
+        assert len(stages) == pp and stages[-1]["head"]
+        if name == "pp2-vit":
+            assert [s["vision_blocks"] is not None for s in stages] == [True, True], stages
     assert stats["num_evaluated"] == 8 and 0 <= stats["overall"] <= 100  # the job's evaluation ran
     if resumed is None:
         return
@@ -125,10 +154,10 @@ def _outputs(checkpoint, sample, out, nproc: int = 0, *overrides: str) -> dict:
     return json.loads(out.read_text())
 
 
-@pytest.mark.parametrize("name", ["tp2", "pp2"])
+@pytest.mark.parametrize("name", ["tp2", "pp2", "pp2-vit"])
 def test_resharded_run_gives_the_same_loss_and_tokens(layout_runs, sample, tmp_path, name):
     nproc, tp, pp, _ = LAYOUTS[name]
-    run, _ = layout_runs[name]
+    run, _ = layout_runs(name)
     before = _outputs(run, sample, tmp_path / "before.json", nproc)
     assert (before["tp"], before["pp"]) == (tp, pp)
     launch(

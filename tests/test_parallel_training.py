@@ -6,7 +6,13 @@ batches for a few steps with the real engine (``training/engine.py``) and batch 
 Captions differ in length from step to step (the padded length changes, as with real
 data). DP ranks take their slice of each global batch, TP/PP ranks the whole of it. The
 LLM is frozen, as in BLIP-2, and also trained (the tiny default job trains it; with PP the
-tied OPT embedding then lives on two stages and must stay one weight).
+tied OPT embedding then lives on two stages and must stay one weight). With a trained ViT
+that outweighs the rest (4 blocks at 64 px), the PP 2 partition puts ViT blocks on both
+stages: the ViT's hidden states (each TP rank's own rows) travel between stages and the
+bridge on stage 1 gathers them.
+
+Every layout runs one micro-batch per step (``train.grad_accum=1``; PP > 1 would default
+to 2 x PP), so each step sees the same global batch as the single process.
 """
 
 from __future__ import annotations
@@ -35,10 +41,19 @@ LONG = ["a green circle in the center on a plain background of a picture with a 
 STEP_CAPTIONS = [SHORT * 2, (MEDIUM[:3] + LONG) * 2, MEDIUM * 2, (LONG + SHORT[:3]) * 2]
 
 
+# A trained ViT of 4 blocks at 64 px: at PP 2 its blocks land on both stages.
+TRAINED_VIT = ["model.vision.freeze=false", "model.vision.image_size=64", "model.vision.num_layers=4"]
+
+
+def _image_size(vit: bool) -> int:
+    return 64 if vit else 32
+
+
 def _overrides(
-    llm_dir: str, tp: int = 1, pp: int = 1, batch: int = GLOBAL_BATCH, freeze: bool = True
+    llm_dir: str, tp: int = 1, pp: int = 1, batch: int = GLOBAL_BATCH, freeze: bool = True, vit: bool = False
 ) -> list[str]:
     return [
+        *(TRAINED_VIT if vit else []),
         f"model.llm.weights={llm_dir}",
         f"model.llm.freeze={str(freeze).lower()}",
         f"model.llm.tp={tp}",
@@ -49,15 +64,16 @@ def _overrides(
         "train.lr=1e-3",
         "train.warmup_steps=0",
         f"train.max_steps={STEPS}",
+        "train.grad_accum=1",
     ]
 
 
-def _global_samples() -> list[dict]:
+def _global_samples(size: int = 32) -> list[dict]:
     """One global batch per step; the caption mix (so the padded length) changes every step."""
     gen = torch.Generator().manual_seed(0)
     return [
         {
-            "image": torch.randn(GLOBAL_BATCH, 3, 32, 32, generator=gen),
+            "image": torch.randn(GLOBAL_BATCH, 3, size, size, generator=gen),
             "text_input": STEP_CAPTIONS[step],
             "image_id": list(range(GLOBAL_BATCH)),
         }
@@ -70,8 +86,13 @@ def _slice(samples: dict, rank: int, size: int) -> dict:
     return {name: values[rank * per : (rank + 1) * per] for name, values in samples.items()}
 
 
-def train_layout(rank: int, world: int, llm_dir: str, tp: int, pp: int, zero: int, freeze: bool) -> dict:
-    """Run STEPS steps in this layout; return DP-averaged losses and frozen/trained checks."""
+def train_layout(
+    rank: int, world: int, llm_dir: str, tp: int, pp: int, zero: int, freeze: bool, vit: bool = False
+) -> dict:
+    """Run STEPS steps in this layout; return DP-averaged losses and frozen/trained checks.
+
+    ``vit``: train the ViT (4 blocks at 64 px) with the LLM frozen.
+    """
     from blip2_megatron import accelerator
     from blip2_megatron.config import load_job_config
     from blip2_megatron.data.batch import build_batch_builder
@@ -81,7 +102,9 @@ def train_layout(rank: int, world: int, llm_dir: str, tp: int, pp: int, zero: in
     from blip2_megatron.training.trainer import _reduce_over_dp
 
     dp = world // (tp * pp)
-    job = load_job_config(None, _overrides(llm_dir, tp, pp, GLOBAL_BATCH // dp, freeze))
+    from blip2_megatron.models.flops import pipeline_partition
+
+    job = load_job_config(None, _overrides(llm_dir, tp, pp, GLOBAL_BATCH // dp, freeze, vit))
     state.initialize_model_parallel(tp, pp)
     ds_raw = read_ds_config(REPO / "ds_configs" / f"zero{zero}.json")
     accelerator.manual_seed(job.train.seed)
@@ -91,8 +114,9 @@ def train_layout(rank: int, world: int, llm_dir: str, tp: int, pp: int, zero: in
         frozen_before = {n: p.detach().clone() for n, p in params.items() if not p.requires_grad}
         trained_before = {n: p.detach().clone() for n, p in params.items() if p.requires_grad}
     builder = build_batch_builder(job.model)
-    batches = iter([builder(_slice(s, state.dp_rank(), dp)) for s in _global_samples()])
-    lengths = sorted({b["input_ids"].shape[1] for b in [builder(s) for s in _global_samples()]})
+    samples = _global_samples(_image_size(vit))
+    batches = iter([builder(_slice(s, state.dp_rank(), dp)) for s in samples])
+    lengths = sorted({b["input_ids"].shape[1] for b in [builder(s) for s in samples]})
     losses = []
     for _ in range(STEPS):
         step_losses = engine.step(batches).losses
@@ -107,6 +131,8 @@ def train_layout(rank: int, world: int, llm_dir: str, tp: int, pp: int, zero: in
         "trained_moved": moved,
         "num_frozen": len(frozen_before),
         "padded_lengths": lengths,
+        "partition": [stage.to_json() for stage in pipeline_partition(job.model, pp)],
+        "trained_names": sorted(trained_before),
     }
 
 
@@ -132,6 +158,11 @@ def reference(llm_dir) -> dict:
 @pytest.fixture(scope="module")
 def reference_llm_trained(llm_dir) -> dict:
     return run_distributed(train_layout, 1, llm_dir, 1, 1, 0, False)[0]
+
+
+@pytest.fixture(scope="module")
+def reference_vit_trained(llm_dir) -> dict:
+    return run_distributed(train_layout, 1, llm_dir, 1, 1, 0, True, True)[0]
 
 
 @pytest.mark.dist
@@ -175,3 +206,22 @@ def test_trained_llm_layouts_match_single_process(llm_dir, reference_llm_trained
 @pytest.mark.slow
 def test_tp2_pp2_on_four_processes_matches_single_process(llm_dir, reference):
     _assert_same_losses(run_distributed(train_layout, 4, llm_dir, 2, 2, 1, True), reference)
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+@pytest.mark.parametrize(("world", "tp"), [(2, 1), (4, 2)], ids=["pp2", "tp2-pp2"])
+def test_trained_vit_split_over_stages_matches_single_process(llm_dir, reference_vit_trained, world, tp):
+    """ViT blocks on both stages (stage 1 also holds the bridge and the LLM): the same losses
+    as one process; with TP 2 each rank's ViT rows travel along its own pipeline."""
+    results = run_distributed(train_layout, world, llm_dir, tp, 2, 1, True, True)
+    partition = results[0]["partition"]
+    assert [s["vision_blocks"] is not None for s in partition] == [True, True], partition
+    assert not partition[0]["bridge"] and partition[1]["bridge"]
+    assert reference_vit_trained["losses"][-1] < reference_vit_trained["losses"][0]
+    _assert_same_losses(results, reference_vit_trained)
+    # Each stage trains its own ViT blocks (and the last one the Q-Former and projection).
+    first, last = results[0]["trained_names"], results[-1]["trained_names"]
+    assert any("encoder.layers.0." in name for name in first) and not any("qformer" in n for n in first)
+    assert any("encoder.layers.3." in name for name in last) and any("qformer" in n for n in last)
+    assert all(r["trained_moved"] > 0 for r in results)

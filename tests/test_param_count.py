@@ -79,11 +79,12 @@ def test_vocab_rows_are_rounded_up_per_rank(group):
 def test_pipeline_stages_are_balanced_by_training_flops(group):
     """Stage 0 runs the image path besides its layers: it gets fewer, and no stage is a layer
     heavier than it must be. With no image path to speak of the split is even."""
-    from blip2_megatron.models.flops import pipeline_costs
+    from blip2_megatron.models.flops import pipeline_unit_costs
 
     cfg = build_model_config("blip2_vicuna7b")
     report = count_parameters(cfg, pp=4)
-    image_path, layer, _ = pipeline_costs(cfg)
+    costs = pipeline_unit_costs(cfg)  # 39 ViT blocks, the bridge, 32 layers, the head
+    image_path, layer = sum(costs[:40]), costs[40]
     assert image_path > 5 * layer  # ViT-g at 224 px, frozen, vs one frozen LLaMA-7B layer
     flops = [s.train_flops_per_sample for s in report.stages]
     counts = [end - start for start, end in (s.layers for s in report.stages)]
@@ -93,6 +94,22 @@ def test_pipeline_stages_are_balanced_by_training_flops(group):
     # The even split would leave stage 0 with 8 layers plus the image path: ~50% over the rest.
     assert max(flops) < 0.8 * (8 * layer + image_path)
     assert [s.layers for s in count_parameters(build_model_config("tiny"), pp=2).stages] == [(0, 2), (2, 4)]
+    assert report.flops_ratio == max(flops) / min(flops)
+
+
+def test_a_trained_vit_spreads_over_stages(group):
+    """The caption job's ViT-g trained at 364 px: stage 0 holds ViT blocks only, the next
+    ones the rest with the Q-Former and the LLM; the FLOPs and parameters follow the blocks."""
+    cfg = build_model_config("blip2_opt2.7b", {"vision": {"freeze": False, "image_size": 364}})
+    report = count_parameters(cfg, pp=2)
+    first, last = report.stages
+    assert first.vision_blocks == (0, last.vision_blocks[0]) and last.vision_blocks[1] == 39
+    assert first.holds == [f"ViT blocks 0-{last.vision_blocks[0] - 1}"] and first.layers == (0, 0)
+    assert last.holds[:2] == [f"ViT blocks {last.vision_blocks[0]}-38", "Q-Former (+queries)"]
+    assert report.flops_ratio <= 1.25
+    assert first.params_per_tp_rank + last.params_per_tp_rank == report.total  # the tied head stays whole
+    assert first.trainable_per_tp_rank == first.params_per_tp_rank  # trained ViT blocks only
+    assert "costliest / cheapest stage" in format_report(report)
 
 
 @pytest.mark.parametrize(
@@ -156,6 +173,21 @@ def test_model_info_launcher_prints_the_counts():
     assert (tiny["name"], tiny["total"], tiny["trainable"], tiny["pp"]) == ("tiny", 493_056, 138_304, 2)
     # OPT-2.7B frozen: ViT-g's forward on stage 0 costs as much as ~28 of its decoder layers' training.
     assert [s["layers"] for s in opt["stages"]] == [[0, 3], [3, 32]]
+    assert [s["vision_blocks"] for s in opt["stages"]] == [[0, 39], None]
+    assert opt["flops_ratio"] == pytest.approx(1.0, abs=0.05)
     assert opt["stages"][0]["train_flops_per_sample"] == pytest.approx(
         opt["stages"][1]["train_flops_per_sample"], rel=0.05
     )
+    # The caption job's trained ViT at 364 px, from the job itself.
+    proc = subprocess.run(
+        [sys.executable, "launch/model_info.py", "--config", "caption_coco_opt2.7b", "--pp", "4", "--json"],
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    caption = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("{")))
+    assert caption["pp"] == 4 and caption["flops_ratio"] <= 1.25
+    assert sum(s["vision_blocks"] is not None for s in caption["stages"]) == 4

@@ -187,3 +187,104 @@ def test_generation_computes_in_the_asked_dtype_and_counts_tokens_per_second(sin
     assert seen == {torch.bfloat16}, seen
     assert model.generated_tokens == int((tokens != model.builder.pad_id).sum()) == 12
     assert model.tokens_per_second() > 0
+
+
+# ------------------------------------------------------------------ a trained ViT in half precision
+def step_with_trained_vit(rank: int, world: int, precision: str, zero: int) -> dict:
+    """One step of the tiny model with its ViT trained (the caption job's setting) under ``precision``."""
+    from blip2_megatron.config import load_job_config
+    from blip2_megatron.data.batch import build_batch_builder
+    from blip2_megatron.parallel import state
+    from blip2_megatron.training.ds_config import read_ds_config
+    from blip2_megatron.training.engine import build_engine
+
+    job = load_job_config(
+        None,
+        [
+            f"train.precision={precision}",
+            "model.vision.freeze=false",
+            "model.llm.freeze=true",
+            "model.llm.dtype=auto",
+            "data.batch_size=4",
+            "train.max_steps=2",
+        ],
+    )
+    state.initialize_model_parallel(1, 1)
+    engine = build_engine(job, read_ds_config(REPO / "ds_configs" / f"zero{zero}.json"), 2, 2)
+    encoder = engine.model.image_encoder.visual_encoder
+    streams: list[str] = []  # the residual stream leaving each ViT block
+    for layer in encoder.encoder.layers:
+        layer.register_forward_hook(lambda _m, _i, out: streams.append(str(out.dtype)))
+    matmuls: list[str] = []  # what one of its Linear layers computes in
+    encoder.encoder.layers[0].mlp.fc1.register_forward_hook(
+        lambda _m, _i, out: matmuls.append(str(out.dtype))
+    )
+    builder = build_batch_builder(job.model)
+    gen = torch.Generator().manual_seed(0)
+    samples = {
+        "image": torch.randn(4, 3, 32, 32, generator=gen),
+        "text_input": CAPTIONS,
+        "image_id": [0, 1, 2, 3],
+    }
+    result = engine.step(iter([builder(samples)]))
+    params = dict(engine.model.named_parameters())
+    return {
+        "vision": sorted({str(p.dtype) for n, p in params.items() if ".visual_encoder." in n}),
+        "qformer": sorted({str(p.dtype) for n, p in params.items() if ".qformer." in f".{n}"}),
+        "llm": sorted({str(p.dtype) for n, p in params.items() if n.startswith("language_model.")}),
+        "llm_dtype": job.model.llm.dtype,
+        "streams": sorted(set(streams)),
+        "matmuls": sorted(set(matmuls)),
+        "autocast": bool(engine.ds.torch_autocast_enabled()),
+        "skipped": result.skipped,
+        "loss": float(result.losses["loss"]),
+    }
+
+
+@pytest.mark.dist
+def test_a_trained_vit_keeps_fp32_weights_and_residual_stream_under_bf16():
+    """As the caption job says: ViT parameters and residual stream fp32, matmuls bf16 (autocast, as LAVIS's AMP)."""
+    (result,) = run_distributed(step_with_trained_vit, 1, "bf16", 2)
+    assert result["autocast"]
+    assert result["vision"] == ["torch.float32"]  # LayerNorms, CLS, position embedding, Linear masters
+    assert result["streams"] == ["torch.float32"]
+    assert result["matmuls"] == ["torch.bfloat16"]
+    assert result["qformer"] == ["torch.float32"]
+    assert result["llm_dtype"] == "bf16" and result["llm"] == ["torch.bfloat16"]  # frozen: follows precision
+    assert not result["skipped"] and torch.isfinite(torch.tensor(result["loss"]))
+
+
+def test_llm_dtype_follows_train_precision_unless_set():
+    from blip2_megatron.config import ConfigError, load_job_config
+
+    assert load_job_config("caption_coco_opt2.7b").model.llm.dtype == "bf16"  # train.precision: bf16
+    job = load_job_config("caption_coco_opt2.7b", ["train.precision=fp16"])
+    assert job.model.llm.dtype == "fp16"
+    assert load_job_config("caption_coco_opt2.7b", ["model.llm.dtype=fp32"]).model.llm.dtype == "fp32"
+    with pytest.raises(ConfigError, match="without loss scaling"):
+        load_job_config("caption_coco_opt2.7b", ["model.llm.dtype=fp16"])  # under bf16
+
+
+@pytest.mark.parametrize(
+    ("job", "precision", "fp16_engine", "autocast"),
+    [
+        ("stage2_opt2.7b", "fp16", True, None),  # frozen ViT: DeepSpeed's fp16 engine, dynamic loss scale
+        ("caption_coco_opt2.7b", "fp16", False, "float16"),  # trained ViT: autocast, ZeRO's gradient scaler
+        ("caption_coco_opt2.7b", "bf16", False, "bfloat16"),
+        ("stage2_opt2.7b", "bf16", False, None),
+    ],
+)
+def test_half_precision_engines_scale_the_loss_in_fp16(job, precision, fp16_engine, autocast):
+    """A frozen fp16 LLM passes gradients back only with loss scaling: the fp16 engine's or ZeRO's scaler."""
+    from blip2_megatron.config import load_job_config
+    from blip2_megatron.training.ds_config import fill_ds_config, read_ds_config
+
+    config = load_job_config(job, [f"train.precision={precision}", "data.batch_size=4"])
+    assert config.model.llm.dtype == precision
+    filled = fill_ds_config(config, read_ds_config(REPO / "ds_configs" / "zero2.json"), dp_size=1)
+    assert filled["fp16"]["enabled"] is fp16_engine
+    assert filled.get("torch_autocast", {}).get("dtype") == autocast
+    if fp16_engine:
+        assert filled["fp16"].get("loss_scale", 0) == 0  # 0: DeepSpeed's dynamic loss scale
+    if autocast:
+        assert filled["bf16"]["enabled"] is False  # parameters stay fp32

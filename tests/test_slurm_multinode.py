@@ -3,9 +3,15 @@
 The cluster (tests/slurm/local_cluster.py, ``nodes=2``) runs one slurmd per node, each in
 its own network namespace with its own address, host name and /etc/hosts, joined by a
 private bridge: a job's processes on node2 reach node1 only over that bridge, by name.
+Each node's /etc/hosts is Debian's: the node's own name on loopback (127.0.1.1), so gloo
+left to itself would bind where no other node reaches it; jobs start without SOCKET_IFNAME
+all the same (0.), because the trainer binds gloo to the interface that routes to the
+rendezvous host.
 Every job is ``sbatch --nodes=2 --ntasks-per-node=1`` with two gloo ranks per node
 (NPROC_PER_NODE=2, world 4) at TP=2 x DP=2, the tiny job:
 
+0. start-up where host names resolve to loopback: two steps without SOCKET_IFNAME, each
+   rank's gloo bound to eth0, node1 (the rendezvous host) included;
 1. layout and parity: the tiny job trains on two nodes, started through a probe
    (tests/slurm/layout_probe.py) that records each rank's node and process groups before
    handing over to launch/train.py in the same processes: each TP group sits inside one
@@ -26,6 +32,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -45,7 +52,7 @@ from jobs import (  # noqa: E402
     wait_requeued,
 )
 from local_cluster import LocalSlurmCluster  # noqa: E402
-from netns import NODE_IFNAME  # noqa: E402
+from netns import NODE_IFNAME, OWN_NAME_ADDRESS  # noqa: E402
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -119,6 +126,37 @@ def _layout(run_dir: Path) -> dict[int, dict]:
     assert {tuple(r["tp"]) for r in records} == {(0, 1), (2, 3)}, records
     assert {tuple(r["dp"]) for r in records} == {(0, 2), (1, 3)}, records
     return {r["rank"]: r for r in records}
+
+
+def _resolve_on(cluster: LocalSlurmCluster, node: str, name: str) -> str:
+    """The address ``name`` resolves to on ``node``."""
+    cmd = [sys.executable, "-c", f"import socket; print(socket.gethostbyname({name!r}))"]
+    res = subprocess.run(cluster.network.node_command(node, cmd), capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    return res.stdout.strip()
+
+
+def test_two_nodes_start_where_host_names_resolve_to_loopback(cluster, tmp_path):
+    # The trap: on each node, its own name is loopback; the other node's name is its address.
+    network = cluster.network
+    for node, other in (NODES, NODES[::-1]):
+        assert _resolve_on(cluster, node, node) == OWN_NAME_ADDRESS
+        assert _resolve_on(cluster, node, other) == network.addresses[other]
+
+    # No SOCKET_IFNAME (nor GLOO_SOCKET_IFNAME: the cluster's environment drops this machine's).
+    run_dir = tmp_path / "runs" / "own-name-loopback"
+    job = _submit(cluster, tmp_path, "own-name-loopback", ["train.max_steps=2"], TRAIN_ENTRY=PROBE_ENTRY)
+    log = _wait_completed(cluster, tmp_path, "own-name-loopback", job)
+    assert "/process, interface" not in log, "SOCKET_IFNAME reached the job"  # common.sh names it there
+    layout = _layout(run_dir)
+    for rank, r in layout.items():  # gloo bound to the interface between the nodes on every rank
+        assert r["gloo_ifname"] == NODE_IFNAME and r["host_group"] == [0, 1, 2, 3], (rank, r)
+        assert r["gloo_choice"].startswith(
+            f"gloo (host-side collectives) binds to interface {NODE_IFNAME}: "
+        ), r
+        # node1 holds the rendezvous: it routes to its own name over loopback, and must not bind there.
+        assert ("resolves to loopback" in r["gloo_choice"]) == (r["slurm_node"] == "node1"), r
+    assert [r["step"] for r in step_records(run_dir)] == [1, 2]
 
 
 def test_two_node_layout_and_loss_parity(cluster, tmp_path):

@@ -46,7 +46,7 @@ class TrainConfig:
     output_dir: str = ""  # run directory (log.jsonl, checkpoints/, config.yaml); "" = runs/<name>
     epochs: int = 1  # passes over the data (an epoch = data.samples_per_epoch or the dataset size)
     max_steps: int = 0  # optimizer steps to run; 0 = epochs x steps per epoch
-    grad_accum: int = 1  # micro-batches per optimizer step
+    grad_accum: int = 0  # micro-batches per optimizer step; 0 = auto: 1, or 2 x model.llm.pp with pipelining
     lr: float = 1e-4  # peak learning rate (after warm-up)
     min_lr: float = 1e-5  # cosine floor
     warmup_lr: float = 1e-6  # learning rate at step 0
@@ -71,7 +71,7 @@ class TrainConfig:
         check_choice("train.schedule", self.schedule, ("cosine", "cosine_epoch", "constant"))
         check_choice("train.precision", self.precision, ("fp32", "bf16", "fp16"))
         check_positive("train.epochs", self.epochs)
-        check_positive("train.grad_accum", self.grad_accum)
+        check_positive("train.grad_accum", self.grad_accum, allow_zero=True)
         check_positive("train.max_steps", self.max_steps, allow_zero=True)
         check_positive("train.lr", self.lr)
         check_positive("train.log_interval", self.log_interval)
@@ -108,6 +108,7 @@ class EvalConfig:
     length_penalty: float = 1.0  # beam length penalty (VQA: -1 in LAVIS)
     repetition_penalty: float = 1.0  # > 1 discourages repeats
     k_test: int = 128  # retrieval: ITC candidates re-ranked by ITM
+    require_spice: bool = False  # caption: fail when SPICE cannot run (no CoreNLP jars), not skip it
     precision: str = (
         "auto"  # compute dtype: "auto" (train.precision on GPU/NPU, fp32 on CPU), "fp32", "bf16", "fp16"
     )
@@ -203,7 +204,44 @@ def job_config_from_dict(data: dict[str, Any]) -> JobConfig:
             f"{job.model.vision.image_size}; set them equal (or leave data.image_size out)"
         )
     job.data.image_size = job.model.vision.image_size
+    _resolve_llm_dtype(job)
+    _resolve_grad_accum(job)
     return job
+
+
+def _resolve_grad_accum(job: JobConfig) -> None:
+    """``train.grad_accum=0`` (auto) becomes 1 without pipelining and 2 x PP with it.
+
+    Pipeline stages work at once only on different micro-batches: with one per step every
+    stage idles while the others run. DeepSpeed's 1F1B schedule with m micro-batches over
+    p stages idles (p - 1) / (m + p - 1) of the step; m = 2p makes that about a third at
+    most (a fifth at PP 2) while keeping the global batch close to the PP 1 one. Activation
+    memory does not grow with m (at most p micro-batches are in flight on a stage). An
+    explicit value stays as given; the resolved number is what the saved config shows.
+    """
+    if job.train.grad_accum == 0:
+        job.train.grad_accum = 2 * job.pp if job.pp > 1 else 1
+
+
+def _resolve_llm_dtype(job: JobConfig) -> None:
+    """``llm.dtype=auto`` becomes ``train.precision``; a frozen fp16 LLM needs fp16 training.
+
+    Gradients reach the trained parts before the LLM (projection, Q-Former) back through all
+    of its layers. In fp16 they underflow without loss scaling, which DeepSpeed applies only
+    when the engine itself runs fp16 (bf16 has fp32's range and needs none).
+    """
+    llm = job.model.llm
+    if llm is None:
+        return
+    if llm.dtype == "auto":
+        llm.dtype = job.train.precision
+    if llm.freeze and llm.dtype == "fp16" and job.train.precision != "fp16":
+        raise ConfigError(
+            f"model.llm.dtype=fp16 with train.precision={job.train.precision}: gradients would flow back "
+            "through the frozen fp16 LLM without loss scaling (DeepSpeed scales the loss only when "
+            "train.precision=fp16); set model.llm.dtype=bf16 (or auto, which follows train.precision) "
+            "or train.precision=fp16"
+        )
 
 
 def load_job_config(config: str | None = None, overrides: list[str] | None = None) -> JobConfig:

@@ -152,8 +152,17 @@ class LLMConfig:
     tp: int = 1  # tensor-parallel degree (divides num_heads and num_kv_heads)
     pp: int = 1  # pipeline-parallel degree (stages over the decoder layers)
     freeze: bool = True  # frozen LLM: no grads, no optimizer state, not checkpointed
-    dtype: str = "fp16"  # dtype of the frozen LLM weights on GPU/NPU (fp32 on CPU)
+    dtype: str = "auto"  # frozen LLM weights on GPU/NPU: "auto" (train.precision; fp16 outside a job), fp32, bf16, fp16 (fp32 on CPU)
     grad_checkpointing: bool = False  # activation checkpointing per decoder layer
+
+    @property
+    def weight_dtype_name(self) -> str:
+        """The dtype name frozen weights are kept in: ``dtype``, with "auto" unresolved (no job) as fp16.
+
+        A job resolves "auto" to its ``train.precision``; a model loaded for inference
+        alone keeps a frozen LLM in half precision, as LAVIS does.
+        """
+        return "fp16" if self.dtype == "auto" else self.dtype
 
     def __post_init__(self) -> None:
         check_choice("llm.arch", self.arch, ("opt", "llama"))
@@ -163,7 +172,7 @@ class LLMConfig:
                 f"llm.family={self.family!r} does not go with llm.arch={self.arch!r} "
                 f"(family 'opt' is arch 'opt'; {[f for f in LLM_FAMILIES if f != 'opt']} are arch 'llama')"
             )
-        check_choice("llm.dtype", self.dtype, DTYPES)
+        check_choice("llm.dtype", self.dtype, ("auto", *DTYPES))
         check_choice("llm.rope_type", self.rope_type, ROPE_TYPES)
         check_positive("llm.rope_theta", self.rope_theta)
         check_positive("llm.rope_factor", self.rope_factor)

@@ -46,7 +46,8 @@ from blip2_megatron.io import (
     write_json_atomic,
     write_text_atomic,
 )
-from blip2_megatron.models.flops import pipeline_layer_ranges
+from blip2_megatron.models.flops import pipeline_partition
+from blip2_megatron.parallel.pipeline import PipelineStage
 
 logger = logging.getLogger(__name__)
 
@@ -149,11 +150,17 @@ def reshard_run(checkpoint: str | Path, out: str | Path, tp: int, pp: int, overw
     job.train.output_dir = str(out)
     with atomic_directory(out, overwrite=overwrite) as partial:
         target = partial / CHECKPOINTS / source.name
-        ranges = pipeline_layer_ranges(job.model, pp) if job.model.llm is not None else [(0, 0)]
-        counts = reshard_weights(source / WEIGHTS, target / WEIGHTS, tp, ranges)
+        if job.model.llm is not None:
+            stages = pipeline_partition(job.model, pp)
+        else:
+            stages = [PipelineStage.whole(job.model.vision.num_layers, 0)]
+        counts = reshard_weights(source / WEIGHTS, target / WEIGHTS, tp, stages)
         trainer_state = read_trainer_state(source)
-        layout = {k: v for k, v in trainer_state.get("layout", {}).items() if k != "pp_layers"}
-        trainer_state["layout"] = {**layout, "tp": tp, "pp": pp, **({"pp_layers": ranges} if pp > 1 else {})}
+        layout = {
+            k: v for k, v in trainer_state.get("layout", {}).items() if k not in ("pp_layers", "pp_stages")
+        }
+        partition = {"pp_stages": [stage.to_json() for stage in stages]} if pp > 1 else {}
+        trainer_state["layout"] = {**layout, "tp": tp, "pp": pp, **partition}
         trainer_state["resharded_from"] = str(source.resolve())
         write_json_atomic(trainer_state, target / TRAINER_STATE)
         save_job_config(job, target / CONFIG)

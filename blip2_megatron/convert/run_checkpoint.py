@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +37,7 @@ from torch import nn
 
 from blip2_megatron.config import ConfigError
 from blip2_megatron.io import CheckpointMismatchError, atomic_file
+from blip2_megatron.parallel.pipeline import LLM_LAYER_NAME, PipelineStage, stage_of
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +49,6 @@ TRAINER_STATE = "trainer_state.json"
 CONFIG = "config.yaml"
 WEIGHTS = "weights"
 _PIECES_KEY = "blip2_megatron.pieces"  # safetensors metadata: per tensor, where the piece goes
-_LAYER = re.compile(r"^language_model\.layers\.(\d+)\.(.+)$")
 TIED_EMBEDDING = "language_model.embed_tokens.weight"
 TIED_HEAD = "language_model.lm_head.weight"
 VOCAB_PARAMS = (TIED_EMBEDDING, TIED_HEAD)
@@ -117,7 +116,7 @@ def global_names(model: nn.Module) -> dict[str, str]:
     lm = getattr(model, "language_model", None)
     names: dict[str, str] = {}
     for name, _ in model.named_parameters():
-        match = _LAYER.match(name)
+        match = LLM_LAYER_NAME.match(name)
         if match and lm is not None:
             names[name] = (
                 f"language_model.layers.{lm.layers[int(match.group(1))].layer_index}.{match.group(2)}"
@@ -352,26 +351,8 @@ def _check_shape(weights: RunWeights, name: str, found: tuple[int, ...], expecte
 
 
 # ------------------------------------------------------------------------------ resharding
-def stage_of(name: str, layer_ranges: list[tuple[int, int]]) -> int:
-    """The pipeline stage that holds whole-model tensor ``name``."""
-    match = _LAYER.match(name)
-    if match:
-        index = int(match.group(1))
-        for stage, (start, end) in enumerate(layer_ranges):
-            if start <= index < end:
-                return stage
-        raise CheckpointMismatchError(
-            f"{name}: layer {index} is outside the model's {layer_ranges[-1][1]} layers"
-        )
-    if name.startswith(("language_model.norm.", "language_model.lm_head.")):
-        return len(layer_ranges) - 1
-    return 0
-
-
-def reshard_weights(
-    src: str | Path, dst: str | Path, tp: int, layer_ranges: list[tuple[int, int]]
-) -> dict[str, int]:
-    """Rewrite a checkpoint's ``weights/`` for ``tp`` ranks and the stages of ``layer_ranges``.
+def reshard_weights(src: str | Path, dst: str | Path, tp: int, stages: list[PipelineStage]) -> dict[str, int]:
+    """Rewrite a checkpoint's ``weights/`` for ``tp`` ranks and the pipeline ``stages``.
 
     Works on the files alone (no model, no process group). Returns tensors written per file.
     """
@@ -380,7 +361,7 @@ def reshard_weights(
     dst.mkdir(parents=True, exist_ok=True)
     files: dict[tuple[int, int], dict[str, tuple[torch.Tensor, Piece]]] = {}
     for name in weights.keys():
-        stage = stage_of(name, layer_ranges)
+        stage = stage_of(name, stages)
         full = weights.full_shape(name)
         dim = weights.partition_dim(name)
         if dim is None:

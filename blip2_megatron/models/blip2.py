@@ -12,7 +12,9 @@ Where the slots are, which tokens carry a loss and how prompts are tokenized is 
 the batch builder (``blip2_megatron.data.batch``); this module receives tensors only.
 
 A pipeline stage is :class:`Blip2PipeStage`: the same :class:`Blip2ForLLM` with parts
-absent, plus the placeholders DeepSpeed's optimizer needs on all-frozen stages.
+absent (``blip2_megatron.parallel.pipeline.PipelineStage`` says which: ViT blocks, the
+bridge into the LLM, decoder layers, the head), plus the placeholders DeepSpeed's
+optimizer needs on all-frozen stages.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from blip2_megatron.models import generation
 from blip2_megatron.models.llm import ParallelCausalLM
 from blip2_megatron.models.query_encoder import QueryEncoder
 from blip2_megatron.models.vision import VisionEncoder, freeze_vision, frozen_vision_dtype
+from blip2_megatron.parallel.pipeline import PipelineStage
 from blip2_megatron.parallel.tp_split import (
     gather_rows,
     own_random_stream,
@@ -63,17 +66,18 @@ class PatchEncoder(nn.Module):
 class Blip2ForLLM(nn.Module):
     """Vision encoder + Q-Former (or grouped patches) + projection + tensor-parallel LLM.
 
-    A pipeline stage is the same class with parts absent: ``pre_process`` keeps the image
-    path and the token embedding, ``post_process`` the final norm and head, ``layer_range``
-    picks the decoder layers (see :class:`Blip2PipeStage`).
+    A pipeline stage is the same class with parts absent: ``stage`` (a
+    :class:`~blip2_megatron.parallel.pipeline.PipelineStage`; default the whole model) names
+    the ViT blocks, whether the bridge (``ln_vision``, Q-Former or patch grouping,
+    projection, token embedding) is here, the decoder layers and whether the head is (see
+    :class:`Blip2PipeStage`). Parts keep their whole-model names (ViT block ``i`` is
+    ``encoder.layers.{i}`` on any stage), so checkpoints do not depend on the layout.
     """
 
     def __init__(
         self,
         cfg: Blip2Config,
-        pre_process: bool = True,
-        post_process: bool = True,
-        layer_range: tuple[int, int] | None = None,
+        stage: PipelineStage | None = None,
         llm_dtype: torch.dtype = torch.float32,
         llm_device: torch.device | str | None = None,
     ):
@@ -84,76 +88,98 @@ class Blip2ForLLM(nn.Module):
         if cfg.llm is None:
             raise ValueError("Blip2ForLLM needs model.llm; use Blip2Stage1 for model.kind='stage1'")
         self.cfg = cfg
-        self.pre_process = pre_process
-        self.post_process = post_process
-        if pre_process:
+        self.stage = stage or PipelineStage.whole(cfg.vision.num_layers, cfg.llm.num_layers)
+        if self.stage.holds_image_path:
+            # Built whole and pruned to this stage's parts, so each part draws its random
+            # initial weights as in the whole model (every layout starts equal).
             if cfg.image_encoder == "patches":
                 self.patch_encoder = PatchEncoder(cfg)
             else:
                 self.query_encoder = QueryEncoder(cfg)
-            self.language_projection = nn.Linear(cfg.image_feature_size, cfg.llm.hidden_size)
-        on_meta = llm_device is not None and torch.device(llm_device).type == "meta"
-        with torch.device(llm_device) if llm_device is not None else contextlib.nullcontext():
-            self.language_model = ParallelCausalLM(
-                cfg.llm,
-                pre_process=pre_process,
-                post_process=post_process,
-                layer_range=layer_range,
-                params_dtype=llm_dtype,
-                init_weights=False if on_meta else None,
-            )
+            self.image_encoder.visual_encoder.keep_parts(self.stage.vision_blocks, self.stage.has_bridge)
+            if self.stage.has_bridge:
+                self.language_projection = nn.Linear(cfg.image_feature_size, cfg.llm.hidden_size)
+            elif cfg.image_encoder == "qformer":
+                del self.query_encoder.qformer, self.query_encoder.query_tokens
+        self.language_model: ParallelCausalLM | None = None
+        if self.stage.holds_llm:
+            on_meta = llm_device is not None and torch.device(llm_device).type == "meta"
+            with torch.device(llm_device) if llm_device is not None else contextlib.nullcontext():
+                self.language_model = ParallelCausalLM(
+                    cfg.llm,
+                    pre_process=self.stage.has_bridge,
+                    post_process=self.stage.has_head,
+                    layer_range=self.stage.llm_layers,
+                    params_dtype=llm_dtype,
+                    init_weights=False if on_meta else None,
+                )
         self.apply_freezing()
-        self.split_images = pre_process and splits_images(cfg)
+        self.split_images = self.stage.holds_image_path and splits_images(cfg)
         if self.split_images:
             # Each TP rank encodes its share of the images (image_embeddings): the image
             # path's gradients are summed over TP ranks before DeepSpeed reduces them over DP.
-            image_path = [*self.image_encoder.parameters(), *self.language_projection.parameters()]
+            image_path = [*self.image_encoder.parameters()]
+            if self.stage.has_bridge:
+                image_path += [*self.language_projection.parameters()]
             sum_gradients_over_tp(image_path)
 
     @property
     def holds_whole_model(self) -> bool:
         """Every part on this rank (no pipeline split): what generation needs."""
-        lm = self.language_model
-        return self.pre_process and self.post_process and lm.layer_range == (0, self.cfg.llm.num_layers)
+        cfg = self.cfg
+        return self.stage == PipelineStage.whole(cfg.vision.num_layers, cfg.llm.num_layers)
 
     def apply_freezing(self) -> None:
         """Freeze what the config says is frozen (the ViT keeps eval mode and half weights)."""
         cfg = self.cfg
-        if self.pre_process and cfg.vision.freeze:
+        if self.stage.holds_image_path and cfg.vision.freeze:
             freeze_vision(self.image_encoder.visual_encoder, frozen_vision_dtype(cfg.vision))
-        if self.pre_process and cfg.freeze_qformer:
+        if self.stage.has_bridge and cfg.freeze_qformer:
             self.query_encoder.qformer.requires_grad_(False)
             self.query_encoder.query_tokens.requires_grad_(False)
-        if cfg.llm.freeze:
+        if cfg.llm.freeze and self.language_model is not None:
             self.language_model.requires_grad_(False)
 
     @property
     def image_encoder(self) -> QueryEncoder | PatchEncoder:
-        """The image path this model was built with (stage 0 of a pipeline only)."""
+        """The image path this model was built with (on a pipeline stage: the part it holds)."""
         return self.patch_encoder if self.cfg.image_encoder == "patches" else self.query_encoder
 
     # ----------------------------------------------------------------- forward
+    def image_features(self, image: torch.Tensor, batch: int) -> torch.Tensor:
+        """This model's part of the image path on this TP rank's rows of a batch of ``batch``.
+
+        ``image``: images (whole model, or the pipeline stage with ViT block 0) or the
+        previous stage's ViT hidden states (this rank's rows already). Returns query outputs
+        (or grouped patches) where the bridge is here, else the ViT's raw hidden states.
+        """
+        encoder = self.image_encoder if self.stage.has_bridge else self.image_encoder.visual_encoder
+        if not self.split_images:
+            return encoder(image)
+        if self.stage.reads_image:
+            image = rows_of_this_rank(image, batch)
+        with own_random_stream():
+            return encoder(image)
+
     def image_embeddings(self, image: torch.Tensor, batch: int | None = None) -> torch.Tensor:
         """Projected image features [B, num_image_slots, llm hidden] of a batch of ``batch``.
 
         With tensor parallelism each TP rank encodes ``ceil(B / TP)`` of the images and the
         projected rows are all-gathered (``blip2_megatron.parallel.tp_split``): no TP rank
         repeats another's ViT and Q-Former work. ``image`` holds the whole batch's images or,
-        as the train loader decodes them, only this rank's. Collective over the TP group.
+        as the train loader decodes them, only this rank's (or, on a pipeline stage after
+        the first ViT blocks, this rank's rows of the ViT's hidden states). Collective over
+        the TP group.
         """
-        if not self.split_images:
-            features = self.image_encoder(image)
-            return self.language_projection(features.to(self.language_projection.weight.dtype))
         batch = image.shape[0] if batch is None else batch
-        with own_random_stream():
-            features = self.image_encoder(rows_of_this_rank(image, batch))
+        features = self.image_features(image, batch)
         embeds = self.language_projection(features.to(self.language_projection.weight.dtype))
-        return gather_rows(embeds, batch)
+        return gather_rows(embeds, batch) if self.split_images else embeds
 
     def input_embeddings(
         self, image: torch.Tensor, input_ids: torch.Tensor, image_slots: torch.Tensor
     ) -> torch.Tensor:
-        """Token embeddings with the projected image features scattered into the image slots."""
+        """Token embeddings with the projected image features scattered into the image slots (the bridge)."""
         image_embeds = self.image_embeddings(image, input_ids.shape[0])
         token_embeds = self.language_model.get_input_embeddings()(input_ids)
         if isinstance(token_embeds, tuple):
@@ -224,17 +250,27 @@ class Blip2ForLLM(nn.Module):
 class Blip2PipeStage(nn.Module):
     """One pipeline stage of a BLIP-2 LLM model (DeepSpeed ``PipelineModule`` layer).
 
-    Stage 0 holds the image path (ViT + Q-Former, or ViT + patch grouping), the projection
-    and the token embeddings plus its share of decoder layers; the last stage its layers,
-    the final norm, the head and the loss; stages between hold layers only. Stages exchange
-    ``(hidden_states, attention_mask)``; the first stage reads ``(image, input_ids,
-    attention_mask, image_slots)``.
+    The stage holds what its :class:`~blip2_megatron.parallel.pipeline.PipelineStage` says
+    (``model.stage``), in forward order: ViT blocks, the bridge (``ln_vision``, Q-Former or
+    patch grouping, projection, token embeddings and the image merge), decoder layers, the
+    head and the loss. What it reads and sends:
+
+    * the stage with ViT block 0 reads ``(image, input_ids, attention_mask, image_slots)``;
+    * a stage that starts inside the image path reads ``(vision_hidden, input_ids,
+      attention_mask, image_slots)``; ending inside the ViT, it sends the same 4-tuple on;
+    * after the bridge, stages exchange ``(hidden_states, attention_mask)``; the last stage
+      returns logits.
+
+    With the image path split over TP ranks (``parallel/tp_split.py``) each TP rank's ViT
+    rows travel along its own pipeline and the bridge gathers them (the batch size is
+    ``input_ids.shape[0]``).
 
     Every stage must hand DeepSpeed the same optimizer groups (weight decay / none): ZeRO
     runs one grad-norm collective per group over all stages, and an empty parameter list
     is refused outright. A stage whose trainable parameters lack a kind (all frozen layers:
     both) gets a one-element placeholder of that kind; it is added to the output times
-    zero, so it has a (zero) gradient and changes nothing.
+    zero, so it has a (zero) gradient and changes nothing. Frozen ViT blocks are never
+    handed to the optimizer, as everywhere.
     """
 
     def __init__(self, model: Blip2ForLLM, stage_id: int, num_stages: int):
@@ -251,19 +287,47 @@ class Blip2PipeStage(nn.Module):
         if not any(p.ndim < 2 for p in trainable):
             self.placeholders.append(nn.Parameter(torch.zeros(1, device=device)))
 
+    def _input_needs_gradient(self) -> bool:
+        """Whether anything before this stage trains (so its input's gradient is needed).
+
+        Before the bridge that is a trained ViT; from the bridge on, the projection always.
+        """
+        stage = self.model.stage
+        if stage.reads_image:
+            return False  # pixels: nothing before them
+        return not (stage.holds_image_path and self.model.cfg.vision.freeze)
+
     def forward(self, inputs: tuple[torch.Tensor, ...]) -> Any:
-        lm = self.model.language_model
-        if self.first:
-            image, input_ids, attention_mask, image_slots = inputs
-            embeds = self.model.input_embeddings(image, input_ids, image_slots.bool())
-            out = lm(inputs_embeds=embeds, attention_mask=attention_mask, right_padded=True)
+        model, stage = self.model, self.model.stage
+        first_input = inputs[0]
+        if not self._input_needs_gradient():
+            # DeepSpeed marks every received float tensor as needing a gradient; frozen
+            # blocks before anything trainable need no backward (a zero gradient is sent).
+            inputs = (first_input.detach(), *inputs[1:])
+        if stage.holds_image_path:
+            x, input_ids, attention_mask, image_slots = inputs
+            if not stage.has_bridge:
+                vision_hidden = model.image_features(x, input_ids.shape[0])
+                vision_hidden = self._with_zero_gradients(vision_hidden, first_input)
+                return (vision_hidden, input_ids, attention_mask, image_slots)
+            embeds = model.input_embeddings(x, input_ids, image_slots.bool())
+            out = model.language_model(inputs_embeds=embeds, attention_mask=attention_mask, right_padded=True)
         else:
             hidden_states, attention_mask = inputs
-            out = lm(hidden_states=hidden_states, attention_mask=attention_mask, right_padded=True)
-        output = out.logits if self.last else out.hidden_states
+            out = model.language_model(
+                hidden_states=hidden_states, attention_mask=attention_mask, right_padded=True
+            )
+        output = self._with_zero_gradients(out.logits if self.last else out.hidden_states, first_input)
+        return output if self.last else (output, attention_mask)
+
+    def _with_zero_gradients(self, output: torch.Tensor, received: torch.Tensor) -> torch.Tensor:
+        """``output`` plus zero times the placeholders (and a received input that needs no
+        gradient but that DeepSpeed sends one back for), so each gets a (zero) gradient."""
         for placeholder in self.placeholders:
             output = output + 0.0 * placeholder.sum().to(output.dtype)
-        return output if self.last else (output, attention_mask)
+        if not self.first and not self._input_needs_gradient() and received.is_floating_point():
+            output = output + 0.0 * received.sum().to(output.dtype)
+        return output
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return self.model.language_model.causal_lm_loss(logits, labels)

@@ -6,20 +6,36 @@ frozen with gradients flowing through it to something trainable = 2x forward (fo
 input grads), frozen with nothing trainable upstream = 1x forward.
 
 The throughput meter (``training/throughput.py``) counts every batch with it, and the
-pipeline split (:func:`pipeline_layer_ranges`) balances the stages with it.
+pipeline split (:func:`pipeline_partition`) balances the stages with it.
 """
 
 from __future__ import annotations
 
 from blip2_megatron.config import Blip2Config, LLMConfig, QFormerConfig, VisionConfig
-from blip2_megatron.parallel.pipeline import balanced_layer_ranges
+from blip2_megatron.parallel.pipeline import PipelineStage, balanced_partition, stages_from_cuts
+
+
+def vision_patch_flops(cfg: VisionConfig) -> float:
+    """The patch embedding's forward (one image)."""
+    return 2.0 * cfg.num_patches * 3 * cfg.patch_size**2 * cfg.hidden_size
+
+
+def vision_block_flops(cfg: VisionConfig) -> float:
+    """One ViT block's forward (one image)."""
+    n, d, i = cfg.num_positions, cfg.hidden_size, cfg.intermediate_size
+    return 2.0 * n * (4 * d * d + 2 * d * i) + 4.0 * n * n * d
 
 
 def vision_forward_flops(cfg: VisionConfig) -> float:
-    n, d, i = cfg.num_positions, cfg.hidden_size, cfg.intermediate_size
-    patch = 2.0 * cfg.num_patches * 3 * cfg.patch_size**2 * d
-    per_layer = 2.0 * n * (4 * d * d + 2 * d * i) + 4.0 * n * n * d
-    return patch + cfg.num_layers * per_layer
+    return vision_patch_flops(cfg) + cfg.num_layers * vision_block_flops(cfg)
+
+
+def qformer_passes(cfg: Blip2Config) -> int:
+    """Forward passes one training step costs the Q-Former: trained 3, frozen under a trained ViT 2
+    (input gradients only), frozen with nothing trainable before it 1."""
+    if not cfg.freeze_qformer:
+        return 3
+    return 1 if cfg.vision.freeze else 2
 
 
 def qformer_forward_flops(cfg: QFormerConfig, num_query: int, num_text: int, image_tokens: int) -> float:
@@ -75,7 +91,7 @@ def train_flops_by_part(cfg: Blip2Config, lengths: list[int], first_label: int =
         parts["qformer"] = 0.0
     else:
         parts["qformer"] = images * qformer_forward_flops(cfg.qformer, q, 0, image_tokens)
-        parts["qformer"] *= 1 if cfg.freeze_qformer else 3
+        parts["qformer"] *= qformer_passes(cfg)
     parts["qformer"] += images * 2.0 * cfg.num_image_slots * cfg.image_feature_size * cfg.llm.hidden_size * 3
     skipped = max(first_label - 1, 0)
     llm = cfg.llm
@@ -94,33 +110,67 @@ def train_flops_per_image(cfg: Blip2Config, text_len: int | None = None) -> floa
     return sum(train_flops_by_part(cfg, [length]).values())
 
 
-def pipeline_costs(cfg: Blip2Config, seq_len: int | None = None) -> tuple[float, float, float]:
-    """Training FLOPs per sample of (the image path, one decoder layer, the head).
+def pipeline_unit_costs(cfg: Blip2Config, seq_len: int | None = None) -> list[float]:
+    """Training FLOPs per sample of each pipeline unit, in forward order.
 
-    The image path (ViT, Q-Former, projection) runs on pipeline stage 0 and the head on the
-    last one. ``seq_len`` defaults to the image slots plus ``max_txt_len`` text tokens.
+    The units (``parallel/pipeline.py``): the ViT blocks (block 0 with the patch embedding),
+    the bridge (Q-Former or patch grouping, projection), each decoder layer, the head. A
+    trained ViT's blocks cost 3 forwards, a frozen one's 1 (nothing trainable before them);
+    the LLM's parts cost 2 frozen (gradients flow back to the projection) and 3 trained.
+    ``seq_len`` defaults to the image slots plus ``max_txt_len`` text tokens; the pipeline's
+    last stage computes every position's logits (first_label is not sent along).
     """
     llm = cfg.llm
     seq_len = seq_len or cfg.num_image_slots + cfg.max_txt_len
+    vision_passes = 1 if cfg.vision.freeze else 3
+    blocks = [vision_block_flops(cfg.vision) * vision_passes for _ in range(cfg.vision.num_layers)]
+    blocks[0] += vision_patch_flops(cfg.vision) * vision_passes
     image_path = sum(v for k, v in train_flops_by_part(cfg, [seq_len]).items() if k != "llm")
-    passes = 2 if llm.freeze else 3
-    layer = llm_layer_forward_flops(llm, seq_len) * passes
-    # The pipeline's last stage computes every position's logits (first_label is not sent along).
-    return image_path, layer, llm_head_forward_flops(llm, seq_len) * passes
+    bridge = image_path - sum(blocks)
+    llm_passes = 2 if llm.freeze else 3
+    layers = [llm_layer_forward_flops(llm, seq_len) * llm_passes for _ in range(llm.num_layers)]
+    return [*blocks, bridge, *layers, llm_head_forward_flops(llm, seq_len) * llm_passes]
 
 
-def stage_train_flops(cfg: Blip2Config, ranges: list[tuple[int, int]]) -> list[float]:
-    """Training FLOPs per sample of each pipeline stage holding the decoder layer ``ranges``."""
-    image_path, layer, head = pipeline_costs(cfg)
-    flops = [(end - start) * layer for start, end in ranges]
-    flops[0] += image_path
-    flops[-1] += head
+def embedding_stays_on_first_stage(cfg: Blip2Config) -> bool:
+    """A trained LLM with tied embeddings (OPT) keeps its token embedding, so the bridge, on stage 0.
+
+    Its head copy on the last stage is the same weight: their gradients are summed over
+    megatron-core's embedding group, which holds the first and last stages only, and the
+    engine starts both equal from stage 0 (``training/engine.py``). A frozen tied LLM only
+    needs them equal at the start, which the engine arranges from any stage.
+    """
+    return cfg.llm.tie_word_embeddings and not cfg.llm.freeze
+
+
+def pipeline_partition(cfg: Blip2Config, num_stages: int) -> list[PipelineStage]:
+    """What each of ``num_stages`` pipeline stages holds, balanced by training FLOPs over the whole model.
+
+    The cut minimises the costliest stage over the units of :func:`pipeline_unit_costs`
+    (ViT blocks, bridge, decoder layers, head), so a trained ViT-g at 364 px spreads over
+    stages instead of loading stage 0 alone; under :func:`embedding_stays_on_first_stage`
+    the whole image path stays on stage 0 and the rest is balanced after it.
+    """
+    vision_blocks, layers = cfg.vision.num_layers, cfg.llm.num_layers
+    if num_stages == 1:
+        return [PipelineStage.whole(vision_blocks, layers)]
+    first_stage_min_units = vision_blocks + 1 if embedding_stays_on_first_stage(cfg) else 1
+    ends = balanced_partition(pipeline_unit_costs(cfg), num_stages, first_stage_min_units)
+    return stages_from_cuts(vision_blocks, layers, ends)
+
+
+def stage_train_flops(cfg: Blip2Config, stages: list[PipelineStage]) -> list[float]:
+    """Training FLOPs per sample of each pipeline stage of ``stages``."""
+    costs = pipeline_unit_costs(cfg)
+    vision_blocks = cfg.vision.num_layers
+    bridge = costs[vision_blocks]
+    layer_costs, head = costs[vision_blocks + 1 : -1], costs[-1]
+    flops = []
+    for stage in stages:
+        start, end = stage.vision_blocks or (0, 0)
+        total = sum(costs[start:end])
+        total += bridge if stage.has_bridge else 0.0
+        total += sum(layer_costs[stage.llm_layers[0] : stage.llm_layers[1]])
+        total += head if stage.has_head else 0.0
+        flops.append(total)
     return flops
-
-
-def pipeline_layer_ranges(cfg: Blip2Config, num_stages: int) -> list[tuple[int, int]]:
-    """Decoder layers per pipeline stage, balanced by training FLOPs (stage 0 carries the image path)."""
-    image_path, layer, head = pipeline_costs(cfg)
-    return balanced_layer_ranges(
-        cfg.llm.num_layers, num_stages, layer, first_extra=image_path, last_extra=head
-    )

@@ -3,17 +3,17 @@
 The model is built on the meta device (shapes only, no storage) in a single process with
 TP = 1; what each TP rank and pipeline stage holds is then derived from the parameters'
 own tensor-parallel marks (megatron-core's ``tensor_model_parallel`` / ``partition_dim``)
-and from :func:`blip2_megatron.models.flops.pipeline_layer_ranges`, so the numbers
+and from :func:`blip2_megatron.models.flops.pipeline_partition`, so the numbers
 follow the code that really splits the model:
 
 * a split parameter holds ``1 / tp`` of its partition dimension on each rank; the token
   embedding and the head hold ``ceil(vocab / tp)`` rows (the vocabulary is padded to a
   multiple of TP);
 * norms, OPT's position table and row-parallel biases are whole on every TP rank;
-* stage 0 holds the image path (ViT + Q-Former and queries, or ViT alone for
-  ``image_encoder="patches"``), the projection and the token (+ position) embeddings;
-  the last stage the final norm and the head (an OPT head tied to the embedding needs
-  its own copy when the two are on different stages).
+* each stage holds its ViT blocks (the first one the patch and position embeddings), the
+  bridge stage ``ln_vision``, the Q-Former and queries, the projection and the token
+  (+ position) embeddings; the last stage the final norm and the head (an OPT head tied
+  to the embedding needs its own copy when the two are on different stages).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from blip2_megatron.config import Blip2Config, ConfigError
+from blip2_megatron.parallel.pipeline import PipelineStage
 
 LLM_PREFIX = "language_model."
 VOCAB_PARAMS = ("embed_tokens.weight", "lm_head.weight")  # rows are vocabulary entries
@@ -82,10 +83,11 @@ class StageCount:
     stage: int
     layers: tuple[int, int]  # decoder layers [start, end)
     holds: list[str]  # the parts besides decoder layers
+    vision_blocks: tuple[int, int] | None = None  # ViT blocks [start, end); None: none
     params_per_tp_rank: int = 0
     trainable_per_tp_rank: int = 0
     state_bytes_per_tp_rank: int = 0  # weights, gradients and Adam state (see :func:`state_bytes`)
-    train_flops_per_sample: float = 0.0  # models.flops.stage_train_flops (image path on stage 0)
+    train_flops_per_sample: float = 0.0  # models.flops.stage_train_flops
 
 
 @dataclass
@@ -106,6 +108,12 @@ class ParamReport:
     @property
     def trainable(self) -> int:
         return sum(p.trainable for p in self.parts.values())
+
+    @property
+    def flops_ratio(self) -> float:
+        """The costliest stage's training FLOPs over the cheapest's (1 without pipelining)."""
+        flops = [s.train_flops_per_sample for s in self.stages]
+        return max(flops) / min(flops) if flops and min(flops) > 0 else 1.0
 
 
 def part_of(name: str) -> str:
@@ -145,20 +153,27 @@ def state_bytes(cfg: Blip2Config, name: str, count: int, trainable: bool) -> int
     if trainable:
         return count * TRAINED_BYTES
     if name.startswith(LLM_PREFIX) and cfg.llm is not None:
-        return count * DTYPE_BYTES[cfg.llm.dtype]
+        return count * DTYPE_BYTES[cfg.llm.weight_dtype_name]
     if part_of(name) == "ViT":
         return count * DTYPE_BYTES[cfg.vision.frozen_dtype]
     return count * 4
 
 
-def _llm_stage_of(local_name: str, ranges: list[tuple[int, int]]) -> int:
-    """Pipeline stage of an LLM parameter (name relative to the LLM)."""
-    if local_name.startswith("layers."):
-        layer = int(local_name.split(".")[1])
-        return next(s for s, (start, end) in enumerate(ranges) if start <= layer < end)
-    if local_name.startswith(("norm.", "lm_head.")):
-        return len(ranges) - 1
-    return 0  # embed_tokens, embed_positions
+def _holdings(cfg: Blip2Config, stage: PipelineStage, num_vision_blocks: int) -> list[str]:
+    """The parts a stage holds besides its decoder layers, in forward order."""
+    holds = []
+    if stage.vision_blocks is not None:
+        start, end = stage.vision_blocks
+        holds.append("ViT" if (start, end) == (0, num_vision_blocks) else f"ViT blocks {start}-{end - 1}")
+    if stage.has_bridge:
+        holds += [] if cfg.image_encoder == "patches" else ["Q-Former (+queries)"]
+        if cfg.llm is not None:
+            holds += ["projection", "token embeddings"]
+    if stage.has_head and cfg.llm is not None:
+        holds += ["final norm", "head"]
+    if cfg.kind == "stage1":
+        holds += ["stage-1 heads"]
+    return holds
 
 
 def count_parameters(
@@ -170,8 +185,9 @@ def count_parameters(
     LLM and is counted whole). Needs model-parallel
     groups with TP = 1 (``state.initialize_model_parallel(1, 1)``; started here if none).
     """
-    from blip2_megatron.models.flops import pipeline_layer_ranges, stage_train_flops
+    from blip2_megatron.models.flops import pipeline_partition, stage_train_flops
     from blip2_megatron.parallel import state
+    from blip2_megatron.parallel.pipeline import stage_of
 
     if not state.is_initialized():
         state.initialize_model_parallel(1, 1)
@@ -187,35 +203,38 @@ def count_parameters(
         cfg = replace(cfg, llm=replace(llm, tp=1, pp=1))
     model = build_meta_model(cfg)
 
-    ranges = pipeline_layer_ranges(cfg, pp) if llm is not None else [(0, 0)]
+    vision_blocks = cfg.vision.num_layers
+    if llm is not None:
+        partition = pipeline_partition(cfg, pp)
+    else:
+        partition = [PipelineStage.whole(vision_blocks, 0)]
     report = ParamReport(name=name, kind=cfg.kind, tp=tp, pp=pp, parts={p: PartCount() for p in PARTS})
-    for stage, layers in enumerate(ranges):
-        image_path = ["ViT"] if cfg.image_encoder == "patches" else ["ViT", "Q-Former (+queries)"]
-        holds = image_path if stage == 0 else []
-        if stage == 0 and llm is not None:
-            holds += ["projection", "token embeddings"]
-        if stage == len(ranges) - 1 and llm is not None:
-            holds += ["final norm", "head"]
-        if cfg.kind == "stage1":
-            holds += ["stage-1 heads"]
-        report.stages.append(StageCount(stage=stage, layers=layers, holds=holds))
+    for index, stage in enumerate(partition):
+        report.stages.append(
+            StageCount(
+                stage=index,
+                layers=stage.llm_layers,
+                holds=_holdings(cfg, stage, vision_blocks),
+                vision_blocks=stage.vision_blocks,
+            )
+        )
 
     vocab = llm.vocab_size if llm is not None else None
     for param_name, param in model.named_parameters():
         part = report.parts[part_of(param_name)]
         part.total += param.numel()
         part.trainable += param.numel() if param.requires_grad else 0
+        stage = report.stages[stage_of(param_name, partition)]
         if param_name.startswith(LLM_PREFIX):
-            local = param_name[len(LLM_PREFIX) :]
-            stage = report.stages[_llm_stage_of(local, ranges)]
-            count = per_tp_rank(local, param, tp, vocab)
+            count = per_tp_rank(param_name[len(LLM_PREFIX) :], param, tp, vocab)
         else:
-            stage, count = report.stages[0], param.numel()
+            count = param.numel()
         stage.params_per_tp_rank += count
         stage.trainable_per_tp_rank += count if param.requires_grad else 0
         stage.state_bytes_per_tp_rank += state_bytes(cfg, param_name, count, param.requires_grad)
 
-    if llm is not None and llm.tie_word_embeddings and pp > 1:
+    bridge = next(i for i, s in enumerate(partition) if s.has_bridge)
+    if llm is not None and llm.tie_word_embeddings and bridge != len(partition) - 1:
         # The head reads the embedding on one stage; split over stages it keeps a copy.
         embedding = model.language_model.embed_tokens.weight
         copy = per_tp_rank("embed_tokens.weight", embedding, tp, vocab)
@@ -225,7 +244,7 @@ def count_parameters(
             cfg, LLM_PREFIX + "lm_head.weight", copy, embedding.requires_grad
         )
     if llm is not None:
-        for stage, flops in zip(report.stages, stage_train_flops(cfg, ranges)):
+        for stage, flops in zip(report.stages, stage_train_flops(cfg, partition)):
             stage.train_flops_per_sample = flops / tp  # every split matmul divides by TP
     return report
 
@@ -260,7 +279,10 @@ def format_report(report: ParamReport) -> str:
     lines.append(f"  per rank ({report.tp} TP rank(s) per pipeline stage, each holding the same count):")
     for stage in report.stages:
         start, end = stage.layers
-        held = ([f"decoder layers {start}-{end - 1}"] if end > start else []) + stage.holds
+        layers = [f"decoder layers {start}-{end - 1}"] if end > start else []
+        # In forward order: ViT blocks and bridge, then decoder layers, then the head.
+        before = [h for h in stage.holds if h not in ("final norm", "head", "stage-1 heads")]
+        held = before + layers + stage.holds[len(before) :]
         flops = (
             f", {stage.train_flops_per_sample / 1e9:,.4g} GFLOP/sample"
             if stage.train_flops_per_sample
@@ -271,10 +293,13 @@ def format_report(report: ParamReport) -> str:
             f"{stage.trainable_per_tp_rank:,} trainable; {human_bytes(stage.state_bytes_per_tp_rank)}"
             f"{flops}; {', '.join(held)}"
         )
+    if len(report.stages) > 1:
+        lines.append(f"  costliest / cheapest stage: {report.flops_ratio:.3f}x training FLOPs")
     lines.append(
         "  bytes: weights, gradients and Adam state on a GPU (frozen parts in their kept dtype, trained "
         f"{TRAINED_BYTES} B/param before ZeRO), activations aside; GFLOP: training, per sample of "
-        "image slots + max_txt_len tokens (stage 0 runs the image path); PP stages are balanced by it"
+        "image slots + max_txt_len tokens; PP stages are balanced by it over ViT blocks, the bridge "
+        "(Q-Former, projection), decoder layers and the head"
     )
     return "\n".join(lines)
 
@@ -288,11 +313,13 @@ def report_dict(report: ParamReport) -> dict[str, Any]:
         "pp": report.pp,
         "total": report.total,
         "trainable": report.trainable,
+        "flops_ratio": report.flops_ratio,
         "parts": {k: {"total": v.total, "trainable": v.trainable} for k, v in report.parts.items()},
         "stages": [
             {
                 "stage": s.stage,
                 "layers": list(s.layers),
+                "vision_blocks": list(s.vision_blocks) if s.vision_blocks is not None else None,
                 "holds": s.holds,
                 "params_per_tp_rank": s.params_per_tp_rank,
                 "trainable_per_tp_rank": s.trainable_per_tp_rank,

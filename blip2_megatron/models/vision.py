@@ -175,6 +175,39 @@ class VisionLayer(nn.Module):
         return x + drop_path(mlp, self.drop_path_rate, self.training)
 
 
+class IndexedBlocks(nn.Module):
+    """Some blocks of a stack, each named by its index in the whole stack (``"0"`` ... ``"38"``).
+
+    A whole stack gives the state-dict names of an ``nn.ModuleList`` (``layers.{i}.*``); a
+    pipeline stage holding blocks ``[a, b)`` gives those blocks the same names, so weights
+    and checkpoints never depend on the layout. Iteration runs over the held blocks in order
+    and ``blocks[i]`` is block ``i`` of the whole stack.
+    """
+
+    def __init__(self, blocks: dict[int, nn.Module]):
+        super().__init__()
+        for index in sorted(blocks):
+            self.add_module(str(index), blocks[index])
+
+    def __iter__(self):
+        return iter(self._modules.values())
+
+    def __len__(self) -> int:
+        return len(self._modules)
+
+    def __getitem__(self, index: int) -> nn.Module:
+        return self._modules[str(index)]
+
+    def indices(self) -> list[int]:
+        return [int(name) for name in self._modules]
+
+    def keep(self, start: int, end: int) -> None:
+        """Drop every block outside ``[start, end)``."""
+        for index in self.indices():
+            if not start <= index < end:
+                del self._modules[str(index)]
+
+
 class VisionLayers(nn.Module):
     """The block stack (HF ``Blip2Encoder``: ``encoder.layers.{i}``), optionally checkpointed."""
 
@@ -182,7 +215,7 @@ class VisionLayers(nn.Module):
         super().__init__()
         # Plain floats (not torch.linspace) so the module also builds on the meta device.
         rates = [cfg.drop_path_rate * i / max(cfg.num_layers - 1, 1) for i in range(cfg.num_layers)]
-        self.layers = nn.ModuleList(VisionLayer(cfg, rate) for rate in rates)
+        self.layers = IndexedBlocks({index: VisionLayer(cfg, rate) for index, rate in enumerate(rates)})
         self.grad_checkpointing = cfg.grad_checkpointing
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -198,6 +231,10 @@ class VisionEncoder(nn.Module):
     ``forward(pixel_values [B, 3, S, S]) -> [B, 1 + (S/patch)^2, hidden]`` in fp32.
     After :func:`freeze_vision` the module stays in eval mode even when a parent calls
     ``.train()``.
+
+    A pipeline stage holds part of it (:meth:`keep_parts`): without block 0 it has no
+    embeddings and reads the previous blocks' hidden states; without ``post_layernorm``
+    (kept by the stage of the Q-Former) it returns the raw residual stream.
     """
 
     def __init__(self, cfg: VisionConfig):
@@ -216,8 +253,9 @@ class VisionEncoder(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """EVA's initialisation: truncated normal (std 0.02), zero biases, output layers scaled by depth."""
-        nn.init.trunc_normal_(self.embeddings.class_embedding, std=0.02)
-        nn.init.trunc_normal_(self.embeddings.position_embedding, std=0.02)
+        if self.embeddings is not None:
+            nn.init.trunc_normal_(self.embeddings.class_embedding, std=0.02)
+            nn.init.trunc_normal_(self.embeddings.position_embedding, std=0.02)
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.trunc_normal_(module.weight, std=0.02)
@@ -226,13 +264,34 @@ class VisionEncoder(nn.Module):
             elif isinstance(module, nn.LayerNorm):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
-        for depth, layer in enumerate(self.encoder.layers, start=1):
-            layer.self_attn.projection.weight.div_(math.sqrt(2.0 * depth))
-            layer.mlp.fc2.weight.div_(math.sqrt(2.0 * depth))
+        for index in self.encoder.layers.indices():
+            layer = self.encoder.layers[index]
+            layer.self_attn.projection.weight.div_(math.sqrt(2.0 * (index + 1)))
+            layer.mlp.fc2.weight.div_(math.sqrt(2.0 * (index + 1)))
+
+    def keep_parts(self, blocks: tuple[int, int] | None, ln_vision: bool) -> None:
+        """Keep only a pipeline stage's parts: ViT ``blocks`` ``[a, b)`` (block 0 brings the
+        embeddings) and, with ``ln_vision``, ``post_layernorm``.
+
+        The stage builds the whole encoder first and drops the rest, so every part starts
+        from the same random weights in every layout (its draws come in the same order).
+        """
+        start, end = blocks if blocks is not None else (0, 0)
+        if start > 0 or end == 0:
+            self.embeddings = None
+            self.pre_layernorm = None
+        self.encoder.layers.keep(start, end)
+        if not ln_vision:
+            self.post_layernorm = None
 
     def train(self, mode: bool = True) -> VisionEncoder:
         # A frozen encoder never leaves eval mode (no dropout / drop path), as in LAVIS.
         return super().train(mode and not self.frozen)
+
+    @property
+    def reads_pixels(self) -> bool:
+        """This (part of the) encoder starts from images, not from earlier blocks' hidden states."""
+        return self.embeddings is not None
 
     def ln_vision(self, x: torch.Tensor) -> torch.Tensor:
         """``post_layernorm`` in fp32 whatever the dtype of the stream or of its weights."""
@@ -242,11 +301,15 @@ class VisionEncoder(nn.Module):
         )
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        x = self.embeddings(pixel_values)
-        if self.pre_layernorm is not None:
-            x = _norm_in_own_dtype(self.pre_layernorm, x)
+        """Images (or, on a pipeline stage without block 0, earlier blocks' hidden states) ->
+        ``ln_vision`` of the last block's output (without ``post_layernorm``: the raw stream)."""
+        x = pixel_values
+        if self.embeddings is not None:
+            x = self.embeddings(x)
+            if self.pre_layernorm is not None:
+                x = _norm_in_own_dtype(self.pre_layernorm, x)
         x = self.encoder(x)
-        return self.ln_vision(x)
+        return self.ln_vision(x) if self.post_layernorm is not None else x
 
 
 def freeze_vision(module: VisionEncoder, dtype: torch.dtype = torch.float16) -> VisionEncoder:

@@ -70,7 +70,7 @@ from blip2_megatron.convert.run_checkpoint import (
     write_pieces,
 )
 from blip2_megatron.io import CheckpointMismatchError, write_json_atomic, write_text_atomic
-from blip2_megatron.models.flops import pipeline_layer_ranges
+from blip2_megatron.models.flops import pipeline_partition
 from blip2_megatron.parallel import state
 from blip2_megatron.training.faults import EXIT_SAVE_FAILED, TrainingStopped, abort_rank
 
@@ -93,10 +93,11 @@ def checkpoint_root(job: JobConfig) -> Path:
 
 
 def layout_of(job: JobConfig, zero: int) -> dict[str, Any]:
-    """The parallel layout a checkpoint's engine files belong to (with PP, each stage's decoder layers)."""
+    """The parallel layout a checkpoint's engine files belong to (with PP, what each stage holds:
+    ViT blocks, bridge, decoder layers, head; ``parallel.pipeline.PipelineStage``)."""
     layout: dict[str, Any] = {"tp": job.tp, "pp": job.pp, "dp": state.dp_size(), "zero": zero}
     if job.pp > 1:
-        layout["pp_layers"] = [list(r) for r in pipeline_layer_ranges(job.model, job.pp)]
+        layout["pp_stages"] = [stage.to_json() for stage in pipeline_partition(job.model, job.pp)]
     return layout
 
 
@@ -189,8 +190,8 @@ def _resume_point(job: JobConfig, zero: int, path: Path) -> ResumePoint:
         saved.get("tp") == current["tp"]
         and saved.get("pp") == current["pp"]
         and saved.get("zero") == current["zero"]
-        # DeepSpeed's pipeline files hold each stage's layers: the split must be the same.
-        and saved.get("pp_layers") == current.get("pp_layers")
+        # DeepSpeed's pipeline files hold each stage's parts: the split must be the same.
+        and saved.get("pp_stages") == current.get("pp_stages")
         # ZeRO partitions the optimizer state over the DP ranks; DeepSpeed cannot re-cut it.
         and (saved.get("dp") == current["dp"] or current["zero"] == 0)
         and any(path.glob("*model_states.pt"))
@@ -377,13 +378,12 @@ def save_weights(engine: Any, folder: Path) -> None:
 def _check_free_space(root: Path, job: JobConfig) -> None:
     """Stop before a save that cannot fit: the new checkpoint needs about as much as the last one."""
     previous = finished_checkpoints(root)
-    if not previous or dist.get_rank() != 0:
-        ok = torch.ones(1)
-    else:
+    fits = True
+    if previous and dist.get_rank() == 0:
         needed = sum(p.stat().st_size for p in previous[-1].rglob("*") if p.is_file())
         free = shutil.disk_usage(root).free
-        ok = torch.tensor([1.0 if free > 1.1 * needed else 0.0])
-        if not ok.item():
+        fits = free > 1.1 * needed
+        if not fits:
             logger.error(
                 "%s has %.1f MB free but a checkpoint takes %.1f MB (%s)",
                 root,
@@ -391,8 +391,9 @@ def _check_free_space(root: Path, job: JobConfig) -> None:
                 needed / 2**20,
                 previous[-1].name,
             )
+    ok = accelerator.device_tensor([1.0 if fits else 0.0])
     dist.broadcast(ok, src=0)
-    if not ok.item():
+    if not ok.item():  # every rank must know before any starts writing
         raise TrainingStopped(
             f"no room for another checkpoint in {root} (see the log); the last complete checkpoint "
             f"{previous[-1].name} and latest are intact: free space and restart to resume",
@@ -418,9 +419,9 @@ def save_checkpoint(engine: Any, job: JobConfig, step: int, trainer_state: dict[
     if rank == 0:
         shutil.rmtree(partial, ignore_errors=True)  # leftovers of a crashed save
     failure = _write_rank_files(engine, root, partial, rank)
-    failed = torch.tensor([0.0 if failure is None else 1.0])
+    failed = accelerator.device_tensor([0.0 if failure is None else 1.0])
     dist.all_reduce(failed, op=dist.ReduceOp.MAX)
-    if failed.item():
+    if failed.item():  # the ranks agree before anything is renamed
         if rank == 0:
             shutil.rmtree(partial, ignore_errors=True)
         raise TrainingStopped(

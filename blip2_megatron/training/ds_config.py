@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from blip2_megatron import accelerator
 from blip2_megatron.config import ConfigError, JobConfig
 
 
@@ -90,6 +91,13 @@ def fill_ds_config(job: JobConfig, ds_config: dict[str, Any], dp_size: int) -> d
         )
     cfg.setdefault("bf16", {})
     cfg.setdefault("fp16", {})
+    if autocasts_trained_vision(job) and "torch_autocast" not in cfg:
+        # Parameters stay fp32; matmuls run in half precision under torch.autocast (fp16
+        # with ZeRO's gradient scaler), as LAVIS trains its ViT with AMP.
+        half = {"bf16": "bfloat16", "fp16": "float16"}[job.train.precision]
+        cfg["torch_autocast"] = {"enabled": True, "dtype": half}
+        _fill(cfg["bf16"], "enabled", False)
+        _fill(cfg["fp16"], "enabled", False)
     _fill(cfg["bf16"], "enabled", job.train.precision == "bf16")
     _fill(cfg["fp16"], "enabled", job.train.precision == "fp16")
     if job.pp > 1:
@@ -105,27 +113,51 @@ def fill_ds_config(job: JobConfig, ds_config: dict[str, Any], dp_size: int) -> d
     return cfg
 
 
-def without_idle_zero(ds_config: dict[str, Any], dp_size: int) -> dict[str, Any]:
-    """The config DeepSpeed runs: ZeRO-1/2 become stage 0 when there is one data-parallel rank.
+def autocasts_trained_vision(job: JobConfig) -> bool:
+    """Whether a half-precision job trains through torch.autocast with fp32 parameters.
+
+    So it does when the ViT trains (caption fine-tuning). DeepSpeed's bf16 / fp16 engine
+    casts every trained parameter to half precision, which would put a trained ViT's
+    LayerNorms, CLS and position embeddings, and with them its residual stream (kept in the
+    position embedding's dtype: ``models/vision.py``), in bf16; the caption job trains the
+    ViT in fp32, as LAVIS does with AMP. Under autocast the parameters stay fp32, matmuls
+    run in half precision and norms in fp32. Frozen parts keep their own dtypes either way.
+    """
+    return job.train.precision != "fp32" and not job.model.vision.freeze
+
+
+def without_idle_zero(ds_config: dict[str, Any], dp_size: int, precision: str) -> dict[str, Any]:
+    """The config DeepSpeed runs: ZeRO-1/2 become stage 0 at one data-parallel rank on CPU in fp32.
 
     ZeRO-1/2 partition optimizer states (and gradients) over the data-parallel ranks; with
     one rank nothing is partitioned, yet DeepSpeed's ZeRO optimizer still keeps flat fp32
     copies of the trained weights and copies every gradient into buckets from backward
     hooks (measured on CPU, tiny job at fp32: backward 18.7 ms under ZeRO-2, 12.1 ms
-    without). The step is the same computation either way. Offloading needs ZeRO and keeps
-    its stage, as does ZeRO-3. Checkpoints record the stage DeepSpeed ran (its files differ
-    by stage): one written by ZeRO-2 at one rank resumes here from its saved weights.
+    without). The step is the same computation either way.
+
+    Only there (:func:`drops_idle_zero`). In bf16 or fp16 DeepSpeed's stage 0 wraps a
+    torch optimizer in its unfused fp16 optimizer, whose overflow check reads every trained
+    tensor on the host (about 730 waits per step for the caption job on a GPU), and the
+    trainer must check each loss itself (another wait per micro-batch), while ZeRO's
+    optimizer checks all gradients at once. Offloading needs ZeRO and keeps its stage, as
+    does ZeRO-3. Checkpoints record the stage DeepSpeed ran (its files differ by stage):
+    one written by ZeRO-2 at one rank resumes under stage 0 from its saved weights.
     """
     zero = ds_config.get("zero_optimization", {})
     offloads = zero.get("cpu_offload") is True or any(
         (zero.get(key) or {}).get("device", "none") != "none"
         for key in ("offload_optimizer", "offload_param")
     )
-    if dp_size > 1 or zero_stage(ds_config) not in (1, 2) or offloads:
+    if dp_size > 1 or zero_stage(ds_config) not in (1, 2) or offloads or not drops_idle_zero(precision):
         return ds_config
     cfg = copy.deepcopy(ds_config)
     cfg["zero_optimization"]["stage"] = 0
     return cfg
+
+
+def drops_idle_zero(precision: str) -> bool:
+    """Whether ZeRO-1/2 at one data-parallel rank run as stage 0 here: on CPU in fp32 only, where measured faster."""
+    return precision == "fp32" and accelerator.is_cpu()
 
 
 def _fill_pipeline(cfg: dict[str, Any]) -> None:

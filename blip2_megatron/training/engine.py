@@ -31,10 +31,10 @@ from blip2_megatron.build import build_model, build_pipeline_stage
 from blip2_megatron.config import JobConfig
 from blip2_megatron.convert.run_checkpoint import unwrap_stage
 from blip2_megatron.models.blip2 import Blip2PipeStage
-from blip2_megatron.models.flops import train_flops_by_part
+from blip2_megatron.models.flops import pipeline_partition, train_flops_by_part
 from blip2_megatron.parallel import state
 from blip2_megatron.parallel.mpu import MegatronMpu
-from blip2_megatron.parallel.pipeline import check_grid_matches_megatron
+from blip2_megatron.parallel.pipeline import PipelineStage, check_grid_matches_megatron
 from blip2_megatron.training.ds_config import fill_ds_config, without_idle_zero, zero_stage
 from blip2_megatron.training.faults import EXIT_NON_FINITE, TrainingStopped
 from blip2_megatron.training.optim import WarmupCosineSchedule, build_optimizer
@@ -80,12 +80,20 @@ class _Blip2PipelineModule(PipelineModule):
     stage's head copy, over megatron-core's embedding group. The engine sums their
     gradients over that group before each optimizer step (``get_tied_weights_and_groups``),
     so both copies take the same steps, as the single tied weight of an unsplit model does.
+    A trained tied embedding therefore stays on stage 0 (``models/flops.py``
+    ``embedding_stays_on_first_stage``); a frozen one may sit on a later stage (with the
+    bridge), and its copies need only start equal.
     """
+
+    partition: list[PipelineStage]  # what each stage holds (set by build_pipeline_module)
+
+    def _language_model(self) -> nn.Module | None:
+        return unwrap_stage(self.forward_funcs[0]).language_model
 
     def tied_embedding(self) -> tuple[torch.Tensor, Any] | None:
         group = state.embedding_group()
-        lm = unwrap_stage(self.forward_funcs[0]).language_model
-        if group is None or not lm.tie_word_embeddings:
+        lm = self._language_model()
+        if group is None or lm is None or not lm.tie_word_embeddings or not self.partition[0].has_bridge:
             return None
         weight = lm.embed_tokens.weight if lm.pre_process else lm.lm_head.weight
         return weight, group
@@ -96,12 +104,27 @@ class _Blip2PipelineModule(PipelineModule):
 
     @torch.no_grad()
     def synchronize_tied_embedding(self) -> None:
-        """Copy the first stage's embedding into the last stage's head (they may start apart)."""
+        """Copy the token embedding into the last stage's head copy (they may start apart).
+
+        From stage 0 over the embedding group; from a later bridge stage (a frozen LLM)
+        point to point, since the embedding group holds the first and last stages only.
+        """
         tied = self.tied_embedding()
         if tied is not None:
             weight, group = tied
             first = min(torch.distributed.get_process_group_ranks(group))
             torch.distributed.broadcast(weight, src=first, group=group)
+            return
+        lm = self._language_model()
+        bridge = next(index for index, stage in enumerate(self.partition) if stage.has_bridge)
+        last = len(self.partition) - 1
+        if lm is None or not lm.tie_word_embeddings or bridge in (0, last):
+            return
+        ranks = sorted(torch.distributed.get_process_group_ranks(state.pp_group()))  # in stage order
+        if state.pp_rank() == bridge:
+            torch.distributed.send(lm.embed_tokens.weight, dst=ranks[last])
+        elif state.pp_rank() == last:
+            torch.distributed.recv(lm.lm_head.weight, src=ranks[bridge])
 
 
 def build_pipeline_module(
@@ -109,8 +132,10 @@ def build_pipeline_module(
 ) -> PipelineModule:
     """DeepSpeed PipelineModule over our stages (only this rank's stage is built).
 
-    ``dynamic_shape``: captions vary in length, so the activations a stage sends vary from
-    micro-batch to micro-batch; without it the engine would reuse the first batch's shapes.
+    What each stage holds comes from ``models.flops.pipeline_partition`` (ViT blocks, the
+    bridge, decoder layers, the head). ``dynamic_shape``: captions vary in length, so the
+    activations a stage sends vary from micro-batch to micro-batch; without it the engine
+    would reuse the first batch's shapes.
     """
     topology = PipeModelDataParallelTopology(num_pp=job.pp, num_mp=job.tp, num_dp=state.dp_size())
     check_grid_matches_megatron(topology)
@@ -118,6 +143,7 @@ def build_pipeline_module(
     module = _Blip2PipelineModule(
         layers=specs, topology=topology, partition_method="uniform", loss_fn=None, dynamic_shape=True
     )
+    module.partition = pipeline_partition(job.model, job.pp)
     module.loss_fn = module.forward_funcs[0].loss
     module.synchronize_tied_embedding()
     return module
@@ -200,9 +226,9 @@ class Engine:
     def optimizer_skips_non_finite(self) -> bool:
         """Whether DeepSpeed's optimizer checks the gradients and skips a non-finite step itself.
 
-        ZeRO's optimizers do in fp16, in bf16 (``bf16.check_grad_overflow``, on by default)
-        and whenever gradient clipping is on (a non-finite norm); fp16 without ZeRO has its
-        loss scaler. Then :meth:`step` need not read the loss on the host before backward,
+        ZeRO's optimizers do in fp16, in bf16 (``bf16.check_grad_overflow``, on by default),
+        under torch autocast (fp32 parameters: ZeRO-1/2 read the global norm) and whenever
+        gradient clipping is on (a non-finite norm); fp16 without ZeRO has its loss scaler. Then :meth:`step` need not read the loss on the host before backward,
         a wait that would stall the device queue at every micro-batch.
         """
         ds = self.ds
@@ -210,6 +236,8 @@ class Engine:
             return True
         if self.zero_stage == 0:
             return False
+        if ds.torch_autocast_enabled() and self.zero_stage in (1, 2) and ds.zero_compute_grad_norm():
+            return True  # fp32 parameters: ZeRO-1/2 skip a step whose global gradient norm is not finite
         return bool(ds.bfloat16_enabled() and ds._config.bfloat16_config.check_grad_overflow) or (
             ds.gradient_clipping() > 0
         )
@@ -367,7 +395,7 @@ def build_engine(
 
     device = accelerator.current_device()
     configured = fill_ds_config(job, ds_raw, state.dp_size())
-    ds_config = without_idle_zero(configured, state.dp_size())
+    ds_config = without_idle_zero(configured, state.dp_size(), job.train.precision)
     if job.pp > 1:
         module: nn.Module = build_pipeline_module(job, device, trained)
         mpu = None  # the pipeline engine brings its own grid (checked equal to megatron-core's)

@@ -34,7 +34,7 @@ def part_precisions(cfg: Blip2Config, precision: str) -> dict[str, str]:
     vision = cfg.vision.frozen_dtype if cfg.vision.freeze else precision
     precisions = {"vision": names[accelerator.weight_dtype(vision)], "qformer": precision}
     if cfg.llm is not None:  # stage 1 has none
-        llm = cfg.llm.dtype if cfg.llm.freeze else precision
+        llm = cfg.llm.weight_dtype_name if cfg.llm.freeze else precision
         precisions["llm"] = names[accelerator.weight_dtype(llm)]
     return precisions
 

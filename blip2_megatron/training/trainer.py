@@ -9,7 +9,6 @@ evaluation the job asks for at the end.
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import json
 import logging
 import signal
@@ -41,15 +40,14 @@ logger = logging.getLogger(__name__)
 class PreemptionFlag:
     """Remembers a SIGTERM / SIGUSR1 so the loop can save and exit at a step boundary.
 
-    Ranks agree through a host-memory (gloo) all-reduce of one integer per step: a network
-    round trip, without waiting for the device as a reduction of a device tensor would.
+    Ranks agree through an all-reduce of one host integer per step over the host (gloo)
+    group: a network round trip, without waiting for the device as a reduction of a device
+    tensor would (and NCCL / HCCL would not take a CPU tensor).
     """
 
-    def __init__(self, timeout_s: int) -> None:
+    def __init__(self) -> None:
         self.signal_name: str | None = None
-        self.group = None
-        if dist.get_backend() != "gloo":
-            self.group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
+        self.group = state.host_group()
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._handler)
 
@@ -213,7 +211,7 @@ class _TrainingRun:
         self.dp_rank, self.dp_size = state.dp_rank(), state.dp_size()
         self.rank0 = dist.get_rank() == 0
         self.output_dir = _prepare_output(job)
-        self.preemption = PreemptionFlag(job.train.collective_timeout_s)
+        self.preemption = PreemptionFlag()
 
         self.builder = build_batch_builder(job.model)
         self.loader = build_train_loader(
@@ -229,7 +227,9 @@ class _TrainingRun:
 
         checkpoint.clean_partial_checkpoints(job)
         # The stage DeepSpeed will run decides which engine files fit (they differ by stage).
-        resume = checkpoint.resolve_resume(job, zero_stage(without_idle_zero(ds_raw, self.dp_size)))
+        resume = checkpoint.resolve_resume(
+            job, zero_stage(without_idle_zero(ds_raw, self.dp_size, job.train.precision))
+        )
         # Same seed everywhere for initialisation (replicated modules must start equal), then
         # one stream per data-parallel rank: TP/PP ranks of one DP rank draw the same dropout.
         accelerator.manual_seed(job.train.seed)

@@ -19,7 +19,9 @@ collective timeout from ``train.collective_timeout_s=`` (600 s when absent).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import os
 import runpy
 import socket
@@ -45,13 +47,31 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+@contextlib.contextmanager
+def info_messages(logger_name: str):
+    """The INFO (and above) messages ``logger_name`` logs meanwhile; the trainer's logging is not set up yet."""
+    messages: list[str] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logger = logging.getLogger(logger_name)
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield messages
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
 def record_layout(args: argparse.Namespace) -> None:
     import torch.distributed as dist
     from megatron.core import parallel_state
 
     from blip2_megatron.parallel import state
 
-    state.init_distributed(args.timeout_s)
+    with info_messages(state.__name__) as start_up:
+        state.init_distributed(args.timeout_s)
     state.initialize_model_parallel(args.tp, args.pp)
     record = {
         "rank": dist.get_rank(),
@@ -62,6 +82,10 @@ def record_layout(args: argparse.Namespace) -> None:
         "tp": dist.get_process_group_ranks(state.tp_group()),
         "dp": dist.get_process_group_ranks(state.dp_group()),
         "pp": dist.get_process_group_ranks(parallel_state.get_pipeline_model_parallel_group()),
+        # The interface this rank's gloo groups bound to (set by state.init_distributed when unset).
+        "gloo_ifname": os.environ.get("GLOO_SOCKET_IFNAME"),
+        "gloo_choice": next((m for m in start_up if m.startswith("gloo ")), None),
+        "host_group": dist.get_process_group_ranks(state.host_group()),
     }
     print(
         f"[layout] rank {record['rank']} local {record['local_rank']} on {record['slurm_node']} "

@@ -121,9 +121,12 @@ class LocalSlurmCluster:
 
         Without any launcher's rank variables: a MASTER_PORT left in this process by an
         in-process test would reach every job (sbatch exports the environment) and replace
-        the rendezvous port the templates derive from the job id.
+        the rendezvous port the templates derive from the job id. Nor this machine's choice
+        of network interface (an in-process test's torch.distributed sets GLOO_SOCKET_IFNAME
+        to "lo"): the nodes have interfaces of their own; a job names one with SOCKET_IFNAME.
         """
         launcher = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+        launcher += ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME", "HCCL_SOCKET_IFNAME", "SOCKET_IFNAME")
         return {**{k: v for k, v in os.environ.items() if k not in launcher}, "SLURM_CONF": str(self.conf)}
 
     def start(self, timeout: float = 60.0) -> None:

@@ -6,11 +6,14 @@ subnet's ``.1`` (where slurmctld listens). The namespaces have no default route 
 bridge no uplink, so their traffic stays between them and the root namespace.
 
 A process started through :meth:`PrivateNetwork.node_command` runs as if on that node: in
-its network namespace, under its own host name (a UTS namespace) and with an /etc/hosts
-that names every node (a private mount namespace with the cluster's hosts file bind-mounted
-over /etc/hosts; the real file is never touched). Everything it starts (slurmd's jobs,
-torchrun, the trainers) inherits all three, so "node2" resolves to node2's address from
-any node, like on a real cluster.
+its network namespace, under its own host name (a UTS namespace) and with an /etc/hosts of
+its own (a private mount namespace with the node's hosts file bind-mounted over /etc/hosts;
+the real file is never touched). Everything it starts (slurmd's jobs, torchrun, the
+trainers) inherits all three. Each node's hosts file is what Debian's installer writes: the
+node's own name on :data:`OWN_NAME_ADDRESS` (loopback), every other node on its address. So
+"node2" resolves to node2's address from any other node, like on a real cluster, while a
+library that binds to the address of its own host name (gloo, by default) binds to
+loopback, which no other node reaches: the job must choose its interface itself.
 
 Names carry the creating process's id, so that several test sessions can run at once and
 a later one can remove what a killed one left behind (:func:`remove_stale`). Needs root
@@ -30,6 +33,8 @@ from pathlib import Path
 REQUIRED_BINARIES = ("ip", "unshare", "nsenter")
 #: The interface name of every node inside its namespace (what SOCKET_IFNAME names).
 NODE_IFNAME = "eth0"
+#: Where a node's /etc/hosts puts the node's own name (Debian's "127.0.1.1 <host name>" line).
+OWN_NAME_ADDRESS = "127.0.1.1"
 _PREFIX = "b2"
 _NAME_RE = re.compile(rf"^(?:{_PREFIX}|blip2)-([0-9a-f]+)-(\d+)")
 _instances = itertools.count()
@@ -113,11 +118,14 @@ def remove_stale() -> list[str]:
 
 
 class PrivateNetwork:
-    """A bridge and one network namespace per node name; :meth:`create`, then :meth:`destroy`."""
+    """A bridge and one network namespace per node name; :meth:`create`, then :meth:`destroy`.
 
-    def __init__(self, node_names: list[str], hosts_file: Path):
+    ``hosts_dir`` receives each node's hosts file, named after the node.
+    """
+
+    def __init__(self, node_names: list[str], hosts_dir: Path):
         self.node_names = list(node_names)
-        self.hosts_file = Path(hosts_file)
+        self.hosts_dir = Path(hosts_dir)
         tag = f"{os.getpid():x}-{next(_instances)}"
         self.bridge = f"{_PREFIX}-{tag}"  # interface names: at most 15 characters
         self.netns = {node: f"blip2-{tag}-{node}" for node in self.node_names}
@@ -167,9 +175,16 @@ class PrivateNetwork:
         except NetworkUnavailable:
             self.destroy()
             raise
-        lines = ["127.0.0.1 localhost", "::1 localhost ip6-localhost ip6-loopback"]
-        lines += [f"{self.addresses[n]} {n}" for n in self.node_names]
-        self.hosts_file.write_text("\n".join(lines) + "\n")
+        self.hosts_dir.mkdir(parents=True, exist_ok=True)
+        for node in self.node_names:
+            lines = ["127.0.0.1 localhost", f"{OWN_NAME_ADDRESS} {node}"]
+            lines += [f"{self.addresses[n]} {n}" for n in self.node_names if n != node]
+            lines.append("::1 localhost ip6-localhost ip6-loopback")
+            self.hosts_file(node).write_text("\n".join(lines) + "\n")
+
+    def hosts_file(self, node: str) -> Path:
+        """The file bind-mounted over /etc/hosts on ``node``."""
+        return self.hosts_dir / node
 
     def destroy(self) -> list[str]:
         """Kill what still runs in the namespaces, then remove them and the bridge.
@@ -203,7 +218,7 @@ class PrivateNetwork:
         return [
             "unshare", "--mount", "--uts", "--propagation", "slave", "--",
             "sh", "-c", script, "node-shell",
-            str(self.hosts_file), node, f"/run/netns/{self.netns[node]}", *cmd,
+            str(self.hosts_file(node)), node, f"/run/netns/{self.netns[node]}", *cmd,
         ]  # fmt: skip
 
     def pids(self, node: str) -> list[int]:
