@@ -8,7 +8,9 @@ Warm-up steps are excluded. Data is synthetic and in memory unless --real-data i
 `--baseline hf` also runs the same model size, batch, frozen/trained split and dtype
 through transformers' Blip2ForConditionalGeneration (single process) and prints the
 speed and memory ratios; `--baseline replicated` (TP > 1) runs the same layout with every
-TP rank encoding all images first. A JSON file with every figure is written (--out);
+TP rank encoding all images first. `--rounds N` alternates the two sides N times and
+reports each ratio's median and range over the rounds (the figures to quote: a shared
+machine's speed varies from minute to minute). A JSON file with every figure is written (--out);
 `--profile` adds where each side's step goes (torch.profiler, a few steps after the measured ones).
 
     deepspeed --num_gpus 2 launch/benchmark.py --config bench_vision_tp model.llm.tp=2 --baseline replicated
@@ -47,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
         "--rounds",
         type=int,
         default=1,
-        help="with --baseline: alternate baseline and ours this many times, compare each side's fastest",
+        help="with --baseline: alternate baseline and ours this many times and report the median and "
+        "range of the ratios by round",
     )
     parser.add_argument(
         "--profile",

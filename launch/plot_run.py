@@ -7,7 +7,8 @@
 Reads <run dir>/log.jsonl (one record per log step, as the trainer writes it) and, for the
 title, <run dir>/config.yaml. Optional figures (stage-1 losses, per-device FPS, step and
 data time) are drawn when the log has them. When a run was resumed from an earlier
-checkpoint, the later record of a repeated step wins.
+checkpoint, the later record of a repeated step wins. It prints the PNG's path, the steps
+it drew and each curve's points.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -81,7 +83,25 @@ def _series(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[fl
     return [p[0] for p in points], [p[1] for p in points]
 
 
-def plot_run(run_dir: Path, out: Path) -> Path:
+@dataclass
+class DrawnPlot:
+    """What :func:`plot_run` wrote: the PNG, and the steps each drawn curve has (what the CLI reports)."""
+
+    path: Path
+    steps: list[int]
+    """Every logged step, in order (after the last record of a repeated step won)."""
+    series: dict[str, list[int]] = field(default_factory=dict)
+    """Curve name (log key) -> the steps it has a point at."""
+
+    def describe(self) -> str:
+        """'wrote <path>: N logged steps (first..last)' and one line per curve."""
+        lines = [f"wrote {self.path}: {len(self.steps)} logged steps ({self.steps[0]}..{self.steps[-1]})"]
+        for key, steps in self.series.items():
+            lines.append(f"  {key}: {len(steps)} points, steps {steps[0]}..{steps[-1]}")
+        return "\n".join(lines)
+
+
+def plot_run(run_dir: Path, out: Path) -> DrawnPlot:
     import matplotlib
 
     matplotlib.use("Agg")  # no display on clusters and CI
@@ -95,6 +115,7 @@ def plot_run(run_dir: Path, out: Path) -> Path:
     if any("step_time" in r or "data_time" in r for r in records):
         panels.append(("seconds", ["step_time", "data_time"]))
 
+    drawn_plot = DrawnPlot(out, [r["step"] for r in records])
     fig, axes = plt.subplots(len(panels), 1, figsize=(9, 2.6 * len(panels)), sharex=True, squeeze=False)
     for ax, (ylabel, keys) in zip(axes[:, 0], panels):
         drawn = 0
@@ -102,6 +123,7 @@ def plot_run(run_dir: Path, out: Path) -> Path:
             steps, values = _series(records, key)
             if steps:
                 ax.plot(steps, values, marker="." if len(steps) < 50 else None, label=key)
+                drawn_plot.series[key] = steps
                 drawn += 1
         if drawn:
             ax.legend(loc="best", fontsize="small")
@@ -117,7 +139,7 @@ def plot_run(run_dir: Path, out: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)
     plt.close(fig)
-    return out
+    return drawn_plot
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,11 +150,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="PNG to write (default: <run dir>/curves.png)")
     args = parser.parse_args(argv)
     try:
-        out = plot_run(args.run_dir, args.out or args.run_dir / "curves.png")
+        drawn = plot_run(args.run_dir, args.out or args.run_dir / "curves.png")
     except RunLogError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"wrote {out}")
+    print(drawn.describe())
     return 0
 
 

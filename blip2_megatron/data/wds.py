@@ -17,11 +17,13 @@ identical data. Shards are written in img2dataset's layout (``{key}.jpg`` / ``.t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 import random
+import re
 import tarfile
 import time
 from collections import Counter
@@ -32,6 +34,7 @@ from typing import Any, BinaryIO
 
 import braceexpand
 import webdataset
+from webdataset.gopen import Pipe
 from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander
 
 from blip2_megatron.data.processors import SampleError, load_rgb
@@ -75,23 +78,57 @@ def check_shards_exist(urls: Iterable[str]) -> None:
         raise FileNotFoundError(f"{len(missing)} shard file(s) not found: {shown}")
 
 
+#: The shard name's ``.tar`` in a path, URL or ``pipe:`` command: the end of a word, or before a query.
+_TAR_SUFFIX = re.compile(r"\.tar(?=['\"]?(?:[\s?#]|$))")
+
+
 def stats_path_for(url: str) -> str:
-    """img2dataset's stats file beside a shard: ``00012.tar`` -> ``00012_stats.json``."""
-    return url[: -len(".tar")] + "_stats.json" if url.endswith(".tar") else url + "_stats.json"
+    """img2dataset's stats file beside a shard, addressed the way the shard is.
+
+    ``/d/00012.tar`` -> ``/d/00012_stats.json``; ``http://h/d/00012.tar`` ->
+    ``http://h/d/00012_stats.json``; ``pipe:aws s3 cp s3://b/00012.tar -`` -> ``pipe:aws s3 cp
+    s3://b/00012_stats.json -`` (the last ``.tar`` name of a command is the shard's).
+    """
+    found = list(_TAR_SUFFIX.finditer(url))
+    if not found:
+        return url + "_stats.json"
+    last = found[-1]
+    return url[: last.start()] + "_stats.json" + url[last.end() :]
 
 
-def count_shard_samples(url: str) -> int | None:
+def read_remote_stats(url: str) -> dict[str, Any]:
+    """The ``_stats.json`` of a remote shard, read through webdataset's gopen as the shard itself is.
+
+    Raises ValueError naming the shard and the stats address when the file cannot be
+    read or parsed (a missing remote shard usually shows up here first).
+    """
+    stats_url = stats_path_for(url)
+    try:
+        with webdataset.gopen(stats_url, "rb") as stream:
+            text = stream.read()
+        stats = json.loads(text)
+    except (OSError, ValueError) as err:
+        raise ValueError(
+            f"cannot count the samples of remote shard {url}: its stats file {stats_url} could not be "
+            f"read ({err}); is the shard there? (data.samples_per_epoch set skips counting)"
+        ) from None
+    if not isinstance(stats, dict) or "successes" not in stats:
+        raise ValueError(f"{stats_url} has no 'successes' count: not an img2dataset stats file")
+    return stats
+
+
+def count_shard_samples(url: str) -> int:
     """Samples in one shard: from its ``_stats.json`` ("successes") or by listing the tar.
 
-    Returns None for a remote shard without a local stats file (it would have to be
-    downloaded to be counted).
+    A remote shard (http, ``pipe:``...) is counted from its stats file read over the
+    same address (img2dataset writes one per shard); listing it would mean downloading it.
     """
+    if is_remote(url):
+        return int(read_remote_stats(url)["successes"])
     stats_path = stats_path_for(url)
-    if not is_remote(stats_path) and os.path.isfile(stats_path):
+    if os.path.isfile(stats_path):
         with open(stats_path) as handle:
             return int(json.load(handle)["successes"])
-    if is_remote(url):
-        return None
     keys = set()
     with tarfile.open(url) as tar:
         for member in tar:
@@ -103,26 +140,46 @@ def count_shard_samples(url: str) -> int | None:
 
 def count_samples(urls: Sequence[str]) -> int:
     """Total samples in a list of shards; raises ValueError when one cannot be counted."""
-    total = 0
-    for url in urls:
-        count = count_shard_samples(url)
-        if count is None:
-            raise ValueError(f"cannot count the samples of remote shard {url}; set data.samples_per_epoch")
-        total += count
-    return total
+    remote = sum(is_remote(url) for url in urls)
+    if remote:
+        logger.info(
+            "counting samples from %d remote _stats.json file(s) (data.samples_per_epoch skips it)", remote
+        )
+    return sum(count_shard_samples(url) for url in urls)
 
 
 # ----------------------------------------------------------------------------- reading
 
 
 def open_shard(url: str) -> BinaryIO:
-    """Open a shard for streaming; a missing local file is a FileNotFoundError naming it."""
-    if is_remote(url):
-        return webdataset.gopen(url, "rb")
-    try:
-        return open(url, "rb")
-    except FileNotFoundError:
-        raise FileNotFoundError(f"shard not found: {url}") from None
+    """Open a shard for streaming; a missing shard is a FileNotFoundError naming it.
+
+    A remote shard is read through webdataset's gopen: a ``curl`` (http) or the ``pipe:``
+    command. A missing one gives an empty stream and a failed command, which the tar
+    reader would take for an empty or corrupt shard and skip; so the first bytes are
+    awaited here, and a stream that ends at once from a failed command is reported as a
+    missing shard, as a missing local file is.
+    """
+    if not is_remote(url):
+        try:
+            return open(url, "rb")
+        except FileNotFoundError:
+            raise FileNotFoundError(f"shard not found: {url}") from None
+    stream = webdataset.gopen(url, "rb")
+    if isinstance(stream, Pipe) and not stream.stream.peek(1):
+        status = stream.proc.wait()
+        if status != 0:
+            _close_quietly(stream)
+            raise FileNotFoundError(
+                f"shard not found: {url} (the reading command exited with status {status})"
+            )
+    return stream
+
+
+def _close_quietly(stream: BinaryIO) -> None:
+    """Close a shard stream whose command may have failed (or been cut off: a reader that stops early)."""
+    with contextlib.suppress(OSError):
+        stream.close()
 
 
 class TruncatedShardError(OSError):
@@ -154,10 +211,20 @@ def iter_shard_samples(url: str, on_error: Callable[[Exception], bool]) -> Itera
     try:
         files = tar_file_expander([{"url": url, "stream": stream}], handler=on_error)
         yield from group_by_keys(files, handler=on_error)
-    finally:
+    except BaseException:
+        # Includes GeneratorExit: the reader stopped mid-shard, so a pipe's command dies of
+        # the closed pipe, which is no fault of the shard.
+        _close_quietly(stream)
+        raise
+    if not is_remote(url):
         stream.close()
-    if not is_remote(url) and not tar_is_complete(url):
-        on_error(TruncatedShardError(f"{url} is truncated (no end-of-archive blocks)"))
+        if not tar_is_complete(url):
+            on_error(TruncatedShardError(f"{url} is truncated (no end-of-archive blocks)"))
+        return
+    try:
+        stream.close()  # waits for the command: a download cut short fails here
+    except OSError as err:
+        on_error(TruncatedShardError(f"{url} could not be read to the end: {err}"))
 
 
 class ShardSource:

@@ -10,7 +10,10 @@ the same numbers, with:
   the missing / extra / duplicate ids (COCO's ``loadRes`` only asserts a subset);
 * SPICE run only when its Stanford CoreNLP jars are on disk. pycocoevalcap would
   otherwise try to download them (offline machines fail there), so without them SPICE is
-  skipped with one logged line and the other metrics are still reported.
+  skipped with one logged line and the other metrics are still reported; a job that
+  needs SPICE (``eval.require_spice``) calls :func:`check_spice_available` first and stops
+  with :class:`SpiceUnavailableError` instead. docs/launching.md ("SPICE") says where the
+  jars go.
 
 Distributed evaluation: every data-parallel rank captions its shard of the split, then
 :func:`gather_results` collects the shards (dropping the samples a distributed sampler
@@ -54,9 +57,14 @@ CAPTION_METRICS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", 
 # its get_stanford_models() downloads these two jars into spice/lib on first use.
 _CORENLP_JARS = ("stanford-corenlp-3.6.0.jar", "stanford-corenlp-3.6.0-models.jar")
 _SPICE_SETUP_HINT = (
-    "download stanford-corenlp-full-2015-12-09.zip from nlp.stanford.edu and copy "
-    "stanford-corenlp-3.6.0.jar and stanford-corenlp-3.6.0-models.jar into {lib_dir}"
+    "copy stanford-corenlp-3.6.0.jar and stanford-corenlp-3.6.0-models.jar (from nlp.stanford.edu's "
+    "stanford-corenlp-full-2015-12-09.zip, or Maven Central's edu.stanford.nlp:stanford-corenlp:3.6.0) "
+    "into {lib_dir} (docs/launching.md, 'SPICE')"
 )
+
+
+class SpiceUnavailableError(RuntimeError):
+    """SPICE was required (``eval.require_spice``, ``with_spice=True``) but cannot run; the message says why."""
 
 
 # ----------------------------------------------------------------------------- SPICE
@@ -89,15 +97,29 @@ def spice_unavailable_reason() -> str | None:
     return None
 
 
+def check_spice_available() -> None:
+    """Raise :class:`SpiceUnavailableError` (with the install hint) unless SPICE can run here.
+
+    Looks at files only, so a job that requires SPICE can call it before generating
+    captions rather than find out after.
+    """
+    reason = spice_unavailable_reason()
+    if reason is not None:
+        raise SpiceUnavailableError(
+            f"SPICE is required (eval.require_spice=true / with_spice=True) but cannot run: {reason}"
+        )
+
+
 def _decide_spice(with_spice: bool | None) -> bool:
     """Whether to run SPICE: ``True`` demands it, ``False`` skips it, ``None`` runs it if possible."""
     if with_spice is False:
         return False
+    if with_spice:
+        check_spice_available()
+        return True
     reason = spice_unavailable_reason()
     if reason is None:
         return True
-    if with_spice:
-        raise RuntimeError(f"SPICE was requested (with_spice=True) but cannot run: {reason}")
     logger.warning("SPICE skipped: %s", reason)
     return False
 
@@ -250,8 +272,8 @@ def _run_spice(
         return {"SPICE": float(Spice().compute_score(references, candidates)[0])}
     except (subprocess.CalledProcessError, OSError) as error:
         if required:
-            raise RuntimeError(
-                f"SPICE was requested (with_spice=True) but the SPICE jar failed: {error}"
+            raise SpiceUnavailableError(
+                f"SPICE is required (eval.require_spice=true / with_spice=True) but the SPICE jar failed: {error}"
             ) from error
         # SPICE is a memory-hungry Java program (-Xmx8G) with native LMDB caching; when it
         # fails, the other metrics are still worth reporting.
@@ -273,8 +295,9 @@ def score_captions(
         coco_gt_json: path of a COCO caption file, or its loaded dict (see
             :func:`load_caption_references`).
         with_spice: ``None`` (default) runs SPICE when its CoreNLP jars are installed and
-            otherwise logs one "SPICE skipped" line; ``True`` raises if SPICE cannot run;
-            ``False`` never runs it. SPICE is never downloaded.
+            otherwise logs one "SPICE skipped" line; ``True`` (``eval.require_spice``)
+            raises :class:`SpiceUnavailableError` if SPICE cannot run; ``False`` never runs
+            it. SPICE is never downloaded.
 
     Returns:
         ``{"Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr"}`` (+

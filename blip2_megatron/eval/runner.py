@@ -23,9 +23,16 @@ from torch.utils.data import Subset
 from tqdm import tqdm
 
 from blip2_megatron import accelerator
-from blip2_megatron.config import JobConfig
-from blip2_megatron.data.loader import EvalLoader, build_eval_dataset, caption_ground_truth
-from blip2_megatron.eval.caption import caption_agg_metric, gather_results, score_captions, write_result_json
+from blip2_megatron.config import ConfigError, JobConfig
+from blip2_megatron.data.loader import EvalLoader, build_eval_dataset, caption_ground_truth, prepare_data
+from blip2_megatron.eval.caption import (
+    SpiceUnavailableError,
+    caption_agg_metric,
+    check_spice_available,
+    gather_results,
+    score_captions,
+    write_result_json,
+)
 from blip2_megatron.eval.report import format_metrics_table, save_metrics
 from blip2_megatron.eval.retrieval import rerank_topk, retrieval_agg_metric, retrieval_metrics
 from blip2_megatron.eval.vqa import vqa_accuracy
@@ -81,6 +88,24 @@ def _require_results(results: list[Any], what: str, skips: dict[str, int], total
         )
 
 
+def _require_annotation(job: JobConfig, split: str, task: str) -> None:
+    """Fail with the key to set when the split's annotation is not configured.
+
+    Caption and retrieval evaluation both read a Karpathy-format json of images and their
+    reference captions; a job without one (a pretraining job whose data section names only
+    shards) gets a config error naming its task, which ``launch/evaluate.py`` prints.
+    """
+    if split not in ("val", "test"):
+        return  # build_eval_dataset names the valid splits
+    data = prepare_data(job.data)  # the built-in data fills its own annotation paths
+    if not getattr(data, f"{split}_annotation"):
+        raise ConfigError(
+            f"data.{split}_annotation is required for {task} evaluation (eval.task={task}, eval.split={split}): "
+            f"set it to a Karpathy-format json of images and their captions, "
+            f"e.g. coco_karpathy_{split}.json, and data.image_root to the folder its image paths start from"
+        )
+
+
 def _is_rank0() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
@@ -95,6 +120,12 @@ def evaluate_captions(
 ) -> dict[str, float]:
     """Generate a caption per image and score with pycocoevalcap (BLEU, METEOR, ROUGE-L, CIDEr, SPICE*)."""
     split = split or job.eval.split
+    _require_annotation(job, split, "caption")
+    if job.eval.require_spice:  # before generating: a missing jar should not cost the generation
+        try:
+            check_spice_available()
+        except SpiceUnavailableError as err:
+            raise EvaluationError(str(err)) from None
     dataset, total = _dp_slice(
         build_eval_dataset(job.data, split=split, task="caption"), job.eval.max_samples
     )
@@ -122,7 +153,7 @@ def evaluate_captions(
         gt = caption_ground_truth(job.data, split)
         if job.eval.max_samples or skips["num_unreadable_images"]:
             gt = _restrict_ground_truth(gt, {r["image_id"] for r in results})
-        metrics = score_captions(results, gt)
+        metrics = score_captions(results, gt, with_spice=True if job.eval.require_spice else None)
         metrics["agg_metric"] = caption_agg_metric(metrics)
         metrics.update(num_evaluated=len(results), **skips, **_generation_speed(model))
         save_metrics(metrics, eval_dir / f"metrics_caption_{split}.json")
@@ -199,6 +230,7 @@ def evaluate_retrieval(
     the ITM re-ranking, the costly part, is split by rows over the data-parallel ranks.
     """
     split = split or job.eval.split
+    _require_annotation(job, split, "retrieval")
     full = build_eval_dataset(job.data, split=split, task="caption")
     total = len(full) if not job.eval.max_samples else min(job.eval.max_samples, len(full))
     dataset = Subset(full, range(total))

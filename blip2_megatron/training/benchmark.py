@@ -355,6 +355,62 @@ def format_table(ours: dict[str, Any], baseline: dict[str, Any] | None, label: s
     return "\n".join(lines)
 
 
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
+def round_ratios(our_runs: list[dict[str, Any]], baseline_runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Speed and memory ratios (ours / baseline) of each round, and their median and range.
+
+    The rounds ran in turn (baseline, then ours), so each round's ratio compares two runs
+    that met the same minute of a shared machine; the median over rounds is the figure to
+    quote, with its range [lowest, highest]. Memory is None where either side's peak was
+    not measured (replicated on CPU: both sides share one process's resident memory).
+    """
+    speeds = [ours["fps"] / base["fps"] for ours, base in zip(our_runs, baseline_runs)]
+    memories = [
+        ours["peak_mem_gb"] / base["peak_mem_gb"]
+        for ours, base in zip(our_runs, baseline_runs)
+        if ours.get("peak_mem_gb") and base.get("peak_mem_gb")
+    ]
+    return {
+        "rounds": len(speeds),
+        "speed": _median(speeds),
+        "speed_range": [min(speeds), max(speeds)],
+        "speed_by_round": speeds,
+        "memory": _median(memories) if memories else None,
+        "memory_range": [min(memories), max(memories)] if memories else None,
+        "memory_by_round": memories or None,
+    }
+
+
+def format_round_ratios(ratios: dict[str, Any]) -> str:
+    """The summary lines under the table: each ratio's median, range and rounds."""
+
+    def line(name: str) -> str:
+        median, by_round = ratios[name], ratios[f"{name}_by_round"]
+        if median is None:
+            return f"{name} ratio: not measured"
+        if len(by_round) == 1:
+            return f"{name} ratio: {median:.2f}x (1 round; --rounds N gives a median and range)"
+        low, high = ratios[f"{name}_range"]
+        rounds = ", ".join(f"{r:.2f}x" for r in by_round)
+        return (
+            f"{name} ratio: median {median:.2f}x, range {low:.2f}x-{high:.2f}x over {len(by_round)} rounds "
+            f"(by round: {rounds})"
+        )
+
+    fastest = ratios.get("speed_fastest")
+    note = (
+        f"; the table holds each side's fastest round ({fastest:.2f}x)"
+        if fastest is not None and ratios["rounds"] > 1
+        else ""
+    )
+    return f"{line('speed')}{note}\n{line('memory')}"
+
+
 def _best_round(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """The fastest of several rounds; memory from the first (later rounds start in a used process)."""
     best = max(runs, key=lambda run: run["fps"])
@@ -374,9 +430,12 @@ def run_benchmark(
 ) -> dict[str, Any]:
     """Benchmark ``job``; return (and on rank 0 write) {"ours": ..., "baseline": ..., "ratios": ...}.
 
-    With a baseline, ``rounds`` > 1 alternates baseline and ours that many times and
-    compares the fastest round of each: on a shared machine whole minutes run slower than
-    others (measured here: the same tiny job at 500 to 730 images/s in successive runs).
+    With a baseline, ``rounds`` > 1 alternates baseline and ours that many times. The
+    ratios (:func:`round_ratios`) pair each round's two sides, which ran minutes apart at
+    most, and report their median and range: on a shared machine whole minutes run slower
+    than others (measured here: the same tiny job at 500 to 730 images/s in successive
+    runs), so one round's ratio, or each side's fastest round, can mislead. The table holds
+    each side's fastest round; ``ratios["speed_fastest"]`` is their quotient.
     """
     if baseline == "hf" and launch_env().world_size != 1:
         raise ValueError("--baseline hf compares single-device runs; launch with one process")
@@ -441,19 +500,13 @@ def run_benchmark(
             for side, summary in profiles.items()
         }
     if baseline_figures is not None:
-        result["ratios"] = {
-            "speed": ours["fps"] / baseline_figures["fps"],
-            "speed_by_round": [o["fps"] / b["fps"] for o, b in zip(our_runs, baseline_runs)],
-            "memory": ours["peak_mem_gb"] / baseline_figures["peak_mem_gb"] if ours["peak_mem_gb"] else None,
-        }
+        result["ratios"] = round_ratios(our_runs, baseline_runs)
+        result["ratios"]["speed_fastest"] = ours["fps"] / baseline_figures["fps"]
     if dist.get_rank() == 0:
         label = BASELINE_LABELS.get(baseline or "hf")
         table = format_table(ours, baseline_figures, label)
-        if baseline_figures is not None and len(our_runs) > 1:
-            by_round = ", ".join(f"{r:.2f}x" for r in result["ratios"]["speed_by_round"])
-            table += (
-                f"\nspeed ratio by round (same order): {by_round}; the table holds each side's fastest round"
-            )
+        if baseline_figures is not None:
+            table += "\n" + format_round_ratios(result["ratios"])
         if profiles:
             table += "\n" + format_profiles(profiles, BASELINE_LABELS.get(baseline or "hf"))
         logger.info("\n%s", table)
