@@ -1,6 +1,6 @@
 """The package's layers import downwards only, and the seams the design names hold.
 
-Layers, top to bottom (../shared/DESIGN.md, "Layers of responsibility")::
+Layers, top to bottom (docs/design.md, "Layers")::
 
     api -> training -> build -> eval -> inference / convert -> models -> parallel -> data -> config -> io / accelerator
 

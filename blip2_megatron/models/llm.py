@@ -4,7 +4,7 @@ The decoder is written here from megatron-core's tensor-parallel primitives
 (``ColumnParallelLinear``, ``RowParallelLinear``, ``VocabParallelEmbedding``,
 ``vocab_parallel_cross_entropy``) with attention through
 ``torch.nn.functional.scaled_dot_product_attention``; megatron-core's model classes are not
-used because they need a GPU (see DESIGN.md, "Parallelism").
+used because they need a GPU (see docs/design.md, "Parallel layout").
 
 One class, :class:`ParallelCausalLM`, covers both architectures:
 

@@ -4,7 +4,7 @@ Every TP rank of a data-parallel rank reads the same batch, and the LLM needs al
 image features on every TP rank. The ViT and Q-Former are replicated, not split by
 tensor parallelism, so if each TP rank encoded the whole batch, TP - 1 of every TP
 ranks' image work would be redundant (with a ViT-g trained at 364 px, ~85% of a caption
-fine-tuning step). Instead (DESIGN.md, "Parallelism"):
+fine-tuning step). Instead (docs/design.md, "Parallel layout"):
 
 * :func:`rows_of_this_rank` picks this TP rank's ``ceil(B / TP)`` images (the train
   loader decodes only those: :func:`loader_image_rows`);
