@@ -273,6 +273,15 @@ def _check_output(words: list[str], proc: subprocess.CompletedProcess, scratch: 
         assert int(re.search(r'"num_evaluated": (\d+)', proc.stdout).group(1)) > 0, proc.stdout[-2000:]
     elif "launch/convert.py" in words or "data_tools/make_sample_dataset.py" in words:
         assert "wrote" in out or "sample dataset" in out.lower(), out[-2000:]
+        if "reshard" in words:
+            # The asked layout, and a checkpoint a resume accepts (its manifest); that it gives the
+            # same loss and tokens, and resumes, is test_journey_reshard_export.py's.
+            from blip2_megatron.convert.run_checkpoint import MANIFEST, find_checkpoint, read_trainer_state
+
+            checkpoint = find_checkpoint(scratch / words[words.index("--out") + 1])
+            layout = read_trainer_state(checkpoint)["layout"]
+            target = (int(words[words.index("--tp") + 1]), int(words[words.index("--pp") + 1]))
+            assert (layout["tp"], layout["pp"]) == target and (checkpoint / MANIFEST).is_file(), layout
     elif "launch/benchmark.py" in words:
         # Every figure written (by rank 0, once); a baseline's ratios beside ours, each side measured.
         assert proc.stdout.count("figures written to") == 1, proc.stdout[-2000:]

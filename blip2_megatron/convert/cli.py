@@ -35,6 +35,7 @@ from blip2_megatron.convert.run_checkpoint import (
     find_checkpoint,
     read_trainer_state,
     reshard_weights,
+    write_manifest_alone,
 )
 from blip2_megatron.convert.vision_qformer import hf_vision_qformer_to_ours, summarize_keys
 from blip2_megatron.data.tokenizers import TOKENIZER_FILES
@@ -164,6 +165,8 @@ def reshard_run(checkpoint: str | Path, out: str | Path, tp: int, pp: int, overw
         trainer_state["resharded_from"] = str(source.resolve())
         write_json_atomic(trainer_state, target / TRAINER_STATE)
         save_job_config(job, target / CONFIG)
+        # Last in the checkpoint: without it a resume (which verifies it) refuses the checkpoint.
+        write_manifest_alone(target)
         save_job_config(job, partial / CONFIG)
         write_text_atomic(source.name, partial / CHECKPOINTS / LATEST)
     logger.info(

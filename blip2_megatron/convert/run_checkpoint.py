@@ -12,6 +12,10 @@ A run directory (``train.output_dir``)::
         latest                  the tag of the newest finished checkpoint
         best                    which one validated best (eval.interval), never pruned
 
+A finished checkpoint ends with ``manifest.json``, the size and SHA-256 of each of its files
+(written last; a resume checks it): :func:`write_manifest_alone` writes it for checkpoints
+made by one process (a resharded run), ``training.checkpoint.write_manifest`` for a run's.
+
 ``weights/`` holds every parameter that is not in a base weight file: the trained ones,
 and frozen ones that were randomly initialised (no file holds them). Each (pipeline stage,
 tensor-parallel rank) writes one ``pp{P}-tp{T}.safetensors`` with our whole-model names
@@ -25,6 +29,7 @@ Everything is safetensors: reading a run never unpickles anything.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Iterable, Iterator, Mapping
@@ -36,7 +41,7 @@ import torch
 from torch import nn
 
 from blip2_megatron.config import ConfigError
-from blip2_megatron.io import CheckpointMismatchError, atomic_file
+from blip2_megatron.io import CheckpointMismatchError, atomic_file, write_json_atomic
 from blip2_megatron.parallel.pipeline import LLM_LAYER_NAME, PipelineStage, stage_of
 
 logger = logging.getLogger(__name__)
@@ -48,6 +53,7 @@ PARTIAL_SUFFIX = ".partial"
 TRAINER_STATE = "trainer_state.json"
 CONFIG = "config.yaml"
 WEIGHTS = "weights"
+MANIFEST = "manifest.json"
 _PIECES_KEY = "blip2_megatron.pieces"  # safetensors metadata: per tensor, where the piece goes
 TIED_EMBEDDING = "language_model.embed_tokens.weight"
 TIED_HEAD = "language_model.lm_head.weight"
@@ -186,6 +192,34 @@ def local_pieces(
         shape[dim] = full
         pieces[name] = (tensor.narrow(dim, 0, keep), Piece(tuple(shape), dim, start))
     return pieces
+
+
+def checkpoint_files(checkpoint: Path) -> list[str]:
+    """The files of a checkpoint that its manifest records (relative names, sorted)."""
+    checkpoint = Path(checkpoint)
+    return sorted(
+        str(p.relative_to(checkpoint)) for p in checkpoint.rglob("*") if p.is_file() and p.name != MANIFEST
+    )
+
+
+def file_record(path: Path) -> dict[str, Any]:
+    """A file's manifest entry: ``{"size", "sha256"}``."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(16 << 20):
+            digest.update(chunk)
+    return {"size": Path(path).stat().st_size, "sha256": digest.hexdigest()}
+
+
+def write_manifest_alone(checkpoint: Path) -> Path:
+    """Write ``checkpoint``'s ``manifest.json`` from one process: ``{"files": {name: {size, sha256}}}``.
+
+    The same record the training checkpoint writes (its ranks share the hashing), so that a
+    checkpoint made without training (a resharded run) passes the check a resume makes.
+    """
+    checkpoint = Path(checkpoint)
+    files = {name: file_record(checkpoint / name) for name in checkpoint_files(checkpoint)}
+    return write_json_atomic({"files": files}, checkpoint / MANIFEST)
 
 
 def write_pieces(path: Path, pieces: Mapping[str, tuple[torch.Tensor, Piece]]) -> Path:

@@ -34,7 +34,6 @@ lost file system) stops the job with the cause named, and the next start removes
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import pickle
@@ -55,10 +54,13 @@ from blip2_megatron.convert.run_checkpoint import (
     CHECKPOINTS,
     CONFIG,
     LATEST,
+    MANIFEST,
     PARTIAL_SUFFIX,
     TRAINER_STATE,
     WEIGHTS,
     RunWeights,
+    checkpoint_files,
+    file_record,
     find_checkpoint,
     global_names,
     is_tied_copy,
@@ -75,9 +77,6 @@ from blip2_megatron.parallel import state
 from blip2_megatron.training.faults import EXIT_SAVE_FAILED, TrainingStopped, abort_rank
 
 logger = logging.getLogger(__name__)
-
-MANIFEST = "manifest.json"
-_HASH_CHUNK = 16 << 20
 
 
 class CheckpointCorruptError(CheckpointMismatchError):
@@ -218,27 +217,13 @@ def clean_partial_checkpoints(job: JobConfig) -> None:
 
 
 # ------------------------------------------------------------------------------ integrity
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _files(checkpoint: Path) -> list[str]:
-    return sorted(
-        str(p.relative_to(checkpoint)) for p in checkpoint.rglob("*") if p.is_file() and p.name != MANIFEST
-    )
-
-
 def _hash_shared(checkpoint: Path, names: list[str]) -> dict[str, dict[str, Any]]:
     """Size and SHA-256 of ``names`` under ``checkpoint``; each rank hashes its share, all get all."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     mine = {}
     for name in names[rank::world]:
         path = checkpoint / name
-        mine[name] = {"size": path.stat().st_size, "sha256": _sha256(path)} if path.is_file() else None
+        mine[name] = file_record(path) if path.is_file() else None
     if world == 1:
         return mine
     shares: list[Any] = [None] * world
@@ -248,7 +233,7 @@ def _hash_shared(checkpoint: Path, names: list[str]) -> dict[str, dict[str, Any]
 
 def write_manifest(checkpoint: Path) -> None:
     """Record every file of a finished checkpoint (collective; rank 0 writes)."""
-    names = _files(checkpoint)
+    names = checkpoint_files(checkpoint)
     entries = _hash_shared(checkpoint, names)
     if not dist.is_initialized() or dist.get_rank() == 0:
         write_json_atomic({"files": entries}, checkpoint / MANIFEST)
