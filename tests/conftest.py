@@ -21,7 +21,10 @@ LONGEST_FIRST = (
     "test_journey_chains.py",
     "test_slurm_multinode.py",
     "test_parallel_training.py",
+    "test_journey_reshard_export.py",
     "test_collectives.py",
+    "test_validate_script.py",
+    "test_journey_stage1_eval.py",
 )
 
 
