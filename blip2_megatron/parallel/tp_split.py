@@ -148,7 +148,7 @@ class TpGradientSum:
     Ordering with DeepSpeed. ZeRO-1/2 (and DeepSpeed's bf16 optimizer) read each
     gradient in a post-accumulate-grad hook as soon as autograd has accumulated it, long
     before a bucket holding it can be complete. So hooks registered on these parameters
-    *after* this object (DeepSpeed registers its own in ``deepspeed.initialize``, after
+    *after* this object (DeepSpeed registers its own while its engine is set up, after
     the model is built) are held here and run for a parameter once its gradient is
     summed: DeepSpeed still sees each gradient exactly once, in the same backward, only
     later, and overlaps its DP reduction with the rest of the backward as before. All held
