@@ -228,8 +228,9 @@ class Engine:
 
         ZeRO's optimizers do in fp16, in bf16 (``bf16.check_grad_overflow``, on by default),
         under torch autocast (fp32 parameters: ZeRO-1/2 read the global norm) and whenever
-        gradient clipping is on (a non-finite norm); fp16 without ZeRO has its loss scaler. Then :meth:`step` need not read the loss on the host before backward,
-        a wait that would stall the device queue at every micro-batch.
+        gradient clipping is on (a non-finite norm); fp16 without ZeRO has its loss scaler.
+        Then :meth:`step` need not read the loss on the host before backward, a wait that
+        would stall the device queue at every micro-batch.
         """
         ds = self.ds
         if ds.fp16_enabled():
