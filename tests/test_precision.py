@@ -36,26 +36,41 @@ def _expected_dtype(name: str, param: torch.nn.Parameter) -> torch.dtype:
     return torch.bfloat16  # trained: the engine's precision
 
 
-def step_in_bf16(rank: int, world: int, zero: int) -> dict:
+def _tiny_engine(overrides: list[str], zero: int):
+    """The default tiny job with ``overrides`` (batch 4) under ``ds_configs/zero{zero}.json`` at DP 1."""
     from blip2_megatron.config import load_job_config
-    from blip2_megatron.data.batch import build_batch_builder
     from blip2_megatron.parallel import state
     from blip2_megatron.training.ds_config import read_ds_config
     from blip2_megatron.training.engine import build_engine
 
-    job = load_job_config(
-        None,
+    job = load_job_config(None, [*overrides, "data.batch_size=4", "train.max_steps=2"])
+    state.initialize_model_parallel(1, 1)
+    return job, build_engine(job, read_ds_config(REPO / "ds_configs" / f"zero{zero}.json"), 2, 2)
+
+
+def _batch(job):
+    """One batch of 4 random 32 px images with CAPTIONS (mixed lengths), from the job's batch builder."""
+    from blip2_megatron.data.batch import build_batch_builder
+
+    gen = torch.Generator().manual_seed(0)
+    samples = {
+        "image": torch.randn(4, 3, 32, 32, generator=gen),
+        "text_input": CAPTIONS,
+        "image_id": [0, 1, 2, 3],
+    }
+    return build_batch_builder(job.model)(samples)
+
+
+def step_in_bf16(rank: int, world: int, zero: int) -> dict:
+    job, engine = _tiny_engine(
         [
             "train.precision=bf16",
             "model.vision.frozen_dtype=bf16",
             "model.llm.dtype=bf16",
             "model.llm.freeze=true",
-            "data.batch_size=4",
-            "train.max_steps=2",
         ],
+        zero,
     )
-    state.initialize_model_parallel(1, 1)
-    engine = build_engine(job, read_ds_config(REPO / "ds_configs" / f"zero{zero}.json"), 2, 2)
     params = dict(engine.model.named_parameters())
     wrong = {
         name: (str(p.dtype), str(_expected_dtype(name, p)))
@@ -63,14 +78,7 @@ def step_in_bf16(rank: int, world: int, zero: int) -> dict:
         if p.dtype != _expected_dtype(name, p)
     }
     frozen_before = {n: p.detach().clone() for n, p in params.items() if not p.requires_grad}
-    builder = build_batch_builder(job.model)
-    gen = torch.Generator().manual_seed(0)
-    samples = {
-        "image": torch.randn(4, 3, 32, 32, generator=gen),
-        "text_input": CAPTIONS,
-        "image_id": [0, 1, 2, 3],
-    }
-    result = engine.step(iter([builder(samples)]))
+    result = engine.step(iter([_batch(job)]))
     frozen_equal = all(torch.equal(params[n], before) for n, before in frozen_before.items())
     return {
         "wrong": wrong,
@@ -192,25 +200,15 @@ def test_generation_computes_in_the_asked_dtype_and_counts_tokens_per_second(sin
 # ------------------------------------------------------------------ a trained ViT in half precision
 def step_with_trained_vit(rank: int, world: int, precision: str, zero: int) -> dict:
     """One step of the tiny model with its ViT trained (the caption job's setting) under ``precision``."""
-    from blip2_megatron.config import load_job_config
-    from blip2_megatron.data.batch import build_batch_builder
-    from blip2_megatron.parallel import state
-    from blip2_megatron.training.ds_config import read_ds_config
-    from blip2_megatron.training.engine import build_engine
-
-    job = load_job_config(
-        None,
+    job, engine = _tiny_engine(
         [
             f"train.precision={precision}",
             "model.vision.freeze=false",
             "model.llm.freeze=true",
             "model.llm.dtype=auto",
-            "data.batch_size=4",
-            "train.max_steps=2",
         ],
+        zero,
     )
-    state.initialize_model_parallel(1, 1)
-    engine = build_engine(job, read_ds_config(REPO / "ds_configs" / f"zero{zero}.json"), 2, 2)
     encoder = engine.model.image_encoder.visual_encoder
     streams: list[str] = []  # the residual stream leaving each ViT block
     for layer in encoder.encoder.layers:
@@ -219,14 +217,7 @@ def step_with_trained_vit(rank: int, world: int, precision: str, zero: int) -> d
     encoder.encoder.layers[0].mlp.fc1.register_forward_hook(
         lambda _m, _i, out: matmuls.append(str(out.dtype))
     )
-    builder = build_batch_builder(job.model)
-    gen = torch.Generator().manual_seed(0)
-    samples = {
-        "image": torch.randn(4, 3, 32, 32, generator=gen),
-        "text_input": CAPTIONS,
-        "image_id": [0, 1, 2, 3],
-    }
-    result = engine.step(iter([builder(samples)]))
+    result = engine.step(iter([_batch(job)]))
     params = dict(engine.model.named_parameters())
     return {
         "vision": sorted({str(p.dtype) for n, p in params.items() if ".visual_encoder." in n}),

@@ -444,7 +444,7 @@ def host_group() -> dist.ProcessGroup:
     small host flags only, never for model tensors (those use the device groups). Every
     rank must call the collectives on it in the same order, as on any group. It is a
     separate group object from the default (device) group on every backend, CPU included,
-    and it binds to the interface that reaches MASTER_ADDR (see ``host_interface``).
+    and it binds to the interface :func:`gloo_interface` chooses.
     Built by :func:`init_distributed`, destroyed by :func:`destroy`.
     """
     if _host_group is None:
