@@ -23,6 +23,7 @@ import itertools
 import json
 import logging
 import multiprocessing as mp
+import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -355,12 +356,6 @@ def format_table(ours: dict[str, Any], baseline: dict[str, Any] | None, label: s
     return "\n".join(lines)
 
 
-def _median(values: list[float]) -> float:
-    ordered = sorted(values)
-    middle = len(ordered) // 2
-    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
-
-
 def round_ratios(our_runs: list[dict[str, Any]], baseline_runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Speed and memory ratios (ours / baseline) of each round, and their median and range.
 
@@ -377,10 +372,10 @@ def round_ratios(our_runs: list[dict[str, Any]], baseline_runs: list[dict[str, A
     ]
     return {
         "rounds": len(speeds),
-        "speed": _median(speeds),
+        "speed": statistics.median(speeds),
         "speed_range": [min(speeds), max(speeds)],
         "speed_by_round": speeds,
-        "memory": _median(memories) if memories else None,
+        "memory": statistics.median(memories) if memories else None,
         "memory_range": [min(memories), max(memories)] if memories else None,
         "memory_by_round": memories or None,
     }
