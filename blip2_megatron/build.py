@@ -38,7 +38,7 @@ from blip2_megatron.convert.hf_blip2 import (
     check_hf_blip2_checkpoint,
     hf_blip2_model_config,
 )
-from blip2_megatron.convert.hf_llm import HFTensors, llm_config_from_hf, load_hf_llm_weights, read_hf_config
+from blip2_megatron.convert.hf_llm import llm_config_from_hf, load_hf_llm_weights, read_hf_config
 from blip2_megatron.convert.run_checkpoint import (
     CONFIG,
     WEIGHTS,
@@ -192,9 +192,7 @@ def load_initial_weights(
     if language_model is not None and weights.llm is not None:
         kind, source = weights.llm
         if kind == "hf":
-            load_hf_llm_weights(
-                language_model, source if isinstance(source, str) else HFTensors.from_state_dict(source)
-            )
+            load_hf_llm_weights(language_model, source)
         else:
             tp_rank, tp_size = (state.tp_rank(), state.tp_size()) if state.is_initialized() else (0, 1)
             load_run_weights(model, source / WEIGHTS, tp_rank, tp_size, prefix=HF_LLM_PREFIX)

@@ -5,7 +5,8 @@ Every journey goes through the real entry points (``deepspeed launch/train.py ..
 files the runs leave behind (``log.jsonl``, ``summary.json``, ``eval/``, checkpoints).
 :func:`tiny_overrides` turns a shipped job into its tiny-size variant: the same job (model
 kind, frozen parts, prompt / template, relative image size, data format, schedule kind)
-with the tiny flavour, built-in tokenizers and the built-in data in the job's data format.
+with the tiny flavour of its own LLM family (:func:`tiny_flavour_for`), built-in tokenizers and
+the built-in data in the job's data format.
 """
 
 from __future__ import annotations
@@ -27,6 +28,15 @@ DS_CONFIGS = REPO / "ds_configs"
 TINY_IMAGE_SIZE = {224: 32, 364: 48, 32: 32}
 TINY_MAX_BATCH = 8
 TINY_MAX_POSITIONS = 512
+# LLM family (LLMConfig.hf_family) -> its tiny flavour in blip2_megatron/config/model.py.
+TINY_FLAVOURS = {
+    "opt": "tiny",
+    "llama": "tiny_llama",
+    "qwen2": "tiny_qwen2",
+    "mistral": "tiny_mistral",
+    "internlm2": "tiny_internlm2",
+    "t5": "tiny_flant5",
+}
 
 
 def env(**extra: str) -> dict[str, str]:
@@ -68,6 +78,24 @@ def summary(run_dir: Path) -> dict[str, Any]:
     return json.loads((Path(run_dir) / "summary.json").read_text())
 
 
+def tiny_flavour_for(job: Any) -> str:
+    """The tiny flavour with ``job``'s own architecture: stage 1's, or its LLM family's.
+
+    Only the flavour changes: the job's YAML-level model settings (kind, image encoder,
+    prompts, template, end symbol, frozen parts, TP / PP) still apply over it, as they do
+    over the job's own flavour.
+    """
+    if job.model.llm is None:
+        return "tiny_stage1"
+    family = job.model.llm.hf_family
+    if family not in TINY_FLAVOURS:
+        raise KeyError(
+            f"job {job.name!r} has an LLM of family {family!r}, which has no tiny flavour; add one to "
+            f"blip2_megatron/config/model.py and to journeys.TINY_FLAVOURS (known: {sorted(TINY_FLAVOURS)})"
+        )
+    return TINY_FLAVOURS[family]
+
+
 def tiny_overrides(job_name: str, sample: Any) -> list[str]:
     """``key=value`` overrides that make shipped job ``job_name`` run at tiny size on the built-in data."""
     from blip2_megatron.config import load_job_config
@@ -75,7 +103,7 @@ def tiny_overrides(job_name: str, sample: Any) -> list[str]:
     job = load_job_config(job_name)
     data = job.data
     overrides = [
-        "model.flavour=tiny",
+        f"model.flavour={tiny_flavour_for(job)}",
         "model.init_checkpoint=",
         "model.qformer.tokenizer=builtin:tiny",
         "model.llm.weights=",

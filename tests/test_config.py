@@ -51,6 +51,124 @@ def test_lavis_hyperparameters_in_shipped_jobs():
     assert (caption.train.lr, caption.train.warmup_steps, caption.data.batch_size) == (1e-5, 1000, 16)
 
 
+# config.json of the checkpoints the Qwen2 and Mistral flavours stand for (Qwen/Qwen2-7B and
+# mistralai/Mistral-7B-v0.1 as published).
+QWEN2_7B_CONFIG = {
+    "architectures": ["Qwen2ForCausalLM"],
+    "attention_dropout": 0.0,
+    "bos_token_id": 151643,
+    "eos_token_id": 151643,
+    "hidden_act": "silu",
+    "hidden_size": 3584,
+    "initializer_range": 0.02,
+    "intermediate_size": 18944,
+    "max_position_embeddings": 131072,
+    "max_window_layers": 28,
+    "model_type": "qwen2",
+    "num_attention_heads": 28,
+    "num_hidden_layers": 28,
+    "num_key_value_heads": 4,
+    "rms_norm_eps": 1e-06,
+    "rope_theta": 1000000.0,
+    "sliding_window": 131072,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+    "transformers_version": "4.37.2",
+    "use_cache": True,
+    "use_sliding_window": False,
+    "vocab_size": 152064,
+}
+MISTRAL_7B_CONFIG = {
+    "architectures": ["MistralForCausalLM"],
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "hidden_act": "silu",
+    "hidden_size": 4096,
+    "initializer_range": 0.02,
+    "intermediate_size": 14336,
+    "max_position_embeddings": 32768,
+    "model_type": "mistral",
+    "num_attention_heads": 32,
+    "num_hidden_layers": 32,
+    "num_key_value_heads": 8,
+    "rms_norm_eps": 1e-05,
+    "rope_theta": 10000.0,
+    "sliding_window": 4096,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+    "transformers_version": "4.34.0.dev0",
+    "use_cache": True,
+    "vocab_size": 32000,
+}
+
+
+@pytest.mark.parametrize(
+    ("flavour", "hf_config", "parameters"),
+    [
+        ("blip2_qwen2_7b", QWEN2_7B_CONFIG, 7_615_616_512),
+        ("blip2_mistral7b", MISTRAL_7B_CONFIG, 7_241_732_096),
+    ],
+)
+def test_qwen2_and_mistral_flavours_accept_the_published_checkpoints(flavour, hf_config, parameters):
+    from blip2_megatron.convert.hf_llm import check_hf_config_matches
+    from blip2_megatron.models.param_count import count_parameters
+
+    cfg = build_model_config(flavour)
+    check_hf_config_matches(cfg.llm, hf_config, flavour)  # what loading the directory checks
+    assert count_parameters(cfg).parts["LLM"].total == parameters  # the published model's count
+    changed = dict(hf_config, num_key_value_heads=hf_config["num_attention_heads"])
+    with pytest.raises(ConfigError, match="llm.num_kv_heads"):
+        check_hf_config_matches(cfg.llm, changed, flavour)
+
+
+@pytest.mark.parametrize("flavour", ["tiny_llama", "tiny_qwen2", "tiny_mistral", "tiny_internlm2"])
+def test_tiny_flavours_keep_their_family_flags(flavour):
+    """Each tiny LLM has its family's maths (and so its checkpoint layout), not OPT's."""
+    real = {
+        "tiny_llama": "blip2_vicuna7b",
+        "tiny_qwen2": "blip2_qwen2_7b",
+        "tiny_mistral": "blip2_mistral7b",
+        "tiny_internlm2": "blip2_internlm2_1.8b",
+    }[flavour]
+    tiny, full = build_model_config(flavour).llm, build_model_config(real).llm
+
+    def flags(llm):
+        return (
+            llm.hf_family,
+            llm.arch,
+            llm.attention_bias,
+            llm.has_o_proj_bias,
+            llm.tie_word_embeddings,
+            llm.rope_type,
+            llm.rope_theta,
+            llm.kv_heads < llm.num_heads,
+            llm.sliding_window > 0,
+        )
+
+    assert flags(tiny) == flags(full)
+    assert (tiny.vocab_size, tiny.hidden_size, tiny.tokenizer, tiny.eos_token_id) == (
+        512,
+        64,
+        "builtin:tiny",
+        2,
+    )
+    if tiny.sliding_window:  # a window the tiny captions outgrow (8 query slots + up to 32 text tokens)
+        assert tiny.sliding_window < 8 + 32
+
+
+def test_readme_job_table_names_every_shipped_job():
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = readme[readme.index("| job | what it trains |") :].split("\n\n", 1)[0]
+    named = set(re.findall(r"`([^`]+)`", table))
+    missing = sorted(
+        name for name in shipped_job_names() if not name.startswith("bench_") and name not in named
+    )
+    assert not missing, f"shipped jobs missing from the README's job table: {missing}"
+
+
 def test_overrides_apply_and_unknown_keys_are_named():
     job = load_job_config(None, ["train.max_steps=7", "model.llm.tp=2", "data.batch_size=3"])
     assert (job.train.max_steps, job.model.llm.tp, job.data.batch_size) == (7, 2, 3)

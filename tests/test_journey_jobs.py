@@ -1,9 +1,12 @@
 """Every shipped job runs as written, at tiny size on the built-in data (``journeys.tiny_overrides``).
 
 Each job keeps its own settings (model kind, frozen parts, prompt / template, relative image
-size, data format and mixing, precision, schedule); only the sizes, weights, tokenizers and
-data paths become tiny. Training jobs train a few steps through ``launch/train.py`` (and
-evaluate where the job evaluates); the evaluation-only job runs through ``launch/evaluate.py``.
+size, data format and mixing, precision, schedule) and its own architecture: the tiny flavour
+of its LLM family (OPT, LLaMA, Qwen2, Mistral, InternLM2; ``journeys.tiny_flavour_for``) with
+that family's maths flags, in the job's TP x PP layout. Only the sizes, weights, tokenizers and
+data paths become tiny. Training jobs train a few steps through ``launch/train.py`` under the
+DeepSpeed launcher (and evaluate where the job evaluates), and the run's saved config says
+which architecture trained; the evaluation-only jobs run through ``launch/evaluate.py``.
 The README's own commands train most shipped jobs this way already (``test_readme.py``, with
 the same settings check): here run the rest.
 """
@@ -14,14 +17,24 @@ import json
 
 import pytest
 import yaml
-from journeys import DS_CONFIGS, TINY_IMAGE_SIZE, launch, step_records, summary, tiny_overrides
+from journeys import (
+    DS_CONFIGS,
+    TINY_IMAGE_SIZE,
+    launch,
+    step_records,
+    summary,
+    tiny_flavour_for,
+    tiny_overrides,
+)
 
 from blip2_megatron.config import load_job_config, shipped_job_names
 
 pytestmark = [pytest.mark.slow, pytest.mark.journey]
 
-# Evaluated here and, for InternLM2, in test_llm_families.py (after training its stage-2 job).
-EVAL_ONLY = {"vqa_zeroshot_opt2.7b", "vqa_zeroshot_internlm2_1.8b"}
+# Zero-shot jobs only evaluate (launch/evaluate.py). Evaluated here and, for InternLM2, in
+# test_llm_families.py (after training its stage-2 job with a real InternLM2 directory).
+EVAL_ONLY = {name for name in shipped_job_names() if name.startswith("vqa_zeroshot_")}
+EVALUATED_HERE = sorted(EVAL_ONLY - {"vqa_zeroshot_internlm2_1.8b"})
 
 
 def readme_trained_jobs() -> set[str]:
@@ -37,6 +50,23 @@ def readme_trained_jobs() -> set[str]:
 
 
 TRAINING_JOBS = [name for name in shipped_job_names() if name not in EVAL_ONLY | readme_trained_jobs()]
+
+
+def llm_architecture(job) -> dict:
+    """The LLM's family and the maths flags that make it that family, independent of its size."""
+    llm = job.model.llm
+    if llm is None:
+        return {}
+    return {
+        "llm.family": llm.hf_family,
+        "llm.arch": llm.arch,
+        "llm.attention_bias": llm.attention_bias,
+        "llm.o_proj_bias": llm.has_o_proj_bias,
+        "llm.tie_word_embeddings": llm.tie_word_embeddings,
+        "llm.grouped_query_attention": llm.kv_heads < llm.num_heads,
+        "llm.rope_type": llm.rope_type,
+        "llm.sliding_window": llm.sliding_window > 0,
+    }
 
 
 def model_settings(job) -> dict:
@@ -55,6 +85,8 @@ def model_settings(job) -> dict:
     return {
         "kind": m.kind,
         **text,
+        **llm_architecture(job),
+        "image_encoder": m.image_encoder,
         "freeze_qformer": m.freeze_qformer,
         "vision.freeze": m.vision.freeze,
         "vision.grad_checkpointing": m.vision.grad_checkpointing,
@@ -97,6 +129,12 @@ def test_shipped_job_trains_at_tiny_size_with_its_own_settings(name, sample, tmp
     )
     ran = load_job_config(str(run / "config.yaml"))
     assert model_settings(ran) == model_settings(real) == model_settings(tiny)
+    # It trained as its own architecture, in its own layout.
+    assert ran.flavour == tiny_flavour_for(real)
+    assert (ran.model.llm is None) == (real.model.llm is None)
+    if real.model.llm is not None:
+        assert ran.model.llm.hf_family == real.model.llm.hf_family
+    assert (ran.tp, ran.pp) == (real.tp, real.pp)
     assert (
         ran.model.vision.image_size == TINY_IMAGE_SIZE[real.model.vision.image_size]
     )  # the same relative size
@@ -109,19 +147,32 @@ def test_shipped_job_trains_at_tiny_size_with_its_own_settings(name, sample, tmp
         assert stats["num_evaluated"] == 4, stats
 
 
-def test_evaluation_only_job_runs_and_scores_by_answer_type(sample, tmp_path):
-    name = "vqa_zeroshot_opt2.7b"
+def test_a_llama_family_job_trains_with_tensor_parallelism():
+    """stage2_vicuna7b ships with llm.tp=2: its tiny journey above trains a LLaMA on 2 TP ranks."""
+    real = load_job_config("stage2_vicuna7b")
+    assert "stage2_vicuna7b" in TRAINING_JOBS
+    assert (real.model.llm.hf_family, real.model.llm.arch, real.tp, real.pp) == ("llama", "llama", 2, 1)
+
+
+def test_every_shipped_job_has_a_tiny_flavour_of_its_own_family(sample):
+    for name in shipped_job_names():
+        real = load_job_config(name)
+        if real.flavour.startswith("tiny"):
+            continue  # already tiny (the tiny jobs and the benchmark shapes)
+        tiny = load_job_config(name, tiny_overrides(name, sample))
+        assert tiny.flavour == tiny_flavour_for(real) and tiny.flavour.startswith("tiny"), name
+        assert llm_architecture(tiny) == llm_architecture(real), name
+
+
+@pytest.mark.parametrize("name", EVALUATED_HERE)
+def test_evaluation_only_job_runs_and_scores_by_answer_type(name, sample, tmp_path):
     out = tmp_path / "vqa"
-    launch(
-        "evaluate.py",
-        "--config",
-        name,
-        "--output",
-        str(out),
-        *tiny_overrides(name, sample),
-        "eval.max_samples=16",
-        "eval.num_beams=2",
-    )
+    overrides = [*tiny_overrides(name, sample), "eval.max_samples=16", "eval.num_beams=2"]
+    # evaluate.py resolves the same command line into the model it evaluates (it saves no config).
+    real, tiny = load_job_config(name), load_job_config(name, overrides)
+    assert tiny.flavour == tiny_flavour_for(real)
+    assert llm_architecture(tiny) == llm_architecture(real)
+    launch("evaluate.py", "--config", name, "--output", str(out), *overrides)
     metrics = json.loads((out / "eval" / "metrics_vqa.json").read_text())
     assert metrics["num_evaluated"] == 16
     assert {"overall", "yes/no", "number", "other"} <= set(metrics)

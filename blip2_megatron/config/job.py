@@ -235,6 +235,14 @@ def _resolve_llm_dtype(job: JobConfig) -> None:
         return
     if llm.dtype == "auto":
         llm.dtype = job.train.precision
+    # A trained LLM runs in the engine's precision; a frozen one in its own dtype.
+    runs_in_fp16 = llm.dtype == "fp16" or (not llm.freeze and job.train.precision == "fp16")
+    if llm.is_encoder_decoder and runs_in_fp16:
+        raise ConfigError(
+            f"model.llm.dtype={llm.dtype} with train.precision={job.train.precision}: FlanT5 overflows in fp16 "
+            "(it was trained in bf16; its activations exceed fp16's range), and no policy here keeps it "
+            "finite; use bf16 (or fp32)"
+        )
     if llm.freeze and llm.dtype == "fp16" and job.train.precision != "fp16":
         raise ConfigError(
             f"model.llm.dtype=fp16 with train.precision={job.train.precision}: gradients would flow back "

@@ -15,9 +15,15 @@ from typing import Any
 from blip2_megatron.config.base import ConfigError, check_choice, check_positive, from_dict, merge_dicts
 
 DTYPES = ("fp32", "fp16", "bf16")
-# Checkpoint layouts (Hugging Face model_type): all but "opt" are LLaMA maths (arch "llama")
-# with their own biases, attention window, RoPE scaling and tensor names.
-LLM_FAMILIES = ("opt", "llama", "qwen2", "mistral", "internlm2")
+# Checkpoint layouts (Hugging Face model_type): "opt" and "t5" are their own arch, the rest are
+# LLaMA maths (arch "llama") with their own biases, attention window, RoPE scaling and tensor names.
+LLM_FAMILIES = ("opt", "llama", "qwen2", "mistral", "internlm2", "t5")
+LLM_ARCHS = ("opt", "llama", "t5")
+# Activations of the FFN, named as transformers names them: OPT's ReLU, LLaMA's SiLU (gated),
+# T5 v1.1's gated GELU in its tanh form ("gelu_new", transformers' reading of "gated-gelu") or
+# exact ("gelu", which LAVIS forces for FlanT5).
+LLM_ACTIVATIONS = ("relu", "silu", "gelu_new", "gelu")
+ARCH_ACTIVATION = {"opt": "relu", "llama": "silu", "t5": "gelu_new"}
 # RoPE variants modelled, named as in transformers' rope_parameters. "dynamic" (NTK) equals
 # "default" up to max_position_embeddings and is refused beyond (see models/llm.py).
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
@@ -122,16 +128,25 @@ class QFormerConfig:
 
 @dataclass
 class LLMConfig:
-    """A decoder-only language model, run as tensor- and pipeline-parallel layers."""
+    """The language model, run as tensor- and pipeline-parallel layers.
 
-    arch: str = "opt"  # "opt" (learned positions, ReLU, LayerNorm) or "llama" (RoPE, RMSNorm, SwiGLU)
+    Decoder-only (OPT, the LLaMA family) or encoder-decoder (T5 / FlanT5: ``num_layers``
+    encoder layers, ``num_decoder_layers`` decoder layers, relative position buckets).
+    """
+
+    arch: str = "opt"  # "opt" (learned positions, ReLU, LayerNorm), "llama" (RoPE, RMSNorm, SwiGLU), "t5" (encoder-decoder)
     family: str = ""  # checkpoint layout and exported config: one of LLM_FAMILIES ("" = the arch's own)
     vocab_size: int = 50272  # embedding rows (HF config vocab_size)
     hidden_size: int = 2560  # model width
     num_layers: int = 32  # decoder layers
     num_heads: int = 32  # attention heads
+    head_dim_override: int = 0  # width of one head (T5's d_kv); 0 = hidden_size / num_heads
     num_kv_heads: int | None = None  # key/value heads for grouped-query attention (None = num_heads)
     intermediate_size: int = 10240  # FFN hidden size
+    hidden_act: str = ""  # FFN activation, one of LLM_ACTIVATIONS ("" = the arch's own: relu, silu, gelu_new)
+    num_decoder_layers: int = 0  # t5: decoder layers (0 = num_layers, which counts the encoder's)
+    relative_attention_num_buckets: int = 32  # t5: relative position buckets (half exact, half log-spaced)
+    relative_attention_max_distance: int = 128  # t5: distance at which the last bucket starts
     max_position_embeddings: int = 2048  # longest sequence
     norm_eps: float = 1e-5  # LayerNorm / RMSNorm epsilon
     rope_theta: float = 10000.0  # RoPE base (llama)
@@ -145,8 +160,8 @@ class LLMConfig:
     attention_bias: bool = True  # q/k/v/o biases (OPT: true, also on fc1/fc2; LLaMA: false; Qwen2: true)
     o_proj_bias: bool | None = None  # attention output bias (None = attention_bias; Qwen2: false)
     bos_token_id: int | None = 2  # OPT: 2 ("</s>"), LLaMA: 1; None where the model has none (Qwen2)
-    eos_token_id: int = 50118  # token that ends a BLIP-2 caption (OPT: "\n"); LLaMA: 2
-    pad_token_id: int = 1  # padding id
+    eos_token_id: int = 50118  # token that ends a BLIP-2 caption (OPT: "\n"); LLaMA: 2; T5: 1 ("</s>")
+    pad_token_id: int = 1  # padding id (T5: 0, also the decoder's start token)
     tokenizer: str = ""  # local path of the tokenizer (defaults to weights), or "builtin:tiny"
     weights: str = ""  # local Hugging Face directory with the pretrained weights ("" = random init)
     tp: int = 1  # tensor-parallel degree (divides num_heads and num_kv_heads)
@@ -160,18 +175,25 @@ class LLMConfig:
         """The dtype name frozen weights are kept in: ``dtype``, with "auto" unresolved (no job) as fp16.
 
         A job resolves "auto" to its ``train.precision``; a model loaded for inference
-        alone keeps a frozen LLM in half precision, as LAVIS does.
+        alone keeps a frozen LLM in half precision, as LAVIS does (T5 in bf16: it
+        overflows in fp16).
         """
-        return "fp16" if self.dtype == "auto" else self.dtype
+        if self.dtype != "auto":
+            return self.dtype
+        return "bf16" if self.is_encoder_decoder else "fp16"  # FlanT5 overflows in fp16
 
     def __post_init__(self) -> None:
-        check_choice("llm.arch", self.arch, ("opt", "llama"))
+        check_choice("llm.arch", self.arch, LLM_ARCHS)
         check_choice("llm.family", self.family, ("", *LLM_FAMILIES))
-        if (self.hf_family == "opt") != (self.arch == "opt"):
+        own_arch = self.hf_family if self.hf_family in ("opt", "t5") else "llama"
+        if own_arch != self.arch:
             raise ConfigError(
-                f"llm.family={self.family!r} does not go with llm.arch={self.arch!r} "
-                f"(family 'opt' is arch 'opt'; {[f for f in LLM_FAMILIES if f != 'opt']} are arch 'llama')"
+                f"llm.family={self.family!r} does not go with llm.arch={self.arch!r} (families 'opt' and 't5' "
+                f"are their own arch; {[f for f in LLM_FAMILIES if f not in ('opt', 't5')]} are arch 'llama')"
             )
+        check_choice("llm.hidden_act", self.hidden_act, ("", *LLM_ACTIVATIONS))
+        if self.arch == "t5":
+            self._check_t5()
         check_choice("llm.dtype", self.dtype, ("auto", *DTYPES))
         check_choice("llm.rope_type", self.rope_type, ROPE_TYPES)
         check_positive("llm.rope_theta", self.rope_theta)
@@ -198,9 +220,11 @@ class LLMConfig:
                 )
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size", "tp", "pp"):
             check_positive(f"llm.{name}", getattr(self, name))
-        if self.hidden_size % self.num_heads:
+        check_positive("llm.head_dim_override", self.head_dim_override, allow_zero=True)
+        if self.hidden_size % self.num_heads and not self.head_dim_override:
             raise ConfigError(
-                f"llm.hidden_size={self.hidden_size} must divide by llm.num_heads={self.num_heads}"
+                f"llm.hidden_size={self.hidden_size} must divide by llm.num_heads={self.num_heads} "
+                "(or set llm.head_dim_override)"
             )
         if self.num_heads % self.kv_heads:
             raise ConfigError(
@@ -214,6 +238,59 @@ class LLMConfig:
             )
         if self.pp > self.num_layers:
             raise ConfigError(f"llm.pp={self.pp} exceeds llm.num_layers={self.num_layers}")
+
+    def _check_t5(self) -> None:
+        """T5 v1.1 / FlanT5 as modelled: gated FFN without biases, relative positions, untied head."""
+        check_positive("llm.num_decoder_layers", self.num_decoder_layers, allow_zero=True)
+        check_positive("llm.relative_attention_num_buckets", self.relative_attention_num_buckets)
+        check_positive("llm.relative_attention_max_distance", self.relative_attention_max_distance)
+        if self.relative_attention_num_buckets < 4:
+            raise ConfigError(
+                f"llm.relative_attention_num_buckets={self.relative_attention_num_buckets} must be >= 4 "
+                "(half for each direction in the encoder, half of those exact)"
+            )
+        unmodelled = {
+            "llm.tie_word_embeddings": self.tie_word_embeddings,  # T5 v1.0: head scaled by d_model**-0.5
+            "llm.attention_bias": self.attention_bias,
+            "llm.o_proj_bias": bool(self.o_proj_bias),
+            "llm.num_kv_heads": self.num_kv_heads not in (None, self.num_heads),
+            "llm.sliding_window": bool(self.sliding_window),
+            "llm.rope_type": self.rope_type != "default",
+        }
+        for key, value in unmodelled.items():
+            if value:
+                raise ConfigError(
+                    f"{key}={value!r} is not part of T5 v1.1 / FlanT5 as modelled (llm.arch='t5': gated FFN, "
+                    "no biases, relative positions, untied head); T5 v1.0 checkpoints are not supported"
+                )
+        if self.dtype == "fp16":
+            raise ConfigError(
+                "llm.dtype=fp16: FlanT5 overflows in fp16 (trained in bf16, its activations exceed fp16's "
+                "range) and no policy here keeps it finite; use bf16 or fp32"
+            )
+        if self.activation == "relu":
+            raise ConfigError("llm.hidden_act='relu' (T5 v1.0's FFN) is not supported; T5 v1.1 gates a GELU")
+        if self.pp > 1:
+            raise ConfigError(
+                f"llm.pp={self.pp}: an encoder-decoder LLM (llm.arch='t5') is not pipelined. Every decoder "
+                "layer reads the encoder's output, so it would travel through every stage beside the hidden "
+                "states; Megatron-LM dropped pipelining for its T5 for that reason. Use tensor parallelism "
+                "(llm.tp) and data parallelism"
+            )
+
+    @property
+    def is_encoder_decoder(self) -> bool:
+        return self.arch == "t5"
+
+    @property
+    def decoder_layers(self) -> int:
+        """Layers of the decoder (T5: ``num_decoder_layers`` or ``num_layers``; else ``num_layers``)."""
+        return self.num_decoder_layers or self.num_layers
+
+    @property
+    def activation(self) -> str:
+        """The FFN's activation: ``hidden_act``, or the arch's own."""
+        return self.hidden_act or ARCH_ACTIVATION[self.arch]
 
     @property
     def kv_heads(self) -> int:
@@ -230,7 +307,12 @@ class LLMConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
+        return self.head_dim_override or self.hidden_size // self.num_heads
+
+    @property
+    def attention_width(self) -> int:
+        """Width of the concatenated heads (q/k/v outputs; T5 may differ from hidden_size)."""
+        return self.num_heads * self.head_dim
 
 
 #: Where the image's slots go in a MiniGPT-4 instruction or template.
@@ -260,6 +342,9 @@ class Blip2Config:
     prompt_template: str = ""  # MiniGPT-4: "###Human: {} ###Assistant: "; "" = no prompt (stage 1)
     prompt_file: str = ""  # MiniGPT-4: instructions drawn per training sample (shipped name or path)
     init_checkpoint: str = ""  # initial weights: a HF Blip2 directory or LAVIS .pth files, comma-separated
+    prefix_lm: bool = (
+        False  # encoder-decoder LLM: cut each caption into encoder prefix + decoder target (stage 2)
+    )
     # With llm.tp > 1 each TP rank encodes 1/TP of the images (parallel/tp_split.py); false:
     # every TP rank encodes all of them (the replicated layout, kept for comparison).
     tp_split_images: bool = True
@@ -275,6 +360,13 @@ class Blip2Config:
             raise ConfigError(f"model.llm is required for model.kind={self.kind!r}")
         if self.image_encoder == "patches":
             self._check_patches()
+        if self.llm is not None and self.llm.is_encoder_decoder:
+            self._check_encoder_decoder()
+        elif self.prefix_lm:
+            raise ConfigError(
+                "model.prefix_lm=true cuts captions between an encoder and a decoder; it needs an "
+                "encoder-decoder LLM (llm.arch='t5')"
+            )
         if self.kind == "minigpt4":
             self._check_minigpt4_prompt()
         elif self.prompt_template or self.prompt_file:
@@ -296,6 +388,18 @@ class Blip2Config:
             raise ConfigError(
                 f"model.patch_group={self.patch_group} must divide the {self.vision.num_patches} patches of "
                 f"vision.image_size={self.vision.image_size} / vision.patch_size={self.vision.patch_size}"
+            )
+
+    def _check_encoder_decoder(self) -> None:
+        if self.kind == "minigpt4":
+            raise ConfigError(
+                "model.kind='minigpt4' lays out a conversation for a decoder-only LLM; llm.arch='t5' takes "
+                "model.kind='llm' (image and prompt into the encoder, the answer from the decoder)"
+            )
+        if self.end_sym:
+            raise ConfigError(
+                f"model.end_sym={self.end_sym!r}: an encoder-decoder LLM's texts end as its tokenizer ends "
+                "them (T5: '</s>'); set model.end_sym=''"
             )
 
     def _check_minigpt4_prompt(self) -> None:
@@ -355,20 +459,19 @@ _TINY_QFORMER = dict(
     hidden_dropout_prob=0.0,
     attention_dropout_prob=0.0,
 )
-_TINY_LLM = dict(
-    arch="opt",
+# What every tiny LLM shares whatever its family: sizes, the built-in tokenizer (ids <s>=0
+# <pad>=1 </s>=2 "\n"=3 <unk>=4; it starts each text with "</s>") and fp32 weights.
+_TINY_LLM_SIZES = dict(
     vocab_size=512,
     hidden_size=64,
     num_layers=4,
     num_heads=4,
     intermediate_size=256,
     max_position_embeddings=128,
-    bos_token_id=2,
-    eos_token_id=3,
-    pad_token_id=1,
     tokenizer="builtin:tiny",
     dtype="fp32",
 )
+_TINY_LLM = dict(_TINY_LLM_SIZES, arch="opt", bos_token_id=2, eos_token_id=3, pad_token_id=1)
 _EVA_VIT_G: dict[str, Any] = {}  # VisionConfig defaults are EVA ViT-g/14
 _OPT_2_7B = dict(arch="opt", hidden_size=2560, num_layers=32, num_heads=32, intermediate_size=10240)
 _OPT_6_7B = dict(arch="opt", hidden_size=4096, num_layers=32, num_heads=32, intermediate_size=16384)
@@ -440,6 +543,67 @@ _LLAMA2_CHAT_7B = dict(
 )
 # A tiny LLaMA whose eos is the built-in tokenizer's "</s>" (id 2), LLaMA-2's end symbol.
 _TINY_LLAMA = dict(_TINY_LLM, arch="llama", tie_word_embeddings=False, attention_bias=False, eos_token_id=2)
+# Qwen2: LLaMA maths with q/k/v biases but none on o_proj, GQA, RoPE base 1e6, untied head.
+# Its tokenizer adds no bos; "<|endoftext|>" ends a text and pads.
+_QWEN2_COMMON = dict(
+    arch="llama",
+    family="qwen2",
+    max_position_embeddings=32768,
+    norm_eps=1e-6,
+    rope_theta=1_000_000.0,
+    tie_word_embeddings=False,
+    attention_bias=True,
+    o_proj_bias=False,
+    bos_token_id=None,
+    eos_token_id=151643,  # "<|endoftext|>"
+    pad_token_id=151643,
+)
+_QWEN2_7B = dict(
+    _QWEN2_COMMON,
+    vocab_size=152064,
+    hidden_size=3584,
+    num_layers=28,
+    num_heads=28,
+    num_kv_heads=4,
+    intermediate_size=18944,
+)
+# Mistral: LLaMA maths with GQA and sliding-window attention (each token sees the last 4096).
+_MISTRAL_COMMON = dict(
+    arch="llama",
+    family="mistral",
+    max_position_embeddings=32768,
+    norm_eps=1e-5,
+    rope_theta=10000.0,
+    tie_word_embeddings=False,
+    attention_bias=False,
+    bos_token_id=1,  # "<s>"
+    eos_token_id=2,  # "</s>"
+    pad_token_id=0,  # no pad token, as LLaMA-2: padding is never attended nor labelled, <unk> fills it
+)
+_MISTRAL_7B = dict(
+    _MISTRAL_COMMON,
+    vocab_size=32000,
+    hidden_size=4096,
+    num_layers=32,
+    num_heads=32,
+    num_kv_heads=8,
+    intermediate_size=14336,
+    sliding_window=4096,
+)
+# Tiny LLMs of those families: their own flags (biases, GQA, RoPE base, window, untied head)
+# at tiny size, with the built-in tokenizer's "</s>" (id 2) as their eos. Mistral's window of
+# 16 is shorter than a tiny caption sequence (8 query slots + up to 32 text tokens), so it
+# hides keys in training and generation alike.
+_TINY_QWEN2 = dict(_QWEN2_COMMON, **_TINY_LLM_SIZES, num_kv_heads=2, eos_token_id=2, pad_token_id=1)
+_TINY_MISTRAL = dict(
+    _MISTRAL_COMMON,
+    **_TINY_LLM_SIZES,
+    num_kv_heads=2,
+    sliding_window=16,
+    bos_token_id=2,
+    eos_token_id=2,
+    pad_token_id=1,
+)
 _MINIGPT4_INSTRUCTION = "<Img><ImageHere></Img> Describe this image in detail."
 _MINIGPT4_LLAMA2 = dict(
     kind="minigpt4",
@@ -450,6 +614,43 @@ _MINIGPT4_LLAMA2 = dict(
     end_sym="</s>",
     prompt_template="[INST] {} [/INST] ",
 )
+
+# FlanT5 (T5 v1.1): gated GELU, relative positions, untied head; sentencepiece ids pad 0 (also
+# the decoder's start), eos 1. LAVIS runs FlanT5's FFN with the exact GELU (its config says
+# gated-gelu, which transformers reads as the tanh form) and computes T5 in bf16.
+_FLANT5_COMMON = dict(
+    arch="t5",
+    family="t5",
+    vocab_size=32128,
+    num_layers=24,
+    num_decoder_layers=24,
+    head_dim_override=64,
+    hidden_act="gelu",
+    max_position_embeddings=512,
+    norm_eps=1e-6,
+    tie_word_embeddings=False,
+    attention_bias=False,
+    bos_token_id=None,
+    eos_token_id=1,
+    pad_token_id=0,
+    dtype="bf16",
+)
+_FLANT5_XL = dict(_FLANT5_COMMON, hidden_size=2048, num_heads=32, intermediate_size=5120)
+_FLANT5_XXL = dict(_FLANT5_COMMON, hidden_size=4096, num_heads=64, intermediate_size=10240)
+_TINY_T5 = dict(
+    _FLANT5_COMMON,
+    vocab_size=512,
+    hidden_size=64,
+    num_layers=2,
+    num_decoder_layers=2,
+    num_heads=4,
+    head_dim_override=16,
+    intermediate_size=128,
+    max_position_embeddings=128,
+    tokenizer="builtin:tiny",
+    dtype="fp32",
+)
+_BLIP2_T5 = dict(kind="llm", prompt="", end_sym="")
 
 # Named model flavours. Each is a partial Blip2Config dict; the defaults fill the rest.
 FLAVOURS: dict[str, dict[str, Any]] = {
@@ -466,6 +667,19 @@ FLAVOURS: dict[str, dict[str, Any]] = {
     "blip2_internlm2_1.8b": dict(
         kind="llm", vision=_EVA_VIT_G, llm=_INTERNLM2_1_8B, prompt="", end_sym="</s>"
     ),
+    # One tiny flavour per decoder family, so that a shipped job trains at tiny size as its own
+    # family ("tiny" is OPT's): tests/journeys.py picks them by llm.family.
+    "tiny_llama": dict(
+        kind="llm", vision=_TINY_VISION, qformer=_TINY_QFORMER, llm=_TINY_LLAMA, prompt="", end_sym="</s>"
+    ),
+    "tiny_qwen2": dict(
+        kind="llm", vision=_TINY_VISION, qformer=_TINY_QFORMER, llm=_TINY_QWEN2, prompt="", end_sym="</s>"
+    ),
+    "tiny_mistral": dict(
+        kind="llm", vision=_TINY_VISION, qformer=_TINY_QFORMER, llm=_TINY_MISTRAL, prompt="", end_sym="</s>"
+    ),
+    "blip2_qwen2_7b": dict(kind="llm", vision=_EVA_VIT_G, llm=_QWEN2_7B, prompt="", end_sym="<|endoftext|>"),
+    "blip2_mistral7b": dict(kind="llm", vision=_EVA_VIT_G, llm=_MISTRAL_7B, prompt="", end_sym="</s>"),
     "minigpt4_vicuna7b": dict(
         kind="minigpt4",
         vision=_EVA_VIT_G,
@@ -479,6 +693,10 @@ FLAVOURS: dict[str, dict[str, Any]] = {
     # MiniGPT-4's LLaMA-2 variant (MiniGPT-v2's image path): no Q-Former, 4 patch tokens per slot.
     "minigpt4_llama2_7b": dict(_MINIGPT4_LLAMA2, vision=_EVA_VIT_G, llm=_LLAMA2_CHAT_7B),
     "tiny_minigpt4_llama2": dict(_MINIGPT4_LLAMA2, vision=_TINY_VISION, llm=_TINY_LLAMA),
+    # BLIP-2 FlanT5: the query outputs go into T5's encoder before the prompt.
+    "tiny_flant5": dict(_BLIP2_T5, vision=_TINY_VISION, qformer=_TINY_QFORMER, llm=_TINY_T5),
+    "blip2_flant5xl": dict(_BLIP2_T5, vision=_EVA_VIT_G, llm=_FLANT5_XL),
+    "blip2_flant5xxl": dict(_BLIP2_T5, vision=_EVA_VIT_G, llm=_FLANT5_XXL),
 }
 
 

@@ -54,6 +54,7 @@ from typing import Any
 import torch
 
 from blip2_megatron.config import ConfigError, LLMConfig
+from blip2_megatron.config.model import LLM_ACTIVATIONS
 from blip2_megatron.io import CheckpointMismatchError, UnsafeCheckpointError, iter_checkpoint_files
 from blip2_megatron.models.llm import ParallelCausalLM, gather_from_tp_ranks
 from blip2_megatron.parallel import state
@@ -129,6 +130,45 @@ INTERNLM2_MODEL_KEYS = {
     "norm.weight": "model.norm.weight",
     "lm_head.weight": "output.weight",
 }
+# T5 (LLMConfig arch "t5"): layer keys per stack ("{}" = the layer index within the stack).
+_T5_ATTENTION = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o"}
+T5_ENCODER_LAYER_KEYS = {
+    **{
+        f"self_attn.{ours}.weight": f"encoder.block.{{}}.layer.0.SelfAttention.{hf}.weight"
+        for ours, hf in _T5_ATTENTION.items()
+    },
+    "self_attn.relative_attention_bias.weight": "encoder.block.{}.layer.0.SelfAttention.relative_attention_bias.weight",
+    "input_layernorm.weight": "encoder.block.{}.layer.0.layer_norm.weight",
+    "mlp.gate_proj.weight": "encoder.block.{}.layer.1.DenseReluDense.wi_0.weight",
+    "mlp.up_proj.weight": "encoder.block.{}.layer.1.DenseReluDense.wi_1.weight",
+    "mlp.down_proj.weight": "encoder.block.{}.layer.1.DenseReluDense.wo.weight",
+    "post_attention_layernorm.weight": "encoder.block.{}.layer.1.layer_norm.weight",
+}
+T5_DECODER_LAYER_KEYS = {
+    **{
+        f"self_attn.{ours}.weight": f"decoder.block.{{}}.layer.0.SelfAttention.{hf}.weight"
+        for ours, hf in _T5_ATTENTION.items()
+    },
+    "self_attn.relative_attention_bias.weight": "decoder.block.{}.layer.0.SelfAttention.relative_attention_bias.weight",
+    "input_layernorm.weight": "decoder.block.{}.layer.0.layer_norm.weight",
+    **{
+        f"cross_attn.{ours}.weight": f"decoder.block.{{}}.layer.1.EncDecAttention.{hf}.weight"
+        for ours, hf in _T5_ATTENTION.items()
+    },
+    "cross_attention_layernorm.weight": "decoder.block.{}.layer.1.layer_norm.weight",
+    "mlp.gate_proj.weight": "decoder.block.{}.layer.2.DenseReluDense.wi_0.weight",
+    "mlp.up_proj.weight": "decoder.block.{}.layer.2.DenseReluDense.wi_1.weight",
+    "mlp.down_proj.weight": "decoder.block.{}.layer.2.DenseReluDense.wo.weight",
+    "post_attention_layernorm.weight": "decoder.block.{}.layer.2.layer_norm.weight",
+}
+T5_MODEL_KEYS = {
+    "embed_tokens.weight": "shared.weight",
+    "encoder.norm.weight": "encoder.final_layer_norm.weight",
+    "decoder.norm.weight": "decoder.final_layer_norm.weight",
+    "lm_head.weight": "lm_head.weight",
+}
+# T5's relative position table exists in the first layer of each stack only.
+T5_FIRST_LAYER_ONLY = "self_attn.relative_attention_bias.weight"
 # family (LLMConfig.hf_family) -> (top-level keys, layer keys)
 KEY_MAPS = {
     "opt": (OPT_MODEL_KEYS, OPT_LAYER_KEYS),
@@ -136,13 +176,23 @@ KEY_MAPS = {
     "qwen2": (LLAMA_MODEL_KEYS, LLAMA_LAYER_KEYS),
     "mistral": (LLAMA_MODEL_KEYS, LLAMA_LAYER_KEYS),
     "internlm2": (INTERNLM2_MODEL_KEYS, INTERNLM2_LAYER_KEYS),
+    "t5": (T5_MODEL_KEYS, T5_ENCODER_LAYER_KEYS),
 }
+# Layer keys of the stacks of an encoder-decoder family ("" = a decoder-only model's layers).
+STACK_LAYER_KEYS = {"t5": {"encoder": T5_ENCODER_LAYER_KEYS, "decoder": T5_DECODER_LAYER_KEYS}}
+# Checkpoint keys of families whose top-level names are not under "model." (so a bare
+# checkpoint is not recognised by a missing prefix).
+UNPREFIXED_FAMILIES = ("t5",)
 # Our projections that share one fused Hugging Face tensor, in the order of its per-group blocks.
 FUSED_QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 
 # Checkpoint entries that are not weights: older LLaMA / Vicuna (and InternLM2) files store
 # the RoPE frequencies, which we recompute.
-IGNORED_HF_KEYS = (re.compile(r"model\.layers\.\d+\.(self_attn|attention)\.rotary_emb\.inv_freq"),)
+# T5 checkpoints saved from .bin files repeat the shared embedding under each stack's name.
+IGNORED_HF_KEYS = (
+    re.compile(r"model\.layers\.\d+\.(self_attn|attention)\.rotary_emb\.inv_freq"),
+    re.compile(r"(encoder|decoder)\.embed_tokens\.weight"),
+)
 # Our parameters whose rows are vocabulary entries (padded to a multiple of the TP size).
 VOCAB_PARAMS = ("embed_tokens.weight", "lm_head.weight")
 # Prefixes of a *ForCausalLM checkpoint's keys outside its base model (the head).
@@ -445,6 +495,54 @@ def _internlm2_fields(hf: _HFConfigReader, overrides: Mapping[str, Any]) -> dict
     return dict(fields, attention_bias=bias, o_proj_bias=bias, **_token_ids(hf, overrides))
 
 
+def _t5_fields(hf: _HFConfigReader, overrides: Mapping[str, Any]) -> dict[str, Any]:
+    proj = hf.get("feed_forward_proj", "relu")
+    hf.get("is_gated_act", None)  # derived from feed_forward_proj
+    # transformers reads "gated-gelu" as GELU's tanh form; a saved dense_act_fn wins (LAVIS sets "gelu").
+    default_act = "gelu_new" if proj == "gated-gelu" else proj.split("-")[-1]
+    activation = hf.get("dense_act_fn", default_act)
+    if not proj.startswith("gated-") or activation not in LLM_ACTIVATIONS or activation == "relu":
+        raise ConfigError(
+            f"t5 config.json feed_forward_proj={proj!r} (dense_act_fn={activation!r}) is not supported: T5 "
+            "v1.1 / FlanT5's gated GELU FFN ('gated-gelu') is; T5 v1.0's ReLU FFN is not"
+        )
+    untied = not hf.get("tie_word_embeddings", False)
+    # transformers 5 writes tie_word_embeddings=true for every T5 and says with this key whether
+    # the head is scaled as v1.0's tied head is; older files say it with tie_word_embeddings alone.
+    if hf.get("scale_decoder_outputs", not untied):
+        raise ConfigError(
+            "t5 config.json describes T5 v1.0's head (decoder outputs scaled by d_model**-0.5, tied to the "
+            "embedding): not supported; T5 v1.1 / FlanT5 (untied, unscaled) is"
+        )
+    hf.dropout("dropout_rate", "classifier_dropout")
+    hf.get("initializer_factor", None)
+    hf.get("n_positions", None)  # old configs: a tokenizer hint, relative positions have no limit
+    hf.get("output_past", None)
+    layers = hf.size("num_layers")
+    ids = _token_ids(hf, overrides, eos_default=1)
+    return dict(
+        arch="t5",
+        family="t5",
+        vocab_size=hf.size("vocab_size"),
+        hidden_size=hf.size("d_model"),
+        num_layers=layers,
+        num_decoder_layers=hf.get("num_decoder_layers", None) or layers,
+        num_heads=hf.size("num_heads"),
+        head_dim_override=hf.size("d_kv"),
+        intermediate_size=hf.size("d_ff"),
+        hidden_act=activation,
+        relative_attention_num_buckets=hf.get("relative_attention_num_buckets", 32),
+        relative_attention_max_distance=hf.get("relative_attention_max_distance", 128),
+        max_position_embeddings=512,  # what T5 was trained at; relative positions are not bounded
+        norm_eps=hf.get("layer_norm_epsilon", 1e-6),
+        tie_word_embeddings=False,
+        attention_bias=False,
+        bos_token_id=None,
+        eos_token_id=ids["eos_token_id"],
+        pad_token_id=ids["pad_token_id"] if hf.hf.get("pad_token_id") is not None else 0,
+    )
+
+
 # model_type -> reader of its config.json
 HF_CONFIG_READERS = {
     "opt": _opt_fields,
@@ -452,6 +550,7 @@ HF_CONFIG_READERS = {
     "qwen2": _qwen2_fields,
     "mistral": _mistral_fields,
     "internlm2": _internlm2_fields,
+    "t5": _t5_fields,
 }
 
 
@@ -487,6 +586,13 @@ MATHS_FIELDS = {
     "hidden_size": lambda c: c.hidden_size,
     "num_layers": lambda c: c.num_layers,
     "num_heads": lambda c: c.num_heads,
+    "head_dim": lambda c: c.head_dim,
+    "decoder_layers": lambda c: c.decoder_layers if c.is_encoder_decoder else None,
+    "relative_attention": lambda c: (
+        (c.relative_attention_num_buckets, c.relative_attention_max_distance)
+        if c.is_encoder_decoder
+        else None
+    ),
     "num_kv_heads": lambda c: c.kv_heads,
     "intermediate_size": lambda c: c.intermediate_size,
     "norm_eps": lambda c: c.norm_eps,
@@ -577,6 +683,8 @@ def hf_config_dict(cfg: LLMConfig) -> dict[str, Any]:
         return hf.to_dict()
     if family == "internlm2":
         return _internlm2_config_dict(cfg)
+    if family == "t5":
+        return _t5_config_dict(cfg)
     common = dict(
         vocab_size=cfg.vocab_size,
         hidden_size=cfg.hidden_size,
@@ -675,6 +783,38 @@ def _internlm2_config_dict(cfg: LLMConfig) -> dict[str, Any]:
     }
 
 
+def _t5_config_dict(cfg: LLMConfig) -> dict[str, Any]:
+    """transformers' T5Config for T5 v1.1 / FlanT5 (gated FFN, untied and unscaled head).
+
+    The activation is written as ``dense_act_fn``: ``gated-gelu`` names the tanh GELU, and
+    LAVIS's exact GELU is only expressible this way.
+    """
+    import transformers
+
+    gated = "gated-gelu" if cfg.activation == "gelu_new" else f"gated-{cfg.activation}"
+    hf = transformers.T5Config(
+        vocab_size=cfg.vocab_size,
+        d_model=cfg.hidden_size,
+        d_kv=cfg.head_dim,
+        d_ff=cfg.intermediate_size,
+        num_layers=cfg.num_layers,
+        num_decoder_layers=cfg.decoder_layers,
+        num_heads=cfg.num_heads,
+        relative_attention_num_buckets=cfg.relative_attention_num_buckets,
+        relative_attention_max_distance=cfg.relative_attention_max_distance,
+        layer_norm_epsilon=cfg.norm_eps,
+        feed_forward_proj=gated,
+        tie_word_embeddings=False,
+        pad_token_id=cfg.pad_token_id,
+        eos_token_id=cfg.eos_token_id,
+        decoder_start_token_id=cfg.pad_token_id,
+        dropout_rate=0.0,
+    )
+    hf.dense_act_fn = cfg.activation
+    hf.architectures = ["T5ForConditionalGeneration"]
+    return hf.to_dict()
+
+
 def read_hf_config(model_dir: str | Path) -> dict[str, Any]:
     path = Path(model_dir) / "config.json"
     if not path.is_file():
@@ -692,22 +832,24 @@ class HFTensors:
     lack the prefix).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, family: str = "") -> None:
         self._location: dict[str, tuple[Any, str]] = {}  # our key -> (container, key inside it)
         self._handles: list[Any] = []
+        self._prefix_bare = family not in UNPREFIXED_FAMILIES
 
     @classmethod
-    def from_state_dict(cls, tensors: Mapping[str, torch.Tensor]) -> HFTensors:
-        source = cls()
+    def from_state_dict(cls, tensors: Mapping[str, torch.Tensor], family: str = "") -> HFTensors:
+        """``family``: the checkpoint's ``LLMConfig.hf_family`` (T5's names have no ``model.`` prefix)."""
+        source = cls(family)
         for name in tensors:
             source._add(name, tensors, name)
         return source
 
     @classmethod
-    def from_directory(cls, model_dir: str | Path) -> HFTensors:
+    def from_directory(cls, model_dir: str | Path, family: str = "") -> HFTensors:
         from safetensors import safe_open
 
-        source = cls()
+        source = cls(family)
         for path in iter_checkpoint_files(model_dir):
             if path.suffix == ".safetensors":
                 handle = safe_open(str(path), framework="pt", device="cpu")
@@ -722,7 +864,7 @@ class HFTensors:
         return source
 
     def _add(self, name: str, container: Any, key: str) -> None:
-        if not name.startswith(("model.", *HEAD_PREFIXES)):
+        if self._prefix_bare and not name.startswith(("model.", *HEAD_PREFIXES)):
             name = "model." + name  # a bare OPTModel / LlamaModel / InternLM2Model checkpoint
         self._location[name] = (container, key)
 
@@ -778,31 +920,49 @@ def _layer_has(cfg: LLMConfig, ours: str) -> bool:
     return cfg.attention_bias  # q/k/v (and OPT's fc1/fc2)
 
 
-def layer_key_map(cfg: LLMConfig) -> dict[str, str]:
-    """Ours (relative to a layer) -> Hugging Face template, for the tensors a layer of ``cfg`` has."""
-    _, layer_keys = KEY_MAPS[cfg.hf_family]
+def layer_key_map(cfg: LLMConfig, stack: str = "") -> dict[str, str]:
+    """Ours (relative to a layer) -> Hugging Face template, for the tensors a layer of ``cfg`` has.
+
+    ``stack``: ``"encoder"`` or ``"decoder"`` for an encoder-decoder family's layers.
+    """
+    layer_keys = STACK_LAYER_KEYS[cfg.hf_family][stack] if stack else KEY_MAPS[cfg.hf_family][1]
     return {ours: hf for ours, hf in layer_keys.items() if _layer_has(cfg, ours)}
+
+
+def _stacks(cfg: LLMConfig) -> dict[str, int]:
+    """Layer stacks of ``cfg`` and their depths ("" = a decoder-only model's one stack)."""
+    if cfg.hf_family in STACK_LAYER_KEYS:
+        return {"encoder": cfg.num_layers, "decoder": cfg.decoder_layers}
+    return {"": cfg.num_layers}
 
 
 def expected_hf_keys(cfg: LLMConfig) -> set[str]:
     """Every tensor name a whole checkpoint of ``cfg`` may hold (a tied head's copy included)."""
     model_keys, _ = KEY_MAPS[cfg.hf_family]
     keys = set(model_keys.values())
-    for template in layer_key_map(cfg).values():
-        keys.update(template.format(index) for index in range(cfg.num_layers))
+    for stack, depth in _stacks(cfg).items():
+        for ours, template in layer_key_map(cfg, stack).items():
+            indices = range(1) if ours == T5_FIRST_LAYER_ONLY else range(depth)
+            keys.update(template.format(index) for index in indices)
     return keys
+
+
+_LAYER_NAME = re.compile(r"(?:(encoder|decoder)\.)?layers\.(\d+)\.(.+)")
 
 
 def hf_name_map(model: ParallelCausalLM) -> dict[str, str]:
     """Our parameter names (on this stage) -> Hugging Face names (q/k/v share one in fused layouts)."""
     cfg = model.cfg
-    model_keys, layer_keys = KEY_MAPS[cfg.hf_family][0], layer_key_map(cfg)
+    model_keys = KEY_MAPS[cfg.hf_family][0]
+    layer_keys = {stack: layer_key_map(cfg, stack) for stack in _stacks(cfg)}
     names: dict[str, str] = {}
     for name, _ in model.named_parameters():
-        if name.startswith("layers."):
-            local_index, rest = name[len("layers.") :].split(".", 1)
-            template = layer_keys.get(rest)
-            index = model.layers[int(local_index)].layer_index
+        layer = _LAYER_NAME.fullmatch(name)
+        if layer is not None:
+            stack, local_index, rest = layer.group(1) or "", int(layer.group(2)), layer.group(3)
+            template = layer_keys[stack].get(rest)
+            # A decoder-only stage numbers its layers locally; T5's stacks are always whole.
+            index = model.layers[local_index].layer_index if not stack else local_index
         else:
             template, rest, index = model_keys.get(name), name, None
         if template is None:
@@ -889,9 +1049,9 @@ def load_hf_llm_weights(
     cfg = model.cfg
     if isinstance(source, (str, Path)):
         check_hf_config_matches(cfg, read_hf_config(source), source)
-        source = HFTensors.from_directory(source)
+        source = HFTensors.from_directory(source, cfg.hf_family)
     elif not isinstance(source, HFTensors):
-        source = HFTensors.from_state_dict(source)
+        source = HFTensors.from_state_dict(source, cfg.hf_family)
     expected = expected_hf_keys(cfg)
     unexpected = sorted(
         k for k in source.keys() if k not in expected and not any(p.fullmatch(k) for p in IGNORED_HF_KEYS)

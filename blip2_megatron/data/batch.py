@@ -20,7 +20,18 @@ Sequence layouts (``prefix`` = the tokens the tokenizer's own template puts befo
     MiniGPT-4 LLaMA-2:   prefix "[INST] <Img>" [image] "</Img> {instruction} [/INST] " target "</s>"
 
 Labels are -100 (:data:`IGNORE_INDEX`) on image slots, prefix, prompt and padding; only the
-target and its end symbol are learned. Training pads on the right (to a multiple of
+target and its end symbol are learned.
+
+Encoder-decoder LLMs (FlanT5) take the seq2seq layout instead: the encoder reads
+``[image] prompt </s>`` and the labels are the decoder's targets ``target </s>`` (the model
+shifts them right behind its start token); ``</s>`` is what T5's tokenizer ends every text
+with, so ``model.end_sym`` is empty. ``labels`` then have their own length, and
+``first_label`` is 0. Prefix language modelling (``model.prefix_lm``, BLIP-2 FlanT5's stage
+2): each caption is cut at a word boundary into a prefix, appended to the encoder's text,
+and the rest, which is the target. Words, not tokens, are counted (split on whitespace), so
+a cut never falls inside a word; with ``n >= 2`` words the prefix takes ``k`` of them, ``k``
+uniform in ``1 .. n - 1`` (both parts non-empty), drawn with a generator keyed by the
+sample's ``sample_key`` (so a resumed run cuts the same way) or by the caption itself. Training pads on the right (to a multiple of
 ``pad_to_multiple_of``, which bounds the number of distinct shapes a pipeline stage or a
 compiled kernel sees); generation pads on the left. BLIP-2 tokenizes prompt and target
 together (LAVIS), so word pieces at the boundary are the ones the LLM was trained with, and
@@ -208,11 +219,57 @@ class LLMBatchBuilder:
         self.num_image_slots = cfg.num_image_slots
         self.pad_id = tokenizer.pad_token_id
         self.instructions = load_instructions(cfg.prompt_file) if cfg.prompt_file else []
+        self.seq2seq = cfg.llm.is_encoder_decoder
         for instruction in [cfg.prompt, *self.instructions] if cfg.kind == "minigpt4" else []:
             self.conversation(instruction)  # an image placed twice fails here, not mid-training
 
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+    def _closed_ids(self, text: str) -> list[int]:
+        """T5: ``text`` as its tokenizer encodes it (ending in ``</s>``), cut to ``max_txt_len``
+        tokens with the end token kept, as the tokenizer's own truncation does."""
+        ids = self.tokenizer(text, add_special_tokens=True)["input_ids"]
+        limit = self.cfg.max_txt_len
+        return ids if len(ids) <= limit else ids[: limit - 1] + ids[-1:]
+
+    def _seq2seq_layout(
+        self, prompts: Sequence[str], targets: Sequence[str] | None, padding_side: str
+    ) -> LLMInputs:
+        """Encoder ``[image] prompt </s>`` and decoder labels ``target </s>`` (see the module docstring)."""
+        slots = self.num_image_slots
+        encoder = [[self.pad_id] * slots + self._closed_ids(prompt) for prompt in prompts]
+        length = max(len(ids) for ids in encoder)
+        if padding_side == "right":
+            length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        batch = len(encoder)
+        input_ids = torch.full((batch, length), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((batch, length), dtype=torch.long)
+        image_slots = torch.zeros((batch, length), dtype=torch.bool)
+        for b, ids in enumerate(encoder):
+            start = 0 if padding_side == "right" else length - len(ids)
+            input_ids[b, start : start + len(ids)] = torch.tensor(ids)
+            attention_mask[b, start : start + len(ids)] = 1
+            image_slots[b, start : start + slots] = True
+        labels = None
+        if targets is not None:
+            decoder = [self._closed_ids(target) for target in targets]
+            target_len = (
+                -(-max(len(ids) for ids in decoder) // self.pad_to_multiple_of) * self.pad_to_multiple_of
+            )
+            labels = torch.full((batch, target_len), IGNORE_INDEX, dtype=torch.long)
+            for b, ids in enumerate(decoder):
+                labels[b, : len(ids)] = torch.tensor(ids)
+        return LLMInputs(input_ids, attention_mask, image_slots, labels)
+
+    def split_prefix(self, prompt: str, caption: str, key: str) -> tuple[str, str]:
+        """Prefix language modelling: ``(prompt + caption prefix, caption rest)`` (module docstring)."""
+        words = caption.split()
+        if len(words) < 2:
+            return prompt, caption
+        cut = make_rng(key, "prefix_lm").randint(1, len(words) - 1)
+        encoder_text = " ".join(([prompt] if prompt else []) + words[:cut])
+        return encoder_text, " ".join(words[cut:])
 
     def conversation(self, instruction: str) -> str:
         """MiniGPT-4: the text around the image for ``instruction``, with one ``<ImageHere>``."""
@@ -268,6 +325,8 @@ class LLMBatchBuilder:
         """
         if targets is not None and len(targets) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
+        if self.seq2seq:
+            return self._seq2seq_layout(prompts, targets, padding_side)
         rows = [self._row(p, None if targets is None else targets[i]) for i, p in enumerate(prompts)]
         length = max(len(ids) for ids, _, _ in rows)
         if length > self.cfg.llm.max_position_embeddings:
@@ -311,14 +370,24 @@ class LLMBatchBuilder:
                     "pass per-sample 'prompt's instead"
                 )
             prompts = [self.instruction_for(key) for key in samples[SAMPLE_KEY]]
-        inputs = self.layout(list(prompts or [self.cfg.prompt] * len(targets)), targets)
+        prompts = list(prompts or [self.cfg.prompt] * len(targets))
+        if self.cfg.prefix_lm:
+            keys = samples.get(SAMPLE_KEY) or targets
+            prompts, targets = map(
+                list,
+                zip(
+                    *(self.split_prefix(p, t, str(k)) for p, t, k in zip(prompts, targets, keys, strict=True))
+                ),
+            )
+        inputs = self.layout(prompts, targets)
         return {
             "image": samples["image"],
             "input_ids": inputs.input_ids,
             "attention_mask": inputs.attention_mask,
             "image_slots": inputs.image_slots,
             "labels": inputs.labels,
-            "first_label": first_labelled_position(inputs.labels),
+            # The decoder's labels start at its first position.
+            "first_label": 0 if self.seq2seq else first_labelled_position(inputs.labels),
         }
 
     def generation_inputs(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:

@@ -12,6 +12,7 @@ first turn of a conversation is laid out exactly as a training sample's prompt).
         prefix "[INST] <Img>" [image] "</Img> {q1} [/INST] " "{a1}</s>" "[INST] {q2} [/INST] "
     BLIP-2 (model.kind "llm", LAVIS's context prompt for OPT / Vicuna BLIP-2):
         [image] prefix "Question: {q1} Answer: {a1}. Question: {q2} Answer: {a2}. Question: {q3} Answer:"
+    BLIP-2 FlanT5: the same text into the encoder, closed by "</s>"; the decoder answers.
 
 MiniGPT-4: the first turn is ``LLMBatchBuilder.conversation`` (the image in front of the
 question, as MiniGPT-4's chat puts an uploaded image); later turns are the template without
@@ -175,6 +176,9 @@ class ConversationLayout:
                 prefix_done = True
             ids += piece_ids
             slots += [False] * len(piece_ids)
+        if self.builder.seq2seq:  # an encoder's text ends as its tokenizer ends texts (T5: "</s>")
+            ids.append(self.tokenizer.eos_token_id)
+            slots.append(False)
         return ids, slots
 
     def inputs(self, turns: Sequence[Turn]) -> dict[str, torch.Tensor]:

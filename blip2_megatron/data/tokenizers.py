@@ -115,6 +115,22 @@ def _tiny_llm_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
+_SPECIALS_T5 = ["<pad>", "</s>", "<unk>"]  # ids 0..2 as in T5's sentencepiece vocabulary
+
+
+@functools.cache
+def _tiny_t5_tokenizer() -> PreTrainedTokenizerFast:
+    """The tiny LLM tokenizer in T5's manner: pad 0 (the decoder's start), eos 1, unk 2, no bos,
+    and every encoded text ends in ``</s>``."""
+    tok = _wordpiece(_tiny_vocab(_SPECIALS_T5, reserve_last=0), "<unk>")
+    tok.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+
+
 # tokenizer_config.json classes that are remote code, read from their sentencepiece model instead.
 SENTENCEPIECE_TOKENIZER_CLASSES = ("InternLM2Tokenizer", "InternLM2TokenizerFast")
 SENTENCEPIECE_MODEL = "tokenizer.model"
@@ -255,6 +271,7 @@ def _tokenizer_class(directory: Path) -> str | None:
 def build_tokenizer(spec: str, kind: str, arch: str = "opt") -> PreTrainedTokenizerFast:
     """The tokenizer for ``kind`` ('qformer' or 'llm') from a local path or ``builtin:tiny``.
 
+    ``arch``: the LLM's (``builtin:tiny`` for ``"t5"`` is laid out as T5's tokenizer is).
     Q-Former tokenizers get the ``[DEC]`` bos token BLIP-2 uses for ITG; LLaMA-family
     tokenizers without a pad token get ``[PAD]`` (Vicuna, as BLIP-2 does). Training pads
     on the right; generation code switches to left padding itself. A directory whose
@@ -266,7 +283,11 @@ def build_tokenizer(spec: str, kind: str, arch: str = "opt") -> PreTrainedTokeni
     if spec == BUILTIN_TINY:
         # A copy: callers may change their tokenizer (padding side, template) without
         # changing everyone else's.
-        tok = copy.deepcopy(_tiny_qformer_tokenizer() if kind == "qformer" else _tiny_llm_tokenizer())
+        if kind == "qformer":
+            tok = _tiny_qformer_tokenizer()
+        else:
+            tok = _tiny_t5_tokenizer() if arch == "t5" else _tiny_llm_tokenizer()
+        tok = copy.deepcopy(tok)
         tok.padding_side = "right"
         return tok
     path = Path(spec)

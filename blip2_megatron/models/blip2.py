@@ -30,6 +30,7 @@ from blip2_megatron.config import Blip2Config
 from blip2_megatron.models import generation
 from blip2_megatron.models.llm import ParallelCausalLM
 from blip2_megatron.models.query_encoder import QueryEncoder
+from blip2_megatron.models.t5 import ParallelT5
 from blip2_megatron.models.vision import VisionEncoder, freeze_vision, frozen_vision_dtype
 from blip2_megatron.parallel.pipeline import PipelineStage
 from blip2_megatron.parallel.tp_split import (
@@ -101,18 +102,23 @@ class Blip2ForLLM(nn.Module):
                 self.language_projection = nn.Linear(cfg.image_feature_size, cfg.llm.hidden_size)
             elif cfg.image_encoder == "qformer":
                 del self.query_encoder.qformer, self.query_encoder.query_tokens
-        self.language_model: ParallelCausalLM | None = None
+        self.language_model: ParallelCausalLM | ParallelT5 | None = None
         if self.stage.holds_llm:
             on_meta = llm_device is not None and torch.device(llm_device).type == "meta"
             with torch.device(llm_device) if llm_device is not None else contextlib.nullcontext():
-                self.language_model = ParallelCausalLM(
-                    cfg.llm,
-                    pre_process=self.stage.has_bridge,
-                    post_process=self.stage.has_head,
-                    layer_range=self.stage.llm_layers,
-                    params_dtype=llm_dtype,
-                    init_weights=False if on_meta else None,
-                )
+                if cfg.llm.is_encoder_decoder:  # the whole model, always (no pipeline stages)
+                    self.language_model = ParallelT5(
+                        cfg.llm, params_dtype=llm_dtype, init_weights=False if on_meta else None
+                    )
+                else:
+                    self.language_model = ParallelCausalLM(
+                        cfg.llm,
+                        pre_process=self.stage.has_bridge,
+                        post_process=self.stage.has_head,
+                        layer_range=self.stage.llm_layers,
+                        params_dtype=llm_dtype,
+                        init_weights=False if on_meta else None,
+                    )
         self.apply_freezing()
         self.split_images = self.stage.holds_image_path and splits_images(cfg)
         if self.split_images:
@@ -192,9 +198,15 @@ class Blip2ForLLM(nn.Module):
 
         ``batch``: ``image [B, 3, S, S]``, ``input_ids``, ``attention_mask``, ``image_slots``
         and ``labels``, each ``[B, T]``, and optionally ``first_label`` (see
-        ``blip2_megatron.data.batch``).
+        ``blip2_megatron.data.batch``). With an encoder-decoder LLM the first four are the
+        encoder's input and ``labels [B, L]`` the decoder's targets.
         """
         embeds = self.input_embeddings(batch["image"], batch["input_ids"], batch["image_slots"])
+        if self.cfg.llm.is_encoder_decoder:
+            out = self.language_model(
+                inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"]
+            )
+            return {"loss": out.loss}
         out = self.language_model(
             inputs_embeds=embeds,
             attention_mask=batch["attention_mask"],

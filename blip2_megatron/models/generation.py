@@ -1,8 +1,12 @@
-"""Greedy, sampling and beam-search decoding over a tensor-parallel :class:`ParallelCausalLM`.
+"""Greedy, sampling and beam-search decoding over a tensor-parallel :class:`ParallelCausalLM`
+or encoder-decoder :class:`~blip2_megatron.models.t5.ParallelT5`.
 
 Generation starts from input embeddings (BLIP-2: projected query outputs followed by the
 prompt's token embeddings) with a left-padded attention mask, runs the prompt once to fill
-a :class:`KVCache`, then feeds one token per step. Only the last position's logits are
+a :class:`KVCache`, then feeds one token per step. An encoder-decoder runs its encoder
+once over the inputs (any padding side) and decodes from its start token; each decoder
+layer computes the cross-attention keys and values of the encoder's output once and keeps
+them in the cache; only new tokens are returned, without the start token. Only the last position's logits are
 computed; they are all-gathered over the TP group (``[B, V/tp] -> [B, V]``) and the
 vocabulary padding is dropped, so every TP rank makes the same decisions on the same full
 distribution without further communication.
@@ -52,6 +56,7 @@ import torch
 import torch.nn.functional as F
 
 from blip2_megatron.models.llm import KVCache, ParallelCausalLM, gather_from_tp_ranks
+from blip2_megatron.models.t5 import ParallelT5, Seq2SeqCache
 from blip2_megatron.parallel import state
 
 logger = logging.getLogger(__name__)
@@ -192,6 +197,32 @@ class _StepModel:
         return self._full_vocab_logits(out.logits)
 
 
+class _Seq2SeqStepModel(_StepModel):
+    """An encoder-decoder (T5) one step at a time: the encoder runs once, in :meth:`prefill`,
+    with the decoder's start token; each decoder layer keeps its cross-attention keys and
+    values of the encoder's output in the cache, so later steps read neither the encoder's
+    output nor its projections again. Beam search duplicates them with the rest of the cache."""
+
+    def __init__(self, model: ParallelT5, attention_mask: torch.Tensor):
+        self.model = model
+        self.cache = Seq2SeqCache()
+        self.attention_mask = attention_mask  # the encoder's: what cross-attention may read
+
+    def prefill(self, inputs_embeds: torch.Tensor) -> torch.Tensor:
+        encoder_states = self.model.encode(inputs_embeds=inputs_embeds, attention_mask=self.attention_mask)
+        start = self.attention_mask.new_full((inputs_embeds.shape[0], 1), self.model.cfg.pad_token_id)
+        logits = self.model.decode(start, encoder_states, self.attention_mask, self.cache, logits_to_keep=1)
+        return self._full_vocab_logits(logits)
+
+    def select(self, batch_index: torch.Tensor) -> None:
+        self.cache.select(batch_index)
+        self.attention_mask = self.attention_mask.index_select(0, batch_index)
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        logits = self.model.decode(tokens[:, None], None, self.attention_mask, self.cache, logits_to_keep=1)
+        return self._full_vocab_logits(logits)
+
+
 def _process_scores(
     scores: torch.Tensor,
     generated: torch.Tensor,
@@ -212,7 +243,7 @@ def _process_scores(
 
 @torch.no_grad()
 def generate(
-    model: ParallelCausalLM,
+    model: ParallelCausalLM | ParallelT5,
     inputs_embeds: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
     *,
@@ -282,7 +313,7 @@ def generate(
     was_training = model.training
     model.eval()
     try:
-        stepper = _StepModel(model, attention_mask)
+        stepper = (_Seq2SeqStepModel if cfg.is_encoder_decoder else _StepModel)(model, attention_mask)
         eos = _eos_tensor(eos_token_id, inputs_embeds.device)
         common = dict(
             max_new_tokens=max_new_tokens,

@@ -44,6 +44,8 @@ every stage builds its own attention mask and rotary angles from them.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import math
 
@@ -302,6 +304,45 @@ def gather_from_tp_ranks(tensor: torch.Tensor, dim: int = -1) -> torch.Tensor:
     return torch.cat(shards, dim=dim)
 
 
+def vocab_parallel_logits(
+    lm_head: nn.Module, hidden_states: torch.Tensor, vocab_size: int, weight: torch.Tensor | None = None
+) -> torch.Tensor:
+    """This rank's vocab-parallel logits from a column-parallel head, padded columns at ``-inf``.
+
+    ``weight``: the head's weight when it reads another module's (a tied embedding).
+    """
+    logits = lm_head(hidden_states, weight=weight)[0]
+    local_rows = logits.shape[-1]
+    first = state.tp_rank() * local_rows
+    if first + local_rows > vocab_size:
+        padding = torch.arange(first, first + local_rows, device=logits.device) >= vocab_size
+        logits = logits.masked_fill(padding, float("-inf"))
+    return logits
+
+
+def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross entropy of vocab-parallel ``logits [B, T, V / tp]`` against ``labels [B, T]``,
+    over the labels that are not -100 (position t's logits score label t: shift before).
+
+    Every position is scored and the unlabelled ones masked out, as Megatron's loss mask
+    does: selecting the labelled positions instead would make the shape depend on the
+    data, which waits for the device. With one TP rank this is torch's fused cross
+    entropy; across ranks megatron's vocab-parallel one, on a copy (it works in place,
+    and the logits are returned).
+    """
+    has_label = labels != IGNORE_INDEX
+    if state.tp_size() == 1:
+        per_token = F.cross_entropy(
+            logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
+        ).view_as(labels)
+    else:
+        logits = logits.float() if logits.dtype != torch.float32 else logits.clone()
+        per_token = tensor_parallel.vocab_parallel_cross_entropy(logits, labels.clamp(min=0))
+        per_token = torch.where(has_label, per_token, torch.zeros_like(per_token))
+    # clamp: a batch without labelled tokens gives 0 (HF gives NaN) so a step never poisons the weights
+    return per_token.sum() / has_label.sum().clamp(min=1)
+
+
 def _init_method(std: float):
     return lambda tensor: nn.init.normal_(tensor, mean=0.0, std=std)
 
@@ -335,22 +376,38 @@ def _plain_forward(layer: nn.Module, input_: torch.Tensor, weight: torch.Tensor)
     return F.linear(input_, weight, layer.bias), None
 
 
+@contextlib.contextmanager
+def _in_weight_dtype(input_: torch.Tensor, weight: torch.Tensor):
+    """Run megatron's split product in its weight's dtype, outside any autocast; yields the input.
+
+    Under autocast (DeepSpeed's, for a trained ViT in bf16) an fp32 LLM's activations arrive
+    in the autocast dtype and megatron's autograd functions would return autocast-dtype
+    outputs whose gradients then meet the fp32 weight in their backward matmul, which
+    fails; ``F.linear`` (TP 1) has autograd's own backward and casts consistently.
+    """
+    with torch.autocast(input_.device.type, enabled=False):
+        yield input_ if input_.dtype == weight.dtype else input_.to(weight.dtype)
+
+
 class ColumnParallelLinear(tensor_parallel.ColumnParallelLinear):
     """megatron-core's column-parallel linear; plain ``F.linear`` at TP 1 (:func:`_plain_linear`)."""
 
     def forward(self, input_, weight=None, runtime_gather_output=None):
-        if not _plain_linear(self):
+        weight = self.weight if weight is None else weight
+        if _plain_linear(self):
+            return _plain_forward(self, input_, weight)
+        with _in_weight_dtype(input_, weight) as input_:
             return super().forward(input_, weight, runtime_gather_output)
-        return _plain_forward(self, input_, self.weight if weight is None else weight)
 
 
 class RowParallelLinear(tensor_parallel.RowParallelLinear):
     """megatron-core's row-parallel linear; plain ``F.linear`` at TP 1 (:func:`_plain_linear`)."""
 
     def forward(self, input_):
-        if not _plain_linear(self):
+        if _plain_linear(self):
+            return _plain_forward(self, input_, self.weight)
+        with _in_weight_dtype(input_, self.weight) as input_:
             return super().forward(input_)
-        return _plain_forward(self, input_, self.weight)
 
 
 class SelfAttention(nn.Module):
@@ -447,11 +504,21 @@ class OPTMLP(nn.Module):
         return self.fc2(F.relu(self.fc1(x)[0]))[0]
 
 
+ACTIVATIONS = {
+    "relu": F.relu,
+    "silu": F.silu,
+    "gelu_new": functools.partial(F.gelu, approximate="tanh"),
+    "gelu": F.gelu,
+}
+
+
 class GatedMLP(nn.Module):
-    """LLaMA's SwiGLU ``down(silu(gate(x)) * up(x))``."""
+    """A gated FFN ``down(act(gate(x)) * up(x))``: LLaMA's SwiGLU, T5 v1.1's gated GELU
+    (``wi_0`` / ``wi_1`` / ``wo``); the activation is ``cfg.activation``."""
 
     def __init__(self, cfg: LLMConfig, mp_config: ModelParallelConfig):
         super().__init__()
+        self.act = ACTIVATIONS[cfg.activation]
         init = _init_method(INIT_STD)
         column = dict(config=mp_config, init_method=init, bias=False, gather_output=False)
         self.gate_proj = ColumnParallelLinear(cfg.hidden_size, cfg.intermediate_size, **column)
@@ -467,7 +534,7 @@ class GatedMLP(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)[0]) * self.up_proj(x)[0])[0]
+        return self.down_proj(self.act(self.gate_proj(x)[0]) * self.up_proj(x)[0])[0]
 
 
 class DecoderLayer(nn.Module):
@@ -686,45 +753,14 @@ class ParallelCausalLM(nn.Module):
             self.get_input_embeddings()(input_ids), attention_mask, past_length, position_ids
         )
 
-    def _local_padding_mask(self, local_rows: int, device) -> torch.Tensor:
-        """True for this rank's vocab columns that are padding (global index >= vocab_size)."""
-        first = state.tp_rank() * local_rows
-        return torch.arange(first, first + local_rows, device=device) >= self.vocab_size
-
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Normalised hidden states -> this rank's vocab-parallel logits, padded columns at -inf."""
         weight = self.embed_tokens.weight if self._head_reads_embedding else None
-        logits = self.lm_head(hidden_states, weight=weight)[0]
-        if self.padded_vocab_size != self.vocab_size:
-            padding = self._local_padding_mask(logits.shape[-1], logits.device)
-            logits = logits.masked_fill(padding, float("-inf"))
-        return logits
+        return vocab_parallel_logits(self.lm_head, hidden_states, self.vocab_size, weight)
 
     def causal_lm_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Mean cross entropy of predicting token t+1 at position t, over labels != -100 (HF's shift).
-
-        Every position is scored and the unlabelled ones masked out, as Megatron's loss mask
-        does: selecting the labelled positions instead would make the shape depend on the
-        data, which waits for the device. With one TP rank this is torch's fused cross
-        entropy; across ranks megatron's vocab-parallel one, on a copy (it works in place,
-        and the logits are returned).
-        """
-        shift_labels = labels[:, 1:]
-        has_label = shift_labels != IGNORE_INDEX
-        shifted = logits[:, :-1]  # [B, T-1, V / tp]
-        if state.tp_size() == 1:
-            per_token = F.cross_entropy(
-                shifted.float().flatten(0, 1),
-                shift_labels.flatten(),
-                ignore_index=IGNORE_INDEX,
-                reduction="none",
-            ).view_as(shift_labels)
-        else:
-            shifted = shifted.float() if shifted.dtype != torch.float32 else shifted.clone()
-            per_token = tensor_parallel.vocab_parallel_cross_entropy(shifted, shift_labels.clamp(min=0))
-            per_token = torch.where(has_label, per_token, torch.zeros_like(per_token))
-        # clamp: a batch without labelled tokens gives 0 (HF gives NaN) so a step never poisons the weights
-        return per_token.sum() / has_label.sum().clamp(min=1)
+        """Mean cross entropy of predicting token t+1 at position t, over labels != -100 (HF's shift)."""
+        return token_cross_entropy(logits[:, :-1], labels[:, 1:])
 
     def default_position_ids(
         self, attention_mask: torch.Tensor | None, past_length: int, seq_len: int, device
