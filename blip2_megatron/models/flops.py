@@ -53,18 +53,43 @@ def qformer_forward_flops(cfg: QFormerConfig, num_query: int, num_text: int, ima
 
 
 def llm_layer_forward_flops(cfg: LLMConfig, seq_len: int) -> float:
-    """One decoder layer's forward over ``seq_len`` tokens."""
-    d, kv = cfg.hidden_size, cfg.kv_heads * cfg.head_dim
-    attn_proj = 2 * d * d + 2 * d * kv
-    ffn = (3 if cfg.arch == "llama" else 2) * d * cfg.intermediate_size
-    return 2.0 * seq_len * (attn_proj + ffn) + 4.0 * seq_len * seq_len * d
+    """One decoder layer's (or T5 encoder layer's) forward over ``seq_len`` tokens."""
+    d, width, kv = cfg.hidden_size, cfg.attention_width, cfg.kv_heads * cfg.head_dim
+    attn_proj = 2 * d * width + 2 * d * kv
+    ffn = (2 if cfg.activation == "relu" else 3) * d * cfg.intermediate_size
+    return 2.0 * seq_len * (attn_proj + ffn) + 4.0 * seq_len * seq_len * width
+
+
+def cross_attention_forward_flops(cfg: LLMConfig, target_len: int, source_len: int) -> float:
+    """One T5 decoder layer's cross-attention: q / o over the targets, k / v over the encoder's output."""
+    d, width = cfg.hidden_size, cfg.attention_width
+    return 2.0 * (2 * target_len + 2 * source_len) * d * width + 4.0 * target_len * source_len * width
+
+
+def llm_forward_flops(cfg: LLMConfig, length: int, target_len: int = 0, skipped: int = 0) -> float:
+    """The LLM's forward over one sequence: decoder-only over ``length`` tokens (the head
+    from ``skipped`` on), or T5's encoder over ``length`` and decoder over ``target_len``."""
+    if not cfg.is_encoder_decoder:
+        return cfg.num_layers * llm_layer_forward_flops(cfg, length) + llm_head_forward_flops(
+            cfg, max(length - skipped, 0)
+        )
+    decoder_layer = llm_layer_forward_flops(cfg, target_len) + cross_attention_forward_flops(
+        cfg, target_len, length
+    )
+    return (
+        cfg.num_layers * llm_layer_forward_flops(cfg, length)
+        + cfg.decoder_layers * decoder_layer
+        + llm_head_forward_flops(cfg, target_len)
+    )
 
 
 def llm_head_forward_flops(cfg: LLMConfig, seq_len: int) -> float:
     return 2.0 * seq_len * cfg.hidden_size * cfg.vocab_size
 
 
-def train_flops_by_part(cfg: Blip2Config, lengths: list[int], first_label: int = 0) -> dict[str, float]:
+def train_flops_by_part(
+    cfg: Blip2Config, lengths: list[int], first_label: int = 0, target_lengths: list[int] | None = None
+) -> dict[str, float]:
     """Training FLOPs of one batch by part (``vision``, ``qformer``, ``llm``), from its real lengths.
 
     ``lengths``: per sample, the tokens the model reads without padding: the LLM input
@@ -72,6 +97,8 @@ def train_flops_by_part(cfg: Blip2Config, lengths: list[int], first_label: int =
     computed but is not useful work, so it does not count (as MFU is usually defined).
     ``first_label``: the batch's first labelled position (``data.batch``): the head's
     logits before the position ahead of it predict nothing, so they do not count either.
+    ``target_lengths``: an encoder-decoder LLM's decoder tokens per sample (``lengths`` are
+    then its encoder's; default ``max_txt_len``).
     """
     q = cfg.qformer.num_query_tokens
     image_tokens = cfg.vision.num_positions
@@ -95,10 +122,8 @@ def train_flops_by_part(cfg: Blip2Config, lengths: list[int], first_label: int =
     parts["qformer"] += images * 2.0 * cfg.num_image_slots * cfg.image_feature_size * cfg.llm.hidden_size * 3
     skipped = max(first_label - 1, 0)
     llm = cfg.llm
-    forward = sum(
-        llm.num_layers * llm_layer_forward_flops(llm, n) + llm_head_forward_flops(llm, max(n - skipped, 0))
-        for n in lengths
-    )
+    targets = target_lengths or [cfg.max_txt_len if llm.is_encoder_decoder else 0] * len(lengths)
+    forward = sum(llm_forward_flops(llm, n, t, skipped) for n, t in zip(lengths, targets, strict=True))
     parts["llm"] = forward * (2 if llm.freeze else 3)
     return parts
 

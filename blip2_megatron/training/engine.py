@@ -30,6 +30,7 @@ from blip2_megatron import accelerator
 from blip2_megatron.build import build_model, build_pipeline_stage
 from blip2_megatron.config import JobConfig
 from blip2_megatron.convert.run_checkpoint import unwrap_stage
+from blip2_megatron.data.batch import IGNORE_INDEX
 from blip2_megatron.models.blip2 import Blip2PipeStage
 from blip2_megatron.models.flops import pipeline_partition, train_flops_by_part
 from blip2_megatron.parallel import state
@@ -183,7 +184,10 @@ def _zero_gradient_loss(module: nn.Module) -> torch.Tensor:
 
 
 def _add_flops(total: dict[str, float], cfg: Any, batch: Batch) -> None:
-    add_flops(total, train_flops_by_part(cfg, batch_lengths(batch), batch.get("first_label", 0)))
+    targets = None
+    if cfg.llm is not None and cfg.llm.is_encoder_decoder:  # the decoder's tokens: its labels
+        targets = (batch["labels"] != IGNORE_INDEX).sum(dim=1).tolist()
+    add_flops(total, train_flops_by_part(cfg, batch_lengths(batch), batch.get("first_label", 0), targets))
 
 
 @dataclass
