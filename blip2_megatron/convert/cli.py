@@ -3,7 +3,7 @@
 * :func:`hf_to_ours`: a transformers Blip2 directory -> one safetensors file with our
   names for the vision encoder, Q-Former, queries and projection (``query_encoder.*``,
   ``language_projection.*``; for ``model.init_checkpoint``) and, optionally, the LLM as a
-  transformers OPT / LLaMA directory (for ``model.llm.weights``, which every TP rank reads
+  transformers OPT / LLaMA / Qwen2 / Mistral / T5 directory (for ``model.llm.weights``, which every TP rank reads
   shard by shard instead of loading the whole Blip2 file).
 * :func:`reshard_run`: a checkpoint of a run saved at any TP x PP -> a run directory for
   another TP x PP (its saved weights re-cut; base weights stay where the job names them).
@@ -52,7 +52,14 @@ from blip2_megatron.parallel.pipeline import PipelineStage
 
 logger = logging.getLogger(__name__)
 
-_LLM_ARCHITECTURES = {"opt": "OPTForCausalLM", "llama": "LlamaForCausalLM"}
+# model_type -> the class transformers loads a Blip2's language_model.* as (FlanT5: its seq2seq model).
+_LLM_ARCHITECTURES = {
+    "opt": "OPTForCausalLM",
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "t5": "T5ForConditionalGeneration",
+}
 
 
 def _write_llm_dir(

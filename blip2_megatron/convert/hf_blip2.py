@@ -7,6 +7,14 @@ plus the LLM's own key map and TP slicing (``convert/hf_llm.py``). transformers 
 saves the LLM under ``language_model.model.decoder.*`` (OPT) / ``language_model.model.*``
 (LLaMA) and ``language_model.lm_head.weight`` (absent when tied to the embedding).
 
+FlanT5 (T5 v1.1) is the encoder-decoder case: ``language_model.*`` holds a
+``T5ForConditionalGeneration`` (``shared``, ``encoder.block.*``, ``decoder.block.*``,
+``lm_head``), the query outputs fill the ``<image>`` slots of the encoder's ``input_ids``
+and the labels are the decoder's targets. Checkpoints saved from ``.bin`` files repeat
+``shared`` as ``encoder.embed_tokens`` / ``decoder.embed_tokens`` (not read). transformers
+5 builds every T5 with its head tied to ``shared`` and unties it on loading only a file
+whose ``lm_head`` differs, so the export always writes ``lm_head``.
+
 * :func:`hf_blip2_model_config` gives our config for a local Blip2 directory (the
   assembly layer, ``blip2_megatron.build``, builds the model with ``init_checkpoint=<dir>``
   after :func:`check_hf_blip2_checkpoint` has named any tensor the directory lacks).
@@ -33,6 +41,7 @@ from torch import nn
 
 from blip2_megatron.config import Blip2Config, ConfigError, LLMConfig, from_dict, merge_dicts
 from blip2_megatron.convert.hf_llm import (
+    IGNORED_HF_KEYS,
     export_hf_state_dict,
     hf_config_dict,
     hf_name_map,
@@ -58,22 +67,27 @@ HF_LLM_PREFIX = "language_model."  # the same in transformers and in Blip2ForLLM
 PROJECTION_PREFIX = "language_projection."  # the same in transformers and in Blip2ForLLM
 HF_LM_HEAD = HF_LLM_PREFIX + "lm_head.weight"
 OPT_IMAGE_TOKEN = 50265  # the "<image>" id Salesforce's blip2-opt checkpoints use (vocab padded to 50272)
+# The first id past FlanT5's 32100 tokenizer entries (its embedding has 32128 rows, the rest
+# unused): the id a token added to its tokenizer gets, and no text's.
+T5_IMAGE_TOKEN = 32100
 OPT_CAPTION_END = "\n"  # BLIP-2 OPT captions end here (LAVIS: the first id of tokenizer("\n"))
 BICUBIC = 3  # PIL.Image.BICUBIC, the resampling of our eval transform
 # LLM families whose model transformers ships, so that its Blip2 can hold them (not InternLM2).
-TRANSFORMERS_LLM_FAMILIES = ("opt", "llama", "qwen2", "mistral")
+TRANSFORMERS_LLM_FAMILIES = ("opt", "llama", "qwen2", "mistral", "t5")
 
 
 def image_token_id(llm: LLMConfig) -> int:
     """The placeholder id transformers uses to mark query slots in ``input_ids``."""
     if llm.arch == "opt" and llm.vocab_size == 50272:
         return OPT_IMAGE_TOKEN
+    if llm.arch == "t5" and llm.vocab_size == 32128:
+        return T5_IMAGE_TOKEN
     return llm.vocab_size - 1
 
 
 # ------------------------------------------------------------------------------ configs
 def hf_text_config(llm: LLMConfig) -> transformers.PretrainedConfig:
-    """The transformers OPT / LLaMA / Qwen2 / Mistral config of ``llm`` as a Blip2 ``text_config``.
+    """The transformers OPT / LLaMA / Qwen2 / Mistral / T5 config of ``llm`` as a Blip2 ``text_config``.
 
     As :func:`~blip2_megatron.convert.hf_llm.hf_config_dict`, except that the eos is the
     caption end (so transformers' generate stops where ours does) and OPT's dropout is off
@@ -182,8 +196,6 @@ def ours_config_from_hf(
     """
     hf = full_hf_config(hf)
     v, q, text = hf["vision_config"], hf["qformer_config"], hf["text_config"]
-    if text.get("is_encoder_decoder"):
-        raise ConfigError(f"Blip2 with an encoder-decoder LLM ({text.get('model_type')}) is not supported")
     llm = dataclasses.asdict(llm_config_from_hf(text))
     if tokenizer is not None:
         llm["eos_token_id"] = caption_eos_token_id(llm["arch"], tokenizer)
@@ -194,6 +206,8 @@ def ours_config_from_hf(
         )
     if llm["arch"] == "opt":
         end_sym, prompt = OPT_CAPTION_END, "a photo of"
+    elif llm["arch"] == "t5":
+        end_sym, prompt = "", ""  # T5's tokenizer ends every text with its eos itself
     else:
         end_sym, prompt = (tokenizer.eos_token if tokenizer is not None else "</s>"), ""
     data = dict(
@@ -292,9 +306,15 @@ def check_hf_blip2_checkpoint(model_dir: str | Path, cfg: Blip2Config) -> None:
         raise CheckpointMismatchError(
             f"{model_dir}: {len(missing)} tensors the model needs are missing: {_list_keys(missing)}"
         )
-    unexpected = sorted(present - expected - {HF_LM_HEAD})
+    unexpected = sorted(k for k in present - expected - {HF_LM_HEAD} if not _ignored_llm_key(k))
     if unexpected:
         logger.warning("%s: %d tensors are not used: %s", model_dir, len(unexpected), _list_keys(unexpected))
+
+
+def _ignored_llm_key(key: str) -> bool:
+    """A ``language_model.*`` entry the LLM loader skips (T5's embedding copies, stored RoPE frequencies)."""
+    name = key.removeprefix(HF_LLM_PREFIX)
+    return name != key and any(pattern.fullmatch(name) for pattern in IGNORED_HF_KEYS)
 
 
 def _list_keys(keys: list[str], exact_up_to: int = 10) -> str:
@@ -340,6 +360,15 @@ def _warn_on_token_mismatch(cfg: Blip2Config, tokenizer: Any, text: Mapping[str,
         )
 
 
+def _stored_dtype_name(raw: Mapping[str, Any]) -> str | None:
+    """The dtype a Blip2 ``config.json`` says its weights are stored in ("fp32" / "bf16"), if it says.
+
+    fp16 reads as bf16: a T5 stored in fp16 was cut down from bf16 and overflows when computed in fp16.
+    """
+    name = raw.get("dtype") or raw.get("torch_dtype") or raw.get("text_config", {}).get("torch_dtype")
+    return {"float32": "fp32", "bfloat16": "bf16", "float16": "bf16"}.get(str(name))
+
+
 def hf_blip2_model_config(
     model_dir: str | Path, overrides: Mapping[str, Any] | None = None, tp: int | None = None
 ) -> Blip2Config:
@@ -348,6 +377,11 @@ def hf_blip2_model_config(
     The caption end follows the directory's tokenizer (or ``llm.tokenizer``); ``overrides``
     are Blip2Config fields, dotted or nested (``{"llm.tp": 2}``, ``{"prompt": ""}``); ``tp``
     is the running tensor-parallel size, used when the overrides do not set one.
+
+    A T5 LLM keeps the dtype the directory stores (as transformers' ``from_pretrained``
+    does) unless ``llm.dtype`` is given: "auto" would make it bf16 even on the CPU (T5 has
+    no fp16, so there is no fallback to fp32 there as for the others), and its tokens would
+    then differ from transformers' generate on the same directory.
     """
     model_dir = Path(model_dir)
     raw = read_hf_config(model_dir)
@@ -356,11 +390,17 @@ def hf_blip2_model_config(
     if tp is not None:
         llm_overrides.setdefault("tp", tp)
     spec = _tokenizer_spec(model_dir, llm_overrides)
-    tokenizer = build_tokenizer(spec, "llm")
+    text = full_hf_config(raw)["text_config"]
+    arch = llm_config_from_hf(text).arch
+    stored = _stored_dtype_name(raw)
+    if arch == "t5" and stored is not None:
+        llm_overrides.setdefault("dtype", stored)
+    # The arch picks the layout of the built-in tiny tokenizer (T5's ids differ from the others').
+    tokenizer = build_tokenizer(spec, "llm", arch=arch)
     llm_overrides["tokenizer"] = spec
     nested["init_checkpoint"] = str(model_dir)
     cfg = ours_config_from_hf(raw, tokenizer, nested)
-    _warn_on_token_mismatch(cfg, tokenizer, full_hf_config(raw)["text_config"])
+    _warn_on_token_mismatch(cfg, tokenizer, text)
     return cfg
 
 
@@ -413,8 +453,10 @@ def _write_hf_dir(
     )
     hf_config_from_ours(cfg).save_pretrained(directory)
     llm = cfg.llm
+    # T5 decodes from its pad id (transformers' T5 default, which LAVIS's generate uses too).
+    start = dict(decoder_start_token_id=llm.pad_token_id) if llm.is_encoder_decoder else {}
     transformers.GenerationConfig(
-        bos_token_id=llm.bos_token_id, eos_token_id=llm.eos_token_id, pad_token_id=llm.pad_token_id
+        bos_token_id=llm.bos_token_id, eos_token_id=llm.eos_token_id, pad_token_id=llm.pad_token_id, **start
     ).save_pretrained(directory)
     (directory / "preprocessor_config.json").write_text(json.dumps(_image_processor_config(cfg), indent=2))
     if tokenizer is not None:
@@ -456,7 +498,11 @@ def export_hf_blip2(
 def hf_inputs_from_batch(
     cfg: Blip2Config, tokenizer: Any, samples: dict[str, Any], hf_cfg: Any
 ) -> dict[str, torch.Tensor]:
-    """transformers Blip2 inputs equal to ours: image-token placeholders in the query slots."""
+    """transformers Blip2 inputs equal to ours: image-token placeholders in the query slots.
+
+    With an encoder-decoder LLM (T5) these are the encoder's inputs, and ``labels`` the
+    decoder's targets (transformers' T5 shifts them right behind its start token, as ours does).
+    """
     batch = LLMBatchBuilder(tokenizer, cfg)(samples)
     return {
         "pixel_values": batch["image"],
