@@ -20,13 +20,18 @@ def test_encoder_reads_image_slots_then_prompt_and_end_token(builder):
     assert (tok.pad_token_id, tok.eos_token_id) == (0, 1)
     inputs = builder.layout(["a photo of", "what color"], ["red circle", "a big blue square"])
     slots = builder.num_image_slots
-    for row, (prompt, target) in enumerate([("a photo of", "red circle"), ("what color", "a big blue square")]):
+    for row, (prompt, target) in enumerate(
+        [("a photo of", "red circle"), ("what color", "a big blue square")]
+    ):
         prompt_ids = tok(prompt)["input_ids"]  # T5's tokenizer closes the text with </s>
         assert prompt_ids[-1] == tok.eos_token_id
         real = inputs.attention_mask[row].bool()
         ids = inputs.input_ids[row][real].tolist()
         assert ids == [builder.pad_id] * slots + prompt_ids
-        assert inputs.image_slots[row].tolist()[:slots] == [True] * slots and inputs.image_slots[row].sum() == slots
+        assert (
+            inputs.image_slots[row].tolist()[:slots] == [True] * slots
+            and inputs.image_slots[row].sum() == slots
+        )
         labels = inputs.labels[row]
         target_ids = tok(target)["input_ids"]
         assert labels[: len(target_ids)].tolist() == target_ids  # target, then </s>
@@ -46,7 +51,9 @@ def test_max_txt_len_cuts_texts_but_keeps_the_end_token():
     inputs = builder.layout(["one two three four five six"], ["a b c d e f g"])
     assert inputs.attention_mask.sum() == builder.num_image_slots + 4
     assert inputs.input_ids[0, builder.num_image_slots + 3] == builder.tokenizer.eos_token_id
-    assert (inputs.labels != IGNORE_INDEX).sum() == 4 and inputs.labels[0, 3] == builder.tokenizer.eos_token_id
+    assert (inputs.labels != IGNORE_INDEX).sum() == 4 and inputs.labels[
+        0, 3
+    ] == builder.tokenizer.eos_token_id
 
 
 def test_prefix_lm_cuts_each_caption_at_a_word_boundary_the_same_way_every_time():
@@ -57,7 +64,10 @@ def test_prefix_lm_cuts_each_caption_at_a_word_boundary_the_same_way_every_time(
     for key in range(40):
         prefix, rest = builder.split_prefix("", caption, f"shard-0/{key}")
         assert f"{prefix} {rest}" == caption and prefix and rest  # both parts non-empty
-        assert builder.split_prefix("", caption, f"shard-0/{key}") == (prefix, rest)  # keyed: a resume cuts alike
+        assert builder.split_prefix("", caption, f"shard-0/{key}") == (
+            prefix,
+            rest,
+        )  # keyed: a resume cuts alike
         cuts.add(len(prefix.split()))
     assert cuts <= set(range(1, len(words))) and len(cuts) > 3  # cuts spread over the caption
     assert builder.split_prefix("", "one", "k") == ("", "one")  # a one-word caption is all target
