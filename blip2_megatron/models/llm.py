@@ -343,7 +343,7 @@ def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
     return per_token.sum() / has_label.sum().clamp(min=1)
 
 
-def _init_method(std: float):
+def normal_init(std: float):
     return lambda tensor: nn.init.normal_(tensor, mean=0.0, std=std)
 
 
@@ -422,7 +422,7 @@ class SelfAttention(nn.Module):
         self.num_kv_heads = cfg.kv_heads // tp
         # OPT (as fairseq and HF) scales q before the product; same order, same rounding.
         self.scale_query_first = cfg.arch == "opt"
-        hidden, init = cfg.hidden_size, _init_method(INIT_STD)
+        hidden, init = cfg.hidden_size, normal_init(INIT_STD)
         column = dict(config=mp_config, init_method=init, bias=cfg.attention_bias, gather_output=False)
         self.q_proj = ColumnParallelLinear(hidden, cfg.num_heads * self.head_dim, **column)
         self.k_proj = ColumnParallelLinear(hidden, cfg.kv_heads * self.head_dim, **column)
@@ -481,7 +481,7 @@ class OPTMLP(nn.Module):
 
     def __init__(self, cfg: LLMConfig, mp_config: ModelParallelConfig):
         super().__init__()
-        init = _init_method(INIT_STD)
+        init = normal_init(INIT_STD)
         self.fc1 = ColumnParallelLinear(
             cfg.hidden_size,
             cfg.intermediate_size,
@@ -519,7 +519,7 @@ class GatedMLP(nn.Module):
     def __init__(self, cfg: LLMConfig, mp_config: ModelParallelConfig):
         super().__init__()
         self.act = ACTIVATIONS[cfg.activation]
-        init = _init_method(INIT_STD)
+        init = normal_init(INIT_STD)
         column = dict(config=mp_config, init_method=init, bias=False, gather_output=False)
         self.gate_proj = ColumnParallelLinear(cfg.hidden_size, cfg.intermediate_size, **column)
         self.up_proj = ColumnParallelLinear(cfg.hidden_size, cfg.intermediate_size, **column)
@@ -565,7 +565,7 @@ class DecoderLayer(nn.Module):
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
 
 
-def _mark_partitioned_weights(model: nn.Module) -> None:
+def mark_partitioned_weights(model: nn.Module) -> None:
     """Make sure every split weight carries megatron's ``tensor_model_parallel`` / ``partition_dim``.
 
     megatron-core sets them only while drawing random weights; with
@@ -656,7 +656,7 @@ class ParallelCausalLM(nn.Module):
 
         if pre_process:
             self.embed_tokens = tensor_parallel.VocabParallelEmbedding(
-                self.padded_vocab_size, cfg.hidden_size, init_method=_init_method(INIT_STD), config=mp_config
+                self.padded_vocab_size, cfg.hidden_size, init_method=normal_init(INIT_STD), config=mp_config
             )
             if cfg.arch == "opt":
                 self.embed_positions = nn.Embedding(
@@ -669,12 +669,12 @@ class ParallelCausalLM(nn.Module):
                 cfg.hidden_size,
                 self.padded_vocab_size,
                 config=mp_config,
-                init_method=_init_method(INIT_STD),
+                init_method=normal_init(INIT_STD),
                 bias=False,
                 gather_output=False,
                 skip_weight_param_allocation=self._head_reads_embedding,
             )
-        _mark_partitioned_weights(self)
+        mark_partitioned_weights(self)
         if init_weights:
             self._init_non_parallel_weights()
         if tp > 1 or self.padded_vocab_size != cfg.vocab_size:

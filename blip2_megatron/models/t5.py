@@ -64,8 +64,8 @@ from blip2_megatron.models.llm import (
     LMOutput,
     RMSNorm,
     RowParallelLinear,
-    _init_method,
-    _mark_partitioned_weights,
+    mark_partitioned_weights,
+    normal_init,
     padded_vocab_size,
     token_cross_entropy,
     vocab_parallel_logits,
@@ -113,7 +113,7 @@ class T5Attention(nn.Module):
         tp = mp_config.tensor_model_parallel_size
         self.head_dim = cfg.head_dim
         self.num_heads = cfg.num_heads // tp
-        init = _init_method(INIT_STD)
+        init = normal_init(INIT_STD)
         column = dict(config=mp_config, init_method=init, bias=False, gather_output=False)
         self.q_proj = ColumnParallelLinear(cfg.hidden_size, cfg.attention_width, **column)
         self.k_proj = ColumnParallelLinear(cfg.hidden_size, cfg.attention_width, **column)
@@ -356,7 +356,7 @@ class ParallelT5(nn.Module):
             params_dtype=params_dtype,
         )
         self.embed_tokens = tensor_parallel.VocabParallelEmbedding(
-            self.padded_vocab_size, cfg.hidden_size, init_method=_init_method(INIT_STD), config=mp_config
+            self.padded_vocab_size, cfg.hidden_size, init_method=normal_init(INIT_STD), config=mp_config
         )
         self.encoder = T5Stack(cfg, mp_config, is_decoder=False)
         self.decoder = T5Stack(cfg, mp_config, is_decoder=True)
@@ -364,11 +364,11 @@ class ParallelT5(nn.Module):
             cfg.hidden_size,
             self.padded_vocab_size,
             config=mp_config,
-            init_method=_init_method(INIT_STD),
+            init_method=normal_init(INIT_STD),
             bias=False,
             gather_output=False,
         )
-        _mark_partitioned_weights(self)
+        mark_partitioned_weights(self)
         if init_weights:
             self._init_non_parallel_weights()
 
