@@ -24,6 +24,8 @@ REQUIREMENTS = [
     # InternLM2's tokenizer.model is read without its remote code (data/tokenizers.py).
     "sentencepiece>=0.2",
     "protobuf>=4.21",
+    # llm.quantize (int8 / nf4 frozen LLMs); its wheels carry CPU and CUDA kernels, torch is not pulled.
+    "bitsandbytes>=0.48,<0.51",
 ]
 
 setup(
@@ -38,7 +40,8 @@ setup(
     install_requires=REQUIREMENTS,
     extras_require={
         # selenium drives the web chat demo's browser test (tests/test_chat.py).
-        "dev": ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.5", "selenium>=4.20"],
+        # accelerate: transformers loads its bitsandbytes reference models with it (tests/test_quantize.py).
+        "dev": ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.5", "selenium>=4.20", "accelerate>=1.1"],
         "apex": ["apex"],
         # The web chat demo (launch/chat.py --web): gradio 6 (theme at launch, message-format chat).
         "demo": ["gradio>=6.0,<7"],

@@ -38,6 +38,7 @@ def load_model_and_preprocess(
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
     precision: str | None = None,
+    quantize: str | None = None,
     **overrides: Any,
 ) -> tuple[Blip2Predictor, dict[str, Any], dict[str, Any]]:
     """``(model, image_processors, text_processors)`` as LAVIS returns them.
@@ -49,9 +50,14 @@ def load_model_and_preprocess(
     ``precision`` ("auto", "fp32", "bf16", "fp16") is the dtype generation computes in under
     autocast, as ``eval.precision``; None keeps the run's ``eval.precision`` (fp32 for a
     Hugging Face directory). ``dtype`` instead casts every weight.
+    ``quantize`` ("none", "int8", "nf4") quantizes the frozen LLM's linear layers through
+    bitsandbytes (``model.llm.quantize``); None keeps the source's (a Hugging Face directory
+    saved quantized loads quantized).
     """
     trained_in = "fp32"
     path = Path(source)
+    if quantize is not None:
+        overrides = {**overrides, "model.llm.quantize": quantize}
     if path.is_dir() and is_hf_blip2_dir(path):
         module, cfg, builder = build_from_hf_blip2(path, device=device, **overrides)
         model = predictor_for(module, cfg, builder)
@@ -72,6 +78,11 @@ def load_model_and_preprocess(
     if precision is not None:
         model.compute_dtype = accelerator.inference_dtype(precision, trained_in)
     if dtype is not None:
+        if cfg.llm is not None and cfg.llm.quantize != "none":
+            raise ConfigError(
+                f"dtype={dtype} would cast the int8 / 4-bit weights of a quantized LLM (quantize="
+                f"{cfg.llm.quantize}); use precision= for the compute dtype"
+            )
         model.to(dtype)
     model.eval()
     image_size = cfg.vision.image_size

@@ -61,6 +61,7 @@ from blip2_megatron.io import iter_checkpoint_files, load_state_dict_file
 from blip2_megatron.models.blip2 import Blip2ForLLM, Blip2PipeStage
 from blip2_megatron.models.flops import pipeline_partition
 from blip2_megatron.models.llm import ParallelCausalLM
+from blip2_megatron.models.quantize import dequantize_bnb_tensors, quantize_llm
 from blip2_megatron.models.stage1 import Blip2Stage1
 from blip2_megatron.parallel import state
 from blip2_megatron.parallel.pipeline import PipelineStage
@@ -80,7 +81,7 @@ def _read_hf_dir(path: Path) -> dict[str, torch.Tensor]:
     tensors: dict[str, torch.Tensor] = {}
     for file in iter_checkpoint_files(path):
         tensors.update(load_state_dict_file(file))
-    return tensors
+    return dequantize_bnb_tensors(tensors)  # a directory transformers saved quantized
 
 
 @dataclass
@@ -218,8 +219,13 @@ def build_model(
     files is created on the meta device, placed uninitialised on ``device`` in that dtype,
     and filled with this rank's slice of each tensor, read straight from the files: no
     host-side fp32 copy of the model, no random initialisation that is overwritten.
+
+    ``llm.quantize`` (int8 / nf4): the LLM is loaded on the host and its linear layers are
+    quantized one by one onto ``device`` (``models/quantize.py``), so the device never
+    holds the dense LLM.
     """
     weights = collect_initial_weights(cfg)
+    quantize = cfg.llm.quantize if cfg.llm is not None else "none"
     if cfg.kind == "stage1":
         model: nn.Module = Blip2Stage1(cfg)
     else:
@@ -231,18 +237,36 @@ def build_model(
             llm_device="meta" if llm_on_meta else None,
         )
         if llm_on_meta and model.language_model is not None:
-            _materialize(model.language_model, device if device is not None else "cpu")
+            _materialize(model.language_model, device if device is not None and quantize == "none" else "cpu")
     model.base_weight_names = frozenset(
         load_initial_weights(model, cfg, weights)
     )  # frozen parts keep their dtype
     if trained is not None:
         load_trained_weights(model, trained)
+    if quantize != "none" and getattr(model, "language_model", None) is not None:
+        _quantize_llm_of(model, quantize, device)
     if device is not None:
         model.to(device)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     logger.info("model %s: %.2fM parameters, %.2fM trainable", cfg.kind, total / 1e6, trainable / 1e6)
     return model
+
+
+def _quantize_llm_of(model: nn.Module, mode: str, device: torch.device | str | None) -> None:
+    """Quantize ``model``'s LLM; an LLM read from files still counts as read from files.
+
+    Its layers' parameters get new names (``...q_proj.quantized.weight``): without this a
+    checkpoint would store the packed weights, which no run could load back.
+    """
+
+    def llm_names() -> set[str]:
+        return {HF_LLM_PREFIX + name for name, _ in model.language_model.named_parameters()}
+
+    from_files = llm_names() <= model.base_weight_names
+    quantize_llm(model.language_model, mode, device)
+    if from_files:
+        model.base_weight_names = model.base_weight_names | llm_names()
 
 
 def _materialize(module: nn.Module, device: torch.device | str) -> None:

@@ -127,6 +127,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--host", default="127.0.0.1", help="web: address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=7860, help="web: port (default 7860)")
+    parser.add_argument(
+        "--quantize",
+        choices=["none", "int8", "nf4"],
+        default=None,
+        help="frozen LLM's linear layers in int8 (LLM.int8) or 4-bit NF4 through bitsandbytes "
+        "(default: the model's, none unless a directory was saved quantized)",
+    )
     parser.add_argument("overrides", nargs="*", help="dotted key=value job overrides")
     args = parser.parse_args(argv)
     setup_logging()
@@ -169,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides = dict(o.split("=", 1) for o in args.overrides)
     # Piped, stdout carries the answers only: what loading prints (DeepSpeed's op builder) goes to stderr.
     with contextlib.redirect_stdout(sys.stderr):
-        model, _, _ = load_model_and_preprocess(args.model, **overrides)
+        model, _, _ = load_model_and_preprocess(args.model, quantize=args.quantize, **overrides)
     if args.web:
         serve_web_demo(model, options, host=args.host, port=args.port, title=f"Chat with {args.model}")
         return 0

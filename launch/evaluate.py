@@ -31,6 +31,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", default=None, help="run directory or checkpoint directory")
     parser.add_argument("--output", default=None, help="where eval/ goes (default: the run directory)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--quantize",
+        choices=["none", "int8", "nf4"],
+        default=None,
+        help="frozen LLM's linear layers in int8 (LLM.int8) or 4-bit NF4 through bitsandbytes "
+        "(default: the job's model.llm.quantize)",
+    )
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides (eval.task=vqa ...)")
     args = parser.parse_args(argv)
     setup_logging()
@@ -43,8 +50,9 @@ def main(argv: list[str] | None = None) -> int:
         from blip2_megatron.parallel import state
 
     try:
+        quantize = [f"model.llm.quantize={args.quantize}"] if args.quantize else []
         model, job, run_dir = load_trained_model(
-            args.checkpoint, args.config, ["eval.enabled=true", *args.overrides]
+            args.checkpoint, args.config, ["eval.enabled=true", *quantize, *args.overrides]
         )
         output = Path(args.output or run_dir or job.train.output_dir)
         metrics = run_evaluation(model, job, output)

@@ -40,6 +40,13 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="compute dtype of generation (default: the run's eval.precision; auto = training's off CPU)",
     )
+    parser.add_argument(
+        "--quantize",
+        choices=["none", "int8", "nf4"],
+        default=None,
+        help="frozen LLM's linear layers in int8 (LLM.int8) or 4-bit NF4 through bitsandbytes "
+        "(default: the model's, none unless a directory was saved quantized)",
+    )
     args = parser.parse_args(argv)
     setup_logging()
 
@@ -49,7 +56,9 @@ def main(argv: list[str] | None = None) -> int:
         from blip2_megatron.api import load_model_and_preprocess
         from blip2_megatron.data.processors import ImageDecodeError, load_rgb
 
-    model, image_processors, _ = load_model_and_preprocess(args.model, precision=args.precision)
+    model, image_processors, _ = load_model_and_preprocess(
+        args.model, precision=args.precision, quantize=args.quantize
+    )
     processor = image_processors["eval"]
     failed = 0
     for path in args.image:

@@ -27,6 +27,8 @@ ARCH_ACTIVATION = {"opt": "relu", "llama": "silu", "t5": "gelu_new"}
 # RoPE variants modelled, named as in transformers' rope_parameters. "dynamic" (NTK) equals
 # "default" up to max_position_embeddings and is refused beyond (see models/llm.py).
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
+# Weight quantization of a frozen LLM's linear layers through bitsandbytes (models/quantize.py).
+QUANTIZE_MODES = ("none", "int8", "nf4")
 
 
 @dataclass
@@ -169,6 +171,7 @@ class LLMConfig:
     freeze: bool = True  # frozen LLM: no grads, no optimizer state, not checkpointed
     dtype: str = "auto"  # frozen LLM weights on GPU/NPU: "auto" (train.precision; fp16 outside a job), fp32, bf16, fp16 (fp32 on CPU)
     grad_checkpointing: bool = False  # activation checkpointing per decoder layer
+    quantize: str = "none"  # frozen LLM's linear layers: "none", "int8" (LLM.int8, outliers > 6), "nf4" (4-bit, double quantized)
 
     @property
     def weight_dtype_name(self) -> str:
@@ -238,6 +241,19 @@ class LLMConfig:
             )
         if self.pp > self.num_layers:
             raise ConfigError(f"llm.pp={self.pp} exceeds llm.num_layers={self.num_layers}")
+        self._check_quantize()
+
+    def _check_quantize(self) -> None:
+        """Quantized weights are read-only: only a frozen LLM can be quantized."""
+        check_choice("llm.quantize", self.quantize, QUANTIZE_MODES)
+        if self.quantize == "none":
+            return
+        if not self.freeze:
+            raise ConfigError(
+                f"llm.quantize={self.quantize} needs a frozen LLM (llm.freeze=true): bitsandbytes' int8 / 4-bit "
+                "weights have no gradient and no optimizer updates them; train the LLM in bf16/fp32, or keep it "
+                "frozen (the Q-Former and projection still train through it)"
+            )
 
     def _check_t5(self) -> None:
         """T5 v1.1 / FlanT5 as modelled: gated FFN without biases, relative positions, untied head."""

@@ -59,6 +59,7 @@ from blip2_megatron.io import (
     load_state_dict_file,
 )
 from blip2_megatron.models.blip2 import Blip2ForLLM
+from blip2_megatron.models.quantize import is_bnb_extra_key, mode_from_quantization_config
 from blip2_megatron.parallel import state
 
 logger = logging.getLogger(__name__)
@@ -306,7 +307,9 @@ def check_hf_blip2_checkpoint(model_dir: str | Path, cfg: Blip2Config) -> None:
         raise CheckpointMismatchError(
             f"{model_dir}: {len(missing)} tensors the model needs are missing: {_list_keys(missing)}"
         )
-    unexpected = sorted(k for k in present - expected - {HF_LM_HEAD} if not _ignored_llm_key(k))
+    unexpected = sorted(
+        k for k in present - expected - {HF_LM_HEAD} if not (_ignored_llm_key(k) or is_bnb_extra_key(k))
+    )
     if unexpected:
         logger.warning("%s: %d tensors are not used: %s", model_dir, len(unexpected), _list_keys(unexpected))
 
@@ -382,11 +385,17 @@ def hf_blip2_model_config(
     does) unless ``llm.dtype`` is given: "auto" would make it bf16 even on the CPU (T5 has
     no fp16, so there is no fallback to fp32 there as for the others), and its tokens would
     then differ from transformers' generate on the same directory.
+
+    A directory transformers saved quantized (``quantization_config``, bitsandbytes 8-bit
+    or NF4) is loaded dense and quantized again in the same mode (``llm.quantize``, which
+    the overrides may change; ``models/quantize.py``).
     """
     model_dir = Path(model_dir)
     raw = read_hf_config(model_dir)
     nested = _nested_overrides(overrides or {})
     llm_overrides = nested.setdefault("llm", {})
+    if raw.get("quantization_config"):
+        llm_overrides.setdefault("quantize", mode_from_quantization_config(raw["quantization_config"]))
     if tp is not None:
         llm_overrides.setdefault("tp", tp)
     spec = _tokenizer_spec(model_dir, llm_overrides)

@@ -169,6 +169,8 @@ def _holdings(cfg: Blip2Config, stage: PipelineStage, num_vision_blocks: int) ->
         holds += [] if cfg.image_encoder == "patches" else ["Q-Former (+queries)"]
         if cfg.llm is not None:
             holds += ["projection", "token embeddings"]
+            if cfg.llm.is_encoder_decoder:
+                holds += [f"encoder layers 0-{cfg.llm.num_layers - 1}"]
     if stage.has_head and cfg.llm is not None:
         holds += ["final norm", "head"]
     if cfg.kind == "stage1":
@@ -329,3 +331,67 @@ def report_dict(report: ParamReport) -> dict[str, Any]:
             for s in report.stages
         ],
     }
+
+
+# ------------------------------------------------------------------------------ quantized inference
+@dataclass
+class InferenceMemory:
+    """Weight memory of a model loaded for inference on one device (TP 1), activations aside.
+
+    ``peak_bytes``: every weight at rest plus the largest transient of loading. Unquantized,
+    the LLM is filled in place (no transient). Quantized, its linear layers go to the device
+    one at a time and are quantized there: one dense copy of the largest layer meets its
+    quantized result (fp16 for int8, which bitsandbytes quantizes from fp16; the kept dtype
+    for nf4).
+    """
+
+    quantize: str
+    llm_bytes: int
+    other_bytes: int
+    peak_bytes: int
+
+
+def _llm_bytes_and_transient(cfg: Blip2Config, mode: str) -> tuple[int, int]:
+    from blip2_megatron.models.quantize import quantized_layer_names, quantized_linear_bytes
+
+    llm = cfg.llm
+    dtype_bytes = DTYPE_BYTES[llm.weight_dtype_name]
+    language_model = build_meta_model(
+        replace(cfg, llm=replace(llm, tp=1, pp=1, quantize="none"))
+    ).language_model
+    quantized = set(quantized_layer_names(language_model)) if mode != "none" else set()
+    total = transient = 0
+    for name, module in language_model.named_modules():
+        if name in quantized:
+            out_features, in_features = module.weight.shape
+            total += quantized_linear_bytes(out_features, in_features, mode, dtype_bytes)
+            total += module.bias.numel() * dtype_bytes if module.bias is not None else 0
+            transient = max(transient, module.weight.numel() * (2 if mode == "int8" else dtype_bytes))
+            continue
+        if any(name.startswith(q + ".") for q in quantized):
+            continue
+        for tensor in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
+            total += tensor.numel() * dtype_bytes
+    return total, transient
+
+
+def llm_weight_bytes(cfg: Blip2Config, mode: str | None = None) -> int:
+    """Bytes of the LLM's parameters, buffers and quantization statistics on one device (TP 1).
+
+    ``mode`` defaults to ``cfg.llm.quantize``. Computed from the model on the meta device;
+    equal to :func:`blip2_megatron.models.quantize.weight_bytes` of the built model.
+    """
+    return _llm_bytes_and_transient(cfg, mode or cfg.llm.quantize)[0]
+
+
+def inference_memory(cfg: Blip2Config, mode: str | None = None) -> InferenceMemory:
+    """:class:`InferenceMemory` of ``cfg`` with the LLM quantized as ``mode`` (default ``llm.quantize``)."""
+    mode = mode or cfg.llm.quantize
+    llm_bytes, transient = _llm_bytes_and_transient(cfg, mode)
+    model = build_meta_model(replace(cfg, llm=replace(cfg.llm, tp=1, pp=1, quantize="none")))
+    other = sum(
+        state_bytes(cfg, name, param.numel(), trainable=False)
+        for name, param in model.named_parameters()
+        if not name.startswith(LLM_PREFIX)
+    )
+    return InferenceMemory(mode, llm_bytes, other, llm_bytes + other + transient)

@@ -28,7 +28,7 @@ from torch import nn
 
 from blip2_megatron import accelerator
 from blip2_megatron.build import build_model, build_pipeline_stage
-from blip2_megatron.config import JobConfig
+from blip2_megatron.config import ConfigError, JobConfig
 from blip2_megatron.convert.run_checkpoint import unwrap_stage
 from blip2_megatron.data.batch import IGNORE_INDEX
 from blip2_megatron.models.blip2 import Blip2PipeStage
@@ -181,6 +181,31 @@ def _finite_on_every_rank(loss: torch.Tensor) -> bool:
 def _zero_gradient_loss(module: nn.Module) -> torch.Tensor:
     """A loss whose gradients are exact zeros for every trainable parameter (a dropped micro-batch)."""
     return sum((p.sum() * 0.0 for p in module.parameters() if p.requires_grad), torch.zeros(()))
+
+
+def _check_quantized_llm(job: JobConfig) -> None:
+    """A quantized LLM trains through (frozen) only where ``build_model`` quantizes it: no pipeline."""
+    llm = job.model.llm
+    if llm is not None and llm.quantize != "none" and job.pp > 1:
+        raise ConfigError(
+            f"model.llm.quantize={llm.quantize} with model.llm.pp={job.pp}: pipeline stages are not quantized; "
+            "train through a quantized LLM with pp=1 (TP and DP are fine)"
+        )
+
+
+def _check_quantized_llm_comes_from_files(module: nn.Module, job: JobConfig) -> None:
+    """A checkpoint stores the parameters no base weight file holds; a quantized LLM's packed
+    weights cannot be loaded back, so its weights must come from files."""
+    language_model = getattr(module, "language_model", None)
+    if language_model is None or job.model.llm.quantize == "none":
+        return
+    from_files = getattr(module, "base_weight_names", frozenset())
+    if any(f"language_model.{name}" not in from_files for name, _ in language_model.named_parameters()):
+        raise ConfigError(
+            f"model.llm.quantize={job.model.llm.quantize} quantizes an LLM that does not come from files "
+            "(random weights): its checkpoints would hold packed weights no run can load back; give "
+            "model.llm.weights (or an init_checkpoint that holds the LLM), or train without quantization"
+        )
 
 
 def _add_flops(total: dict[str, float], cfg: Any, batch: Batch) -> None:
@@ -398,6 +423,7 @@ def build_engine(
     """
     import deepspeed
 
+    _check_quantized_llm(job)
     device = accelerator.current_device()
     configured = fill_ds_config(job, ds_raw, state.dp_size())
     ds_config = without_idle_zero(configured, state.dp_size(), job.train.precision)
@@ -406,6 +432,7 @@ def build_engine(
         mpu = None  # the pipeline engine brings its own grid (checked equal to megatron-core's)
     else:
         module = build_model(job.model, device=device, trained=trained)
+        _check_quantized_llm_comes_from_files(module, job)
         if hasattr(module, "dp_group") and state.dp_size() > 1:
             module.dp_group = state.dp_group()  # stage 1: ITC negatives gathered over data-parallel ranks
         mpu = MegatronMpu()
