@@ -14,6 +14,13 @@ machine's speed varies from minute to minute). A JSON file with every figure is 
 `--profile` adds where each side's step goes (torch.profiler, a few steps after the measured ones).
 
     deepspeed --num_gpus 2 launch/benchmark.py --config bench_vision_tp model.llm.tp=2 --baseline replicated
+
+`--generate` times generation instead: ours against transformers' Blip2 `generate` on the
+same weights (our model exported), images, prompt, beams (`--beams`, default greedy and 5),
+`--new-tokens` and precision, alternating for `--rounds` rounds; prints tokens/s, images/s
+and peak memory of both and whether the tokens are identical (training.generation_benchmark).
+
+    python launch/benchmark.py --generate --config bench_midsize --rounds 3
 """
 
 from __future__ import annotations
@@ -34,7 +41,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ds_config", "--ds-config", default=str(REPO / "ds_configs" / "zero1.json"))
     parser.add_argument("--config", default=None, help="job YAML or shipped job (default: tiny_stage2)")
     parser.add_argument("--steps", type=int, default=20, help="measured steps")
-    parser.add_argument("--warmup", type=int, default=5, help="steps run before measuring")
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=None,
+        help="steps run before measuring (default 5); with --generate, untimed calls per side and mode (1)",
+    )
+    parser.add_argument(
+        "--generate",
+        action="store_true",
+        help="time generation against transformers' generate (same weights, inputs and settings)",
+    )
+    parser.add_argument("--beams", type=int, nargs="+", default=[1, 5], help="with --generate: beam counts")
+    parser.add_argument(
+        "--new-tokens", type=int, default=20, help="with --generate: tokens each side generates per image"
+    )
     parser.add_argument(
         "--real-data", action="store_true", help="read the job's data instead of a synthetic batch"
     )
@@ -68,19 +89,33 @@ def main(argv: list[str] | None = None) -> int:
         from blip2_megatron.config import ConfigError, load_job_config
         from blip2_megatron.parallel import state
         from blip2_megatron.training.benchmark import run_benchmark
+        from blip2_megatron.training.generation_benchmark import run_generation_benchmark
 
     try:
         job = load_job_config(args.config, args.overrides)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
+    if args.generate:
+        out = Path(args.out) if args.out else Path(job.train.output_dir) / "generation_benchmark.json"
+        run_generation_benchmark(
+            job,
+            out,
+            rounds=args.rounds,
+            beams=tuple(args.beams),
+            new_tokens=args.new_tokens,
+            warmup=1 if args.warmup is None else args.warmup,
+            profile=args.profile,
+        )
+        print(f"figures written to {out}")
+        return 0
     out = Path(args.out) if args.out else Path(job.train.output_dir) / "benchmark.json"
     try:
         run_benchmark(
             job,
             args.ds_config,
             args.steps,
-            args.warmup,
+            5 if args.warmup is None else args.warmup,
             args.real_data,
             args.baseline,
             out,

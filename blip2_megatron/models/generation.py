@@ -149,13 +149,17 @@ class _Sampler:
 
 
 class _StepModel:
-    """Runs the model one step at a time with a KV cache; returns full-vocabulary logits."""
+    """Runs the model one step at a time with a KV cache; returns full-vocabulary logits.
 
-    def __init__(self, model: ParallelCausalLM, attention_mask: torch.Tensor):
+    The cache is allocated once for the prompt and every new token (``max_new_tokens``), so
+    a step writes one position instead of copying all before it.
+    """
+
+    def __init__(self, model: ParallelCausalLM, attention_mask: torch.Tensor, max_new_tokens: int):
         if not (model.pre_process and model.post_process and model.layer_range == (0, model.cfg.num_layers)):
             raise ValueError("generation needs the whole LLM on one pipeline stage (pp=1)")
         self.model = model
-        self.cache = KVCache()
+        self.cache = KVCache(max_length=attention_mask.shape[1] + max_new_tokens)
         self.attention_mask = attention_mask
         # As HF's generate: positions count real tokens, padding gets 0 (it is never attended).
         positions = attention_mask.long().cumsum(-1) - 1
@@ -177,9 +181,13 @@ class _StepModel:
         self.position_ids = self.position_ids[:, -1:]
         return self._full_vocab_logits(out.logits)
 
-    def select(self, batch_index: torch.Tensor) -> None:
-        """Re-order / duplicate batch rows of the cache and the running mask and positions."""
-        self.cache.select(batch_index)
+    def select(self, batch_index: torch.Tensor, shared: int = 0) -> None:
+        """Re-order / duplicate batch rows of the cache and the running mask and positions.
+
+        ``shared``: cached positions every row already shares with the row it is taken from
+        (beam search: the prompt, duplicated once), which the cache then leaves in place.
+        """
+        self.cache.select(batch_index, start=shared)
         self.attention_mask = self.attention_mask.index_select(0, batch_index)
         self.position_ids = self.position_ids.index_select(0, batch_index)
 
@@ -203,9 +211,10 @@ class _Seq2SeqStepModel(_StepModel):
     values of the encoder's output in the cache, so later steps read neither the encoder's
     output nor its projections again. Beam search duplicates them with the rest of the cache."""
 
-    def __init__(self, model: ParallelT5, attention_mask: torch.Tensor):
+    def __init__(self, model: ParallelT5, attention_mask: torch.Tensor, max_new_tokens: int):
         self.model = model
         self.cache = Seq2SeqCache()
+        self.cache.max_length = max_new_tokens + 1  # the decoder's own positions: start token + new ones
         self.attention_mask = attention_mask  # the encoder's: what cross-attention may read
 
     def prefill(self, inputs_embeds: torch.Tensor) -> torch.Tensor:
@@ -214,8 +223,8 @@ class _Seq2SeqStepModel(_StepModel):
         logits = self.model.decode(start, encoder_states, self.attention_mask, self.cache, logits_to_keep=1)
         return self._full_vocab_logits(logits)
 
-    def select(self, batch_index: torch.Tensor) -> None:
-        self.cache.select(batch_index)
+    def select(self, batch_index: torch.Tensor, shared: int = 0) -> None:
+        self.cache.select(batch_index)  # the decoder's cache holds generated positions only
         self.attention_mask = self.attention_mask.index_select(0, batch_index)
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -313,7 +322,8 @@ def generate(
     was_training = model.training
     model.eval()
     try:
-        stepper = (_Seq2SeqStepModel if cfg.is_encoder_decoder else _StepModel)(model, attention_mask)
+        stepper_class = _Seq2SeqStepModel if cfg.is_encoder_decoder else _StepModel
+        stepper = stepper_class(model, attention_mask, max_new_tokens)
         eos = _eos_tensor(eos_token_id, inputs_embeds.device)
         common = dict(
             max_new_tokens=max_new_tokens,
@@ -411,6 +421,7 @@ def _beam_search(
     logits = stepper.prefill(inputs_embeds)
     expand = torch.arange(batch, device=device).repeat_interleave(beams)
     stepper.select(expand)
+    prompt_length = stepper.cache.seq_length  # equal in every beam of an input from here on
     logits = logits.index_select(0, expand)
     vocab = logits.shape[-1]
     batch_offset = torch.arange(batch, device=device)[:, None] * beams
@@ -463,15 +474,14 @@ def _beam_search(
         best_running = running_scores[:, :1] / float(length) ** length_penalty
         worst_finished = torch.where(is_finished, finished_scores.min(dim=1, keepdim=True).values, _NEG)
         can_improve = can_improve & (best_running > worst_finished).any(dim=-1, keepdim=True)
-        done = (
-            not can_improve.any()
-            or bool(is_finished.all() and early_stopping is True)
-            or bool(ends.all())
-            or cur_len + 1 == max_new_tokens
-        )
-        if done:
+        if cur_len + 1 == max_new_tokens:
             break
-        stepper.select((running_source + batch_offset).view(-1))
+        search_over = ~can_improve.any() | ends.all()
+        if early_stopping is True:
+            search_over |= is_finished.all()
+        if bool(search_over):  # the one host sync of a step: whether any input still needs beams
+            break
+        stepper.select((running_source + batch_offset).view(-1), shared=prompt_length)
         logits = stepper.step(running[:, :, cur_len].reshape(-1))
 
     best = finished[:, :num_return_sequences].reshape(batch * num_return_sequences, max_new_tokens)

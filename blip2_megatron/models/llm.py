@@ -104,13 +104,19 @@ class LMOutput(dict):
 class KVCache:
     """Keys and values of the positions seen so far, one ``(k, v)`` pair per local layer.
 
-    Each tensor is ``[batch, local kv heads, seen positions, head_dim]``. New positions are
-    concatenated on (generation runs a few dozen steps, so reallocation is cheap next to the
-    forward); beam search re-orders the batch with :meth:`select`.
+    Each tensor in ``layers`` is ``[batch, local kv heads, seen positions, head_dim]``.
+    Without ``max_length`` new positions are concatenated on. With it (generation knows its
+    final length: prompt + new tokens) each layer's keys and values live in one buffer
+    ``[2, batch, heads, max_length, head_dim]`` allocated at the first update; a step writes
+    its position in place and ``layers`` holds views of the filled part, so no step copies
+    the positions before it (a longer input than ``max_length`` grows the buffer).
+    Beam search re-orders the batch with :meth:`select`.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, max_length: int | None = None) -> None:
+        self.max_length = max_length
         self.layers: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._buffers: list[torch.Tensor] = []  # with max_length: one [2, B, H, capacity, D] per layer
 
     @property
     def seq_length(self) -> int:
@@ -121,24 +127,58 @@ class KVCache:
         self, layer_idx: int, key: torch.Tensor, value: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Append the new positions of local layer ``layer_idx``; return all keys and values."""
-        if layer_idx == len(self.layers):
-            self.layers.append((key, value))
-        elif layer_idx < len(self.layers):
+        if layer_idx > len(self.layers):
+            raise IndexError(
+                f"KV cache has {len(self.layers)} layers; layer {layer_idx} cannot be appended yet"
+            )
+        if self.max_length is None:
+            if layer_idx == len(self.layers):
+                self.layers.append((key, value))
+                return key, value
             past_key, past_value = self.layers[layer_idx]
             key = torch.cat([past_key, key], dim=2)
             value = torch.cat([past_value, value], dim=2)
             self.layers[layer_idx] = (key, value)
-        else:
-            raise IndexError(
-                f"KV cache has {len(self.layers)} layers; layer {layer_idx} cannot be appended yet"
-            )
-        return key, value
+            return key, value
+        start = self.layers[layer_idx][0].shape[2] if layer_idx < len(self.layers) else 0
+        end = start + key.shape[2]
+        if layer_idx == len(self.layers):
+            batch, heads, _, head_dim = key.shape
+            buffer = key.new_empty(2, batch, heads, max(self.max_length, end), head_dim)
+            self._buffers.append(buffer)
+            self.layers.append((key, value))  # replaced below by views of the buffer
+        buffer = self._buffers[layer_idx]
+        if end > buffer.shape[3]:
+            grown = buffer.new_empty(*buffer.shape[:3], max(end, 2 * buffer.shape[3]), buffer.shape[4])
+            grown[:, :, :, :start] = buffer[:, :, :, :start]
+            self._buffers[layer_idx] = buffer = grown
+        buffer[0, :, :, start:end] = key
+        buffer[1, :, :, start:end] = value
+        self.layers[layer_idx] = (buffer[0, :, :, :end], buffer[1, :, :, :end])
+        return self.layers[layer_idx]
 
-    def select(self, batch_index: torch.Tensor) -> None:
-        """Keep (and duplicate) batch rows: ``cache[b] <- cache[batch_index[b]]`` in every layer."""
-        self.layers = [
-            (k.index_select(0, batch_index), v.index_select(0, batch_index)) for k, v in self.layers
-        ]
+    def select(self, batch_index: torch.Tensor, start: int = 0) -> None:
+        """Keep (and duplicate) batch rows: ``cache[b] <- cache[batch_index[b]]`` in every layer.
+
+        ``start`` > 0 says the positions before it are already equal in every row and the
+        row it is taken from (beam search after the prompt: beams of one input share it), so
+        only later positions move; the batch size must then stay the same.
+        """
+        if self.max_length is None:
+            self.layers = [
+                (k.index_select(0, batch_index), v.index_select(0, batch_index)) for k, v in self.layers
+            ]
+            return
+        for layer_idx, buffer in enumerate(self._buffers):
+            length = self.layers[layer_idx][0].shape[2]
+            if start > 0 and batch_index.shape[0] == buffer.shape[1]:
+                if start < length:
+                    buffer[:, :, :, start:length] = buffer[:, :, :, start:length].index_select(1, batch_index)
+            else:
+                selected = buffer.new_empty(2, batch_index.shape[0], *buffer.shape[2:])
+                selected[:, :, :, :length] = buffer[:, :, :, :length].index_select(1, batch_index)
+                self._buffers[layer_idx] = buffer = selected
+            self.layers[layer_idx] = (buffer[0, :, :, :length], buffer[1, :, :, :length])
 
 
 # ---------------------------------------------------------------------------- building blocks
