@@ -15,6 +15,7 @@ import fcntl
 import ipaddress
 import logging
 import os
+import random
 import re
 import socket
 import struct
@@ -59,9 +60,26 @@ def launch_env() -> LaunchEnv:
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A loopback port free now, drawn below the kernel's ephemeral range where there is room.
+
+    A port the kernel hands out for ``bind(0)`` comes from the same range as the source ports
+    of outgoing connections, so between this call and the rendezvous's own bind another
+    process's gloo connection can take it (EADDRINUSE). Ports under the range are only ever
+    taken by a bind that names them.
+    """
+    lowest_ephemeral = 32768
+    with contextlib.suppress(OSError, ValueError):
+        lowest_ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    candidates = list(range(max(1024, lowest_ephemeral - 12000), lowest_ephemeral))
+    random.SystemRandom().shuffle(candidates)
+    for port in [*candidates[:64], 0]:
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return sock.getsockname()[1]
+    raise RuntimeError("no free port on 127.0.0.1")
 
 
 def validate_layout(world_size: int, tp: int, pp: int) -> int:

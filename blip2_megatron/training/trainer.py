@@ -55,11 +55,16 @@ class PreemptionFlag:
         self.signal_name = signal.Signals(signum).name
         logger.warning("received %s: will save a checkpoint and exit after this step", self.signal_name)
 
-    def raised_anywhere(self) -> bool:
-        """True on every rank as soon as any rank got the signal (ranks must stop together)."""
-        flag = torch.tensor([1 if self.signal_name else 0], dtype=torch.int32)
+    def raised_anywhere(self) -> str | None:
+        """The signal's name on every rank as soon as any rank got one (ranks must stop together).
+
+        The signal number itself is reduced, so a rank the signal has not reached yet still
+        records which signal stopped the job (SIGTERM over SIGUSR1 where both arrived).
+        """
+        number = signal.Signals[self.signal_name].value if self.signal_name else 0
+        flag = torch.tensor([number], dtype=torch.int32)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
-        return bool(flag.item())
+        return signal.Signals(int(flag.item())).name if flag.item() else None
 
 
 class RunLog:
@@ -354,8 +359,9 @@ class _TrainingRun:
                 progress.update(mean_losses)
                 self.log.step(record, total)
                 self.monitors.write(self.step, record)
-            if self.preemption.raised_anywhere():
-                self.stopped_by = self.preemption.signal_name or "signal on another rank"
+            stopped_by = self.preemption.raised_anywhere()
+            if stopped_by:
+                self.stopped_by = stopped_by
                 break
             if job.train.save_interval and self.step % job.train.save_interval == 0 and self.step < total:
                 with self.meter.paused():

@@ -318,7 +318,7 @@ judge() { # judge PART ARGS...: check, then report
   line=$(check "$@") || ok=1
   report "$1" "$ok" "$line"
 }
-free_port() { "$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+free_port() { "$PYTHON" -c 'from blip2_megatron.parallel.state import free_port; print(free_port())' 2>/dev/null; }
 # The DeepSpeed launcher of $PYTHON (`deepspeed` on PATH may belong to another Python).
 LAUNCHER=("$PYTHON" -m deepspeed.launcher.runner --num_gpus "$NPROC")
 
