@@ -68,6 +68,30 @@ def test_vqa_accuracy_by_answer_type_has_one_right_value(sample, tmp_path):
     assert yes["number"] == 0.0
 
 
+class _EchoesQuestion(_AlwaysAnswers):
+    """Answers each question with the question itself, so a misplaced answer is seen."""
+
+    def predict_answers(self, samples, **_):
+        self.asked.append(list(samples["text_input"]))
+        return list(samples["text_input"])
+
+
+def test_vqa_batches_go_longest_question_first_and_answers_keep_their_question(sample, tmp_path):
+    predictor = _EchoesQuestion("")
+    metrics = run_evaluation(
+        predictor, _vqa_job(sample, "eval.max_samples=40", "eval.batch_size=8"), tmp_path
+    )
+    lengths = [len(q.split()) for batch in predictor.asked for q in batch]
+    assert metrics["num_evaluated"] == 40 and lengths == sorted(lengths, reverse=True), predictor.asked
+    assert len(set(lengths)) > 1  # the built-in questions differ in length: the order is a real choice
+    questions = {
+        q["question_id"]: q["question"]
+        for q in json.loads(Path(sample.vqa_questions).read_text())["questions"]
+    }
+    answers = json.loads((tmp_path / "eval" / "vqa_answers.json").read_text())
+    assert all(a["answer"] == questions[a["question_id"]].lower() for a in answers), answers[:5]
+
+
 def test_vqa_with_missing_images_counts_them_and_with_none_fails(sample, tmp_path):
     images = tmp_path / "images"
     (images / "val").mkdir(parents=True)

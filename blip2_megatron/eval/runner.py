@@ -59,6 +59,19 @@ def _dp_slice(dataset: Any, max_samples: int) -> tuple[Any, int]:
     return Subset(dataset, indices), total
 
 
+def _by_question_length(subset: Subset) -> Subset:
+    """This rank's questions longest first (by processed words), so a batch's prompts pad little.
+
+    Generation pads each batch's prompts on the left to its longest; in the data's own order
+    a batch mixes short and long questions and every row pays for the longest. Answers are
+    keyed by question id, so the order changes no result.
+    """
+    dataset = subset.dataset
+    words = [len(dataset.question_processor(dataset.records[i].question).split()) for i in subset.indices]
+    order = sorted(range(len(words)), key=lambda k: -words[k])
+    return Subset(dataset, [subset.indices[k] for k in order])
+
+
 def _skip_counts(dataset: Any, loader: EvalLoader, reduce: bool = True) -> dict[str, int]:
     """Missing images (found when the set was built: the same on every rank) plus load failures.
 
@@ -175,6 +188,7 @@ def evaluate_vqa(model: Blip2Predictor, job: JobConfig, output_dir: Path) -> dic
     """Zero-shot VQAv2: beam-search short answers, scored with the standard VQA accuracy."""
     full = build_eval_dataset(job.data, task="vqa")
     dataset, total = _dp_slice(full, job.eval.max_samples)
+    dataset = _by_question_length(dataset)
     loader = EvalLoader(dataset, batch_size=job.eval.batch_size)
     prompt = job.eval.prompt or DEFAULT_VQA_PROMPT
     predictions = []
