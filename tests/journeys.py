@@ -62,6 +62,23 @@ def launch(
     return proc
 
 
+def train_job(
+    config: str, run: Path, *overrides: str, nproc: int = 1, timeout: int = 900
+) -> subprocess.CompletedProcess:
+    """``launch/train.py --config <config>`` under the DeepSpeed launcher with ZeRO-2, writing to ``run``."""
+    return launch(
+        "train.py",
+        "--ds_config",
+        str(DS_CONFIGS / "zero2.json"),
+        "--config",
+        config,
+        f"train.output_dir={run}",
+        *overrides,
+        nproc=nproc,
+        timeout=timeout,
+    )
+
+
 def records(run_dir: Path) -> list[dict[str, Any]]:
     path = Path(run_dir) / "log.jsonl"
     return (

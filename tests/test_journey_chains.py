@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from journeys import DS_CONFIGS, launch, step_records, summary, tiny_overrides
+from journeys import DS_CONFIGS, launch, step_records, summary, tiny_overrides, train_job
 
 pytestmark = [pytest.mark.slow, pytest.mark.journey]
 
@@ -28,17 +28,7 @@ ZERO2 = str(DS_CONFIGS / "zero2.json")
 
 
 def _train(config: str, run: Path, *overrides: str, nproc: int = 1, timeout: int = 900):
-    return launch(
-        "train.py",
-        "--ds_config",
-        ZERO2,
-        "--config",
-        config,
-        f"train.output_dir={run}",
-        *overrides,
-        nproc=nproc,
-        timeout=timeout,
-    )
+    return train_job(config, run, *overrides, nproc=nproc, timeout=timeout)
 
 
 def _mean(values: list[float]) -> float:

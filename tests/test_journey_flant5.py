@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from journeys import DS_CONFIGS, LAUNCH, REPO, env, launch, step_records, summary, tiny_overrides
+from journeys import DS_CONFIGS, LAUNCH, REPO, env, launch, step_records, summary, tiny_overrides, train_job
 
 from blip2_megatron.config import load_job_config
 
@@ -26,18 +26,7 @@ ZERO2 = str(DS_CONFIGS / "zero2.json")
 
 
 def _train(config: str, run: Path, sample, *overrides: str, nproc: int = 1):
-    return launch(
-        "train.py",
-        "--ds_config",
-        ZERO2,
-        "--config",
-        config,
-        *tiny_overrides(config, sample),
-        f"train.output_dir={run}",
-        *overrides,
-        nproc=nproc,
-        timeout=900,
-    )
+    return train_job(config, run, *tiny_overrides(config, sample), *overrides, nproc=nproc)
 
 
 def _losses(run: Path) -> list[float]:
