@@ -35,7 +35,7 @@ setup(
     long_description=Path(__file__).with_name("README.md").read_text() if Path("README.md").exists() else "",
     long_description_content_type="text/markdown",
     packages=find_packages(include=["blip2_megatron", "blip2_megatron.*"]),
-    package_data={"blip2_megatron": ["configs/*.yaml", "configs/prompts/*.txt"]},
+    package_data={"blip2_megatron": ["configs/*.yaml", "configs/prompts/*.txt", "configs/prompts/*.json"]},
     python_requires=">=3.10",
     install_requires=REQUIREMENTS,
     extras_require={

@@ -2,7 +2,9 @@
 
 Idempotent: an existing dataset with the same parameters is reused, and a crash never
 leaves a half-written one. The train shards, val/test annotations and COCO ground-truth
-files it prints are what ``data.kind: sample`` reads.
+files it prints are what ``data.kind: sample`` reads; the VQA training shards and the
+cc_sbu_align shards (``vqa_train_shards``, ``conversation_shards``) are the built-in
+sources of ``data.source_tasks: [caption, vqa, conversation]`` (instruction tuning).
 
     python data_tools/make_sample_dataset.py --root data/sample_dataset
 """

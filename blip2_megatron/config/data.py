@@ -13,6 +13,10 @@ DATASET_KINDS = ("wds", "coco", "vg", "cc_sbu_align", "sample")
 ANNOTATION_KINDS = ("coco", "vg", "cc_sbu_align")
 #: How several training sources mix: per sample, or per batch (one source per step).
 MIX_MODES = ("sample", "batch")
+#: What a training source teaches (InstructBLIP's task of a held-in dataset); it picks the target and the templates.
+SOURCE_TASKS = ("caption", "vqa", "conversation")
+#: ``data.mix_weights`` instead of a list: each source weighted by the square root of its sample count (InstructBLIP).
+SQRT_MIX = "sqrt"
 
 
 @dataclass
@@ -23,10 +27,14 @@ class DataConfig:
     """Training data: "wds" (shards), "coco" / "vg" / "cc_sbu_align" (annotations), "sample" (built-in)."""
     train_shards: list[str] = field(default_factory=list)
     """kind=wds: one shard pattern per source (a list, brace pattern such as "/d/{00000..00099}.tar", or "a.tar::b.tar")."""
-    mix_weights: list[float] | None = None
-    """Sampling weight per entry of train_shards (MiniGPT-4: [115, 14]); None = one source or equal weights."""
+    mix_weights: list[float] | str | None = None
+    """Sampling weight per entry of train_shards (MiniGPT-4: [115, 14]), or "sqrt" (square root of each source's counted samples: InstructBLIP); None = equal weights."""
     mix_mode: str = "sample"
     """How sources mix: "sample" (each sample drawn by mix_weights) or "batch" (each batch from one source, chosen by mix_weights, the same on every DP rank: MiniGPT-4's per-step choice)."""
+    source_tasks: list[str] | None = None
+    """Task of each training source, one per train_shards entry: "caption", "vqa" (json "question" + "answers") or "conversation" (the text as written); kind=sample without train_shards: the built-in sources of those tasks. None = all "caption"."""
+    instruction_templates: str = ""
+    """Instruction templates per task (a shipped name such as "instruct_templates", or a json path); each sample draws one as its per-sample prompt. Required for vqa / conversation sources."""
     resampled: bool = False
     """Draw shards with replacement (pretraining) instead of a seeded shuffle + split by DP rank and worker."""
     samples_per_epoch: int | None = None
@@ -77,11 +85,18 @@ class DataConfig:
         if self.kind == "wds" and not self.train_shards:
             raise ConfigError("data.train_shards must name at least one shard pattern when data.kind='wds'")
         check_choice("data.mix_mode", self.mix_mode, MIX_MODES)
-        if self.mix_weights is not None:
-            if len(self.mix_weights) != len(self.train_shards):
+        self._check_source_tasks()
+        if isinstance(self.mix_weights, str):
+            if self.mix_weights != SQRT_MIX:
                 raise ConfigError(
-                    f"data.mix_weights has {len(self.mix_weights)} entries but data.train_shards has "
-                    f"{len(self.train_shards)}; give one weight per shard pattern"
+                    f"data.mix_weights={self.mix_weights!r} is not allowed; give one weight per source "
+                    f"or {SQRT_MIX!r} (square root of each source's size)"
+                )
+        elif self.mix_weights is not None:
+            if len(self.mix_weights) != self.num_train_sources:
+                raise ConfigError(
+                    f"data.mix_weights has {len(self.mix_weights)} entries but {self._sources_phrase()}; "
+                    "give one weight per shard pattern"
                 )
             for index, weight in enumerate(self.mix_weights):
                 check_positive(f"data.mix_weights[{index}]", weight)
@@ -98,6 +113,61 @@ class DataConfig:
             raise ConfigError(f"data.min_crop_scale={self.min_crop_scale!r} must be in (0, 1]")
         if self.train_augment is None:
             self.train_augment = self.kind != "sample"
+
+    @property
+    def num_train_sources(self) -> int:
+        """Training sources mixed: one per shard pattern (kind=sample without them: one per task), one annotation file."""
+        if self.kind in ANNOTATION_KINDS:
+            return 1
+        if self.train_shards:
+            return len(self.train_shards)
+        return len(self.source_tasks) if self.kind == "sample" and self.source_tasks else 1
+
+    @property
+    def tasks(self) -> list[str]:
+        """The task of each training source ("caption" for all when source_tasks is unset)."""
+        return list(self.source_tasks) if self.source_tasks else ["caption"] * self.num_train_sources
+
+    def _sources_phrase(self) -> str:
+        if self.kind in ANNOTATION_KINDS:
+            return f"data.kind={self.kind!r} reads one source (data.train_annotation)"
+        if not self.train_shards and self.source_tasks:
+            return f"data.source_tasks names {len(self.source_tasks)} built-in source(s)"
+        return f"data.train_shards has {self.num_train_sources}"
+
+    def _check_source_tasks(self) -> None:
+        if isinstance(self.source_tasks, str):
+            self.source_tasks = [self.source_tasks]
+        if self.source_tasks is not None:
+            if not self.source_tasks:
+                raise ConfigError(
+                    "data.source_tasks must name one task per source, or be null (all 'caption')"
+                )
+            for index, task in enumerate(self.source_tasks):
+                check_choice(f"data.source_tasks[{index}]", task, SOURCE_TASKS)
+            if self.kind in ANNOTATION_KINDS and "vqa" in self.source_tasks:
+                raise ConfigError(
+                    f"data.source_tasks=['vqa'] needs VQA shards (json 'question' and 'answers'), not a "
+                    f"data.kind={self.kind!r} caption file; convert VQAv2 with data_tools/vqa_to_wds.py and "
+                    "use data.kind='wds'"
+                )
+            if len(self.source_tasks) != self.num_train_sources:
+                raise ConfigError(
+                    f"data.source_tasks has {len(self.source_tasks)} entries but {self._sources_phrase()}; "
+                    "give one task per source"
+                )
+        needs_templates = sorted(set(self.tasks) - {"caption"})
+        if needs_templates and not self.instruction_templates:
+            raise ConfigError(
+                f"data.source_tasks has {needs_templates} source(s), which are trained on instructions; set "
+                "data.instruction_templates (e.g. 'instruct_templates', the shipped templates)"
+            )
+        if self.instruction_templates and self.prompt:
+            raise ConfigError(
+                f"data.prompt={self.prompt!r} and data.instruction_templates={self.instruction_templates!r} both "
+                "prefix the targets; with instruction templates every sample's prompt is its instruction, "
+                "so leave data.prompt empty"
+            )
 
     def replace(self, **changes) -> DataConfig:
         """A validated copy with some fields changed."""

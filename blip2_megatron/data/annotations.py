@@ -7,7 +7,8 @@ same records feed
   :class:`CaptionEvalDataset` one item per image, :class:`VQADataset`),
 * :class:`AnnotationSource`, through which the streaming train loader reads annotation
   data exactly like shards (same shuffling, DP split, skip counting and resume), and
-* :func:`annotations_to_shards`, which writes them as img2dataset-style shards.
+* :func:`annotations_to_shards` (captions) and :func:`vqa_to_shards` (VQA questions
+  with answers, for instruction tuning), which write them as img2dataset-style shards.
 
 Image paths are resolved by :class:`ImagePathResolver`, which also repairs the known
 Visual Genome layout mismatch (annotations say ``VG_100K/1.jpg`` while the file sits in
@@ -38,7 +39,7 @@ from blip2_megatron.data.processors import (
     load_rgb,
     open_image,
 )
-from blip2_megatron.data.wds import ShardWriter
+from blip2_megatron.data.wds import ShardWriter, vqa_target
 
 logger = logging.getLogger(__name__)
 
@@ -375,29 +376,79 @@ def annotations_to_shards(
     """
     with ShardWriter(out_dir, samples_per_shard) as writer:
         for record in tqdm(records, desc="writing shards", unit="img", disable=not progress):
-            path = resolver.resolve(record.image)
-            if path is None:
-                writer.record_failure("image file not found")
+            image = _shard_image(writer, resolver, record.image)
+            if image is None:
                 continue
-            data = path.read_bytes()
-            try:
-                opened = open_image(data)
-                extension = _PIL_FORMAT_EXTENSIONS.get(opened.format or "")
-                image = load_rgb(opened)
-            except ImageDecodeError as err:
-                writer.record_failure(f"image decoding error: {err.reason}", unreadable=True)
-                continue
-            if extension is None:  # GIF, BMP, TIFF...: not read by the loader, store as JPEG
-                buffer = io.BytesIO()
-                image.save(buffer, "JPEG", quality=95)
-                data, extension = buffer.getvalue(), "jpg"
-            meta = {
-                "image_id": record.image_id,
-                "image": record.image,
-                "width": image.width,
-                "height": image.height,
-            }
+            data, extension, stored = image
+            meta = {"image_id": record.image_id, **stored}  # the key order of earlier shards
             if len(record.captions) > 1:
                 meta["caption"] = record.captions
             writer.write(data, record.captions[0], meta=meta, image_ext=extension)
+        return writer.close()
+
+
+def _shard_image(
+    writer: ShardWriter, resolver: ImagePathResolver, relative: str
+) -> tuple[bytes, str, dict[str, Any]] | None:
+    """(bytes, extension, metadata) of an image to store, or None after counting why it cannot be.
+
+    JPEG / PNG / WebP bytes are kept as they are once a full decode proves them readable;
+    other formats become JPEG (quality 95). The metadata holds the original "image" path
+    and the size.
+    """
+    path = resolver.resolve(relative)
+    if path is None:
+        writer.record_failure("image file not found")
+        return None
+    data = path.read_bytes()
+    try:
+        opened = open_image(data)
+        extension = _PIL_FORMAT_EXTENSIONS.get(opened.format or "")
+        image = load_rgb(opened)
+    except ImageDecodeError as err:
+        writer.record_failure(f"image decoding error: {err.reason}", unreadable=True)
+        return None
+    if extension is None:  # GIF, BMP, TIFF...: not read by the loader, store as JPEG
+        buffer = io.BytesIO()
+        image.save(buffer, "JPEG", quality=95)
+        data, extension = buffer.getvalue(), "jpg"
+    return data, extension, {"image": relative, "width": image.width, "height": image.height}
+
+
+def vqa_to_shards(
+    records: Sequence[VQARecord],
+    resolver: ImagePathResolver,
+    out_dir: str | Path,
+    samples_per_shard: int = 10000,
+    progress: bool = True,
+) -> list[Path]:
+    """Write VQA questions with answers as img2dataset-style training shards; returns the shard paths.
+
+    One sample per question (an image asked several questions is stored once per
+    question, as LAVIS's VQA training sets repeat it). The json holds "question",
+    "answers" (every annotator's answer), "question_id", "image_id", "answer_type" and
+    the original "image" path; the ``.txt`` (and json "caption") is the training target,
+    the most frequent answer (:func:`wds.vqa_target`). Images are stored as by
+    :func:`annotations_to_shards`; a question without answers counts as a failure
+    ("no answers") in the stats file.
+    """
+    with ShardWriter(out_dir, samples_per_shard) as writer:
+        for record in tqdm(records, desc="writing shards", unit="question", disable=not progress):
+            answers = [answer.strip() for answer in record.answers if answer.strip()]
+            if not answers:
+                writer.record_failure("no answers")
+                continue
+            image = _shard_image(writer, resolver, record.image)
+            if image is None:
+                continue
+            data, extension, stored = image
+            meta = {
+                "image_id": record.image_id,
+                **stored,
+                "question_id": record.question_id,
+                "question": record.question,
+                "answers": answers,
+                "answer_type": record.answer_type,
+            }
+            writer.write(data, vqa_target(answers), meta=meta, image_ext=extension)
         return writer.close()

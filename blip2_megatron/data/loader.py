@@ -30,7 +30,11 @@ torch's DataLoader returns when worker k plays stream k. Stream ``s`` of rank ``
 3. decodes and processes sample ``i`` of the stream with a generator keyed by (seed,
    epoch, rank, stream, i); bad samples are skipped and counted by reason. The same key
    travels with the sample as its ``sample_key`` (the batch builder draws a MiniGPT-4
-   instruction by it),
+   instruction by it). With ``data.instruction_templates`` (InstructBLIP) the sample's
+   source task (``data.source_tasks``) picks its target (caption: the cleaned caption;
+   vqa: the most frequent answer; conversation: the text as written) and its template,
+   drawn by ``sample_key`` alone: the sample carries ``prompt`` (the instruction, a VQA
+   question filled in) and ``task``,
 4. groups them into batches of ``batch_size``.
 
 Ranks that share a DP rank's batches but not its images
@@ -65,11 +69,14 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import logging
+import math
 import random
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -77,7 +84,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset, get_worker_info
 
 from blip2_megatron import accelerator
-from blip2_megatron.config import ANNOTATION_KINDS, DataConfig
+from blip2_megatron.config import ANNOTATION_KINDS, ConfigError, DataConfig
+from blip2_megatron.config.data import SOURCE_TASKS, SQRT_MIX
 from blip2_megatron.data.annotations import (
     AnnotationSource,
     CaptionEvalDataset,
@@ -106,6 +114,7 @@ from blip2_megatron.data.wds import (
     mix_sources,
     shuffle_samples,
     unpack_sample,
+    unpack_vqa_sample,
 )
 
 logger = logging.getLogger(__name__)
@@ -147,6 +156,80 @@ class StreamSpec:
     text_processor: CaptionProcessor
     batch_builder: Callable[[dict[str, Any]], dict[str, Any]] | None = None
     image_rows: tuple[int, ...] | None = None  # rows whose images this rank decodes (None: all)
+    tasks: tuple[str, ...] = ()  # task of each source (empty: all "caption")
+    templates: dict[str, list[str]] | None = None  # instruction templates per task (None: no instructions)
+
+
+# ----------------------------------------------------------------------------- instruction templates
+
+
+def shipped_instruction_templates() -> list[str]:
+    """Names of the instruction template files shipped in ``blip2_megatron/configs/prompts``."""
+    folder = resources.files("blip2_megatron") / "configs" / "prompts"
+    return sorted(p.name[: -len(".json")] for p in folder.iterdir() if p.name.endswith(".json"))
+
+
+def instruction_templates_path(spec: str) -> Path:
+    """``data.instruction_templates`` as a path: an existing file, else a shipped name."""
+    if Path(spec).is_file():
+        return Path(spec)
+    if spec in shipped_instruction_templates():
+        return Path(str(resources.files("blip2_megatron") / "configs" / "prompts" / f"{spec}.json"))
+    raise ConfigError(
+        f"data.instruction_templates={spec!r} is neither a file nor a shipped template file; shipped: "
+        f"{shipped_instruction_templates()}"
+    )
+
+
+def load_instruction_templates(spec: str, tasks: Sequence[str]) -> dict[str, list[str]]:
+    """The templates of a json file ``{task: [instruction, ...]}``, checked for the ``tasks`` in use.
+
+    Every task a source has must have at least one template; a "vqa" template holds
+    ``{}`` once (where the question goes), the others none. A key that is not a task is
+    an error, so a typo cannot leave a task without instructions.
+    """
+    path = instruction_templates_path(spec)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"instruction template file {path} is not valid json: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"instruction template file {path} must hold {{task: [templates]}}")
+    unknown = sorted(set(data) - set(SOURCE_TASKS))
+    if unknown:
+        raise ConfigError(
+            f"instruction template file {path} has unknown task(s) {unknown}; tasks: {list(SOURCE_TASKS)}"
+        )
+    for task in sorted(set(tasks)):
+        if task not in data:
+            raise ConfigError(
+                f"instruction template file {path} has no {task!r} templates (it has {sorted(data)}), but a "
+                f"training source has task {task!r} (data.source_tasks)"
+            )
+    templates: dict[str, list[str]] = {}
+    for task, entries in data.items():
+        if not isinstance(entries, list) or not entries:
+            raise ConfigError(
+                f"instruction template file {path}: {task!r} must be a non-empty list of strings"
+            )
+        slots = 1 if task == "vqa" else 0
+        for index, entry in enumerate(entries):
+            if not isinstance(entry, str) or not entry.strip():
+                raise ConfigError(
+                    f"instruction template file {path}: {task}[{index}] is not a non-empty string"
+                )
+            if entry.count("{}") != slots:
+                where = "holds the question at {} exactly once" if slots else "has no {} (nothing fills it)"
+                raise ConfigError(
+                    f"instruction template file {path}: {task}[{index}]={entry!r}; a {task!r} template {where}"
+                )
+        templates[task] = [entry.strip() for entry in entries]
+    return templates
+
+
+def draw_instruction(templates: Sequence[str], sample_key: str) -> str:
+    """The template of the sample at ``sample_key``: the same on every call, rank and resumed run."""
+    return templates[make_rng(sample_key, "instruction_template").randrange(len(templates))]
 
 
 # ----------------------------------------------------------------------------- stream stages
@@ -188,20 +271,55 @@ def _source_samples(spec: StreamSpec, source_index: int, epoch: int, stream_id: 
             )
 
 
+def _instruction_sample(
+    spec: StreamSpec, raw: dict[str, Any], rng: random.Random, task: str, sample_key: str
+) -> tuple[bytes, dict[str, Any]]:
+    """(encoded image, texts) of a sample of a source with instruction templates (see ``draw_instruction``)."""
+    assert spec.templates is not None
+    templates = spec.templates[task]
+    if task == "vqa":
+        vqa = unpack_vqa_sample(raw)
+        question = QuestionProcessor(spec.text_processor.max_words)(vqa.question)
+        if not question:
+            raise SampleError("missing_question", f"{raw.get('__key__')}: question empty after cleaning")
+        prompt = draw_instruction(templates, sample_key).replace("{}", question)
+        image_bytes, target, image_id = vqa.image, vqa.answer, vqa.image_id
+    else:
+        image_bytes, text, image_id = unpack_sample(raw, rng)
+        # A detailed description keeps its case and punctuation (MiniGPT-4 trains on it as written).
+        target = spec.text_processor.clean(text) if task == "caption" else " ".join(text.split())
+        if not target:
+            raise SampleError("missing_caption", f"{raw.get('__key__')}: caption empty after cleaning")
+        prompt = draw_instruction(templates, sample_key)
+    return image_bytes, {"text_output": target, "image_id": image_id, "prompt": prompt, "task": task}
+
+
 def _process_sample(
-    spec: StreamSpec, raw: dict[str, Any], rng: random.Random, decode: bool
+    spec: StreamSpec,
+    raw: dict[str, Any],
+    rng: random.Random,
+    decode: bool,
+    source_index: int = 0,
+    sample_key: str = "",
 ) -> dict[str, Any]:
     """Raw sample -> {"image", "text_output", "image_id"}; raises SampleError with a reason.
 
-    Without ``decode`` the image is only validated and ``"image"`` is None.
+    With instruction templates the sample also carries its "prompt" (the instruction,
+    drawn by ``sample_key``) and "task" (its source's). Without ``decode`` the image is
+    only validated and ``"image"`` is None.
     """
-    image_bytes, caption, image_id = unpack_sample(raw, rng)
-    text = spec.text_processor.clean(caption)
-    if not text:
-        raise SampleError("missing_caption", f"{raw.get('__key__')}: caption empty after cleaning")
+    if spec.templates is not None:
+        task = spec.tasks[source_index] if spec.tasks else "caption"
+        image_bytes, texts = _instruction_sample(spec, raw, rng, task, sample_key)
+    else:
+        image_bytes, caption, image_id = unpack_sample(raw, rng)
+        text = spec.text_processor.clean(caption)
+        if not text:
+            raise SampleError("missing_caption", f"{raw.get('__key__')}: caption empty after cleaning")
+        texts = {"text_output": text, "image_id": image_id}
     if not decode:
         check_decodable(image_bytes)
-        return {"image": None, "text_output": text, "image_id": image_id}
+        return {"image": None, **texts}
     try:
         image = spec.image_processor(image_bytes, rng)
     except SampleError as err:
@@ -213,7 +331,7 @@ def _process_sample(
             f"in full ({err}); the ranks that only validate it would keep it. Remove the sample "
             "from the data or set model.tp_split_images=false"
         ) from err
-    return {"image": image, "text_output": text, "image_id": image_id}
+    return {"image": image, **texts}
 
 
 def collate_train(
@@ -224,21 +342,32 @@ def collate_train(
     ``text_input`` is prompt + caption (what the LLM models read, as LAVIS's caption
     processor builds it); with a prompt the batch also carries ``prompt`` and
     ``text_output`` (the caption alone) so the model can mask the prompt tokens.
-    ``sample_key`` lists each sample's position in the data. ``image`` stacks the images
-    of ``image_rows`` (default: every row; none gives an empty tensor).
+    Samples that carry their own "prompt" (instruction templates) give per-sample
+    ``prompt`` and ``text_output`` lists, ``text_input`` = instruction, a space, target,
+    and ``task`` (each sample's source task). ``sample_key`` lists each sample's position
+    in the data. ``image`` stacks the images of ``image_rows`` (default: every row; none
+    gives an empty tensor).
     """
     captions = [sample["text_output"] for sample in samples]
     rows = range(len(samples)) if image_rows is None else image_rows
     images = [samples[row]["image"] for row in rows]
+    per_sample = bool(samples) and "prompt" in samples[0]
+    if per_sample:
+        prompts = [sample["prompt"] for sample in samples]
+        texts = [f"{p} {c}" if p and not p.endswith(" ") else p + c for p, c in zip(prompts, captions)]
+    else:
+        prompts, texts = [prompt] * len(samples), [prompt + caption for caption in captions]
     batch: dict[str, Any] = {
         "image": torch.stack(images) if images else torch.empty(0),
-        "text_input": [prompt + caption for caption in captions],
+        "text_input": texts,
         "image_id": [sample["image_id"] for sample in samples],
         SAMPLE_KEY: [sample[SAMPLE_KEY] for sample in samples],
     }
-    if prompt:
-        batch["prompt"] = [prompt] * len(samples)
+    if prompt or per_sample:
+        batch["prompt"] = prompts
         batch["text_output"] = captions
+    if per_sample:
+        batch["task"] = [sample["task"] for sample in samples]
     return batch
 
 
@@ -263,6 +392,12 @@ def _batch_feeds(
             yield mixed
 
 
+def _tagged(source_index: int, samples: Iterator[dict[str, Any]]) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Raw samples paired with the index of the source they come from (it picks their task)."""
+    for raw in samples:
+        yield source_index, raw
+
+
 def stream_batches(
     spec: StreamSpec, epoch: int, stream_id: int, skip: int, count: int
 ) -> Iterator[dict[str, Any]]:
@@ -271,7 +406,10 @@ def stream_batches(
         return
     skips = SkipCounter()
     key = (spec.seed, epoch, spec.dp_rank, stream_id)
-    per_source = [_source_samples(spec, index, epoch, stream_id, skips) for index in range(len(spec.sources))]
+    per_source = [
+        _tagged(index, _source_samples(spec, index, epoch, stream_id, skips))
+        for index in range(len(spec.sources))
+    ]
     index = 0  # samples drawn by this stream so far (usable or not): the last part of each sample's key
     usable_seen = False
     decoded_rows = set(range(spec.batch_size) if spec.image_rows is None else spec.image_rows)
@@ -279,11 +417,13 @@ def stream_batches(
         replaying = batches_done < skip
         pending: list[dict[str, Any]] = []
         while len(pending) < spec.batch_size:
-            raw = next(feed)
+            source_index, raw = next(feed)
             sample_key = "/".join(str(part) for part in (*key, index))
             decode = not replaying and len(pending) in decoded_rows
             try:
-                item = _process_sample(spec, raw, make_rng(*key, "sample", index), decode)
+                item = _process_sample(
+                    spec, raw, make_rng(*key, "sample", index), decode, source_index, sample_key
+                )
             except SampleError as err:
                 skips.record(err.reason, str(err))
                 if not usable_seen and index + 1 >= _MAX_LEADING_FAILURES:
@@ -335,7 +475,8 @@ class TrainLoader:
     advances); ``loader.endless()`` chains epochs for step-based loops. A batch is
     ``{"image": FloatTensor[B, 3, S, S], "text_input": list[str], "image_id": list,
     "sample_key": list[str]}`` (+ ``"prompt"``, ``"text_output"`` when a prompt is
-    configured), or the batch builder's tensors when the loader has one.
+    configured; per-sample ``"prompt"``, ``"text_output"`` and ``"task"`` with instruction
+    templates), or the batch builder's tensors when the loader has one.
     """
 
     def __init__(self, stream: TrainStream, num_workers: int):
@@ -442,14 +583,22 @@ def prepare_data(cfg: DataConfig) -> DataConfig:
 
     A dataset already there is used whatever its size (``make_sample_dataset.py`` can
     build a bigger one); otherwise one with the default parameters is generated. Fields
-    the user set explicitly are kept. Other kinds are returned unchanged.
+    the user set explicitly are kept. Without train_shards, each entry of
+    data.source_tasks picks the built-in source of its task (caption: the train shards,
+    vqa: the VQA training shards, conversation: the detailed descriptions). Other kinds
+    are returned unchanged.
     """
     if cfg.kind != "sample":
         return cfg
     root = Path(cfg.sample_root)
     paths = load_sample_dataset(root) if (root / "manifest.json").is_file() else ensure_sample_dataset(root)
+    builtin_sources = {
+        "caption": paths.train_shards,
+        "vqa": paths.vqa_train_shards,
+        "conversation": paths.conversation_shards,
+    }
     filled = {
-        "train_shards": cfg.train_shards or [paths.train_shards],
+        "train_shards": cfg.train_shards or [builtin_sources[task] for task in cfg.tasks],
         "image_root": cfg.image_root or str(paths.image_root),
         "val_annotation": cfg.val_annotation or str(paths.val_annotation),
         "test_annotation": cfg.test_annotation or str(paths.test_annotation),
@@ -486,6 +635,32 @@ def build_train_sources(cfg: DataConfig) -> list[DataSource]:
     return sources
 
 
+def source_weights(cfg: DataConfig, sources: Sequence[DataSource]) -> list[float]:
+    """Mixing weight of each source: data.mix_weights, equal, or "sqrt" of each source's counted samples.
+
+    The counts are those ``samples_per_epoch`` is summed from (img2dataset ``_stats.json``
+    or tar listings), so "sqrt" reads them even when samples_per_epoch is set.
+    """
+    if cfg.mix_weights is None:
+        return [1.0] * len(sources)
+    if cfg.mix_weights != SQRT_MIX:
+        return [float(weight) for weight in cfg.mix_weights]
+    sizes = [source.num_samples for source in sources]
+    empty = [source.name for source, size in zip(sources, sizes) if size == 0]
+    if empty:
+        raise ValueError(f"data.mix_weights='sqrt' weighs sources by their size, but {empty} hold no sample")
+    weights = [math.sqrt(size) for size in sizes]
+    total = sum(weights)
+    logger.info(
+        "data.mix_weights=sqrt: %s",
+        "; ".join(
+            f"{source.name} ({task}): {size} samples -> weight {weight:.1f} ({weight / total:.1%})"
+            for source, task, size, weight in zip(sources, cfg.tasks, sizes, weights)
+        ),
+    )
+    return weights
+
+
 def build_train_image_processor(cfg: DataConfig) -> ImageTrainProcessor | ImageEvalProcessor:
     """BLIP-2 train transform, or the eval resize when augmentation is off (draft decode either way)."""
     if cfg.train_augment:
@@ -515,6 +690,11 @@ def build_train_loader(
         raise ValueError(f"image_rows={list(image_rows)} must be rows of a batch of {cfg.batch_size}")
     cfg = prepare_data(cfg)
     sources = build_train_sources(cfg)
+    templates = (
+        load_instruction_templates(cfg.instruction_templates, cfg.tasks)
+        if cfg.instruction_templates
+        else None
+    )
     num_streams = max(1, cfg.num_workers)
     if not cfg.resampled:
         for source in sources:
@@ -532,7 +712,7 @@ def build_train_loader(
         )
     spec = StreamSpec(
         sources=sources,
-        weights=list(cfg.mix_weights) if cfg.mix_weights else [1.0] * len(sources),
+        weights=source_weights(cfg, sources),
         mix_mode=cfg.mix_mode,
         resampled=cfg.resampled,
         seed=seed,
@@ -546,6 +726,8 @@ def build_train_loader(
         text_processor=CaptionProcessor(cfg.prompt, cfg.max_words),
         batch_builder=batch_builder,
         image_rows=None if image_rows is None else tuple(image_rows),
+        tasks=tuple(cfg.tasks),
+        templates=templates,
     )
     logger.info(
         "train data: %d source(s) mixed per %s, %d samples/epoch, %d batches/epoch of %d per DP rank "

@@ -14,6 +14,10 @@ job runs at tiny size on this data: a second shard source (mixed sources, MiniGP
 stage 1), a COCO-Karpathy training file with LAVIS's string ids ("coco_12"), VQAv2
 questions and annotations with answer types (colour / shape: "other", position:
 "yes/no", count: "number"), and MiniGPT-4's cc_sbu_align layout with longer descriptions.
+For instruction tuning (InstructBLIP: ``data.source_tasks``) the VQA questions and the
+descriptions also come as training shards: one question about every fourth training image
+(ten annotator answers, most of them right: the target is the most frequent one), and the
+cc_sbu_align pairs.
 
 Layout under ``root`` (everything deterministic for a seed):
 
@@ -27,6 +31,9 @@ Layout under ``root`` (everything deterministic for a seed):
     vqa/questions_val.json    VQAv2 official layout over the val images (image paths:
     vqa/annotations_val.json  ``val/{image_id:06d}.jpg`` under images/)
     cc_sbu_align/filter_cap.json, cc_sbu_align/image/{id}.jpg   MiniGPT-4 stage 2 layout
+    vqa_train/00000.tar ...   VQA training shards over train images: json "question", "answers"
+                              (10), "answer_type"; .txt = the most frequent answer
+    cc_sbu_align_wds/00000.tar ...  the cc_sbu_align descriptions as shards (.txt = description)
     manifest.json             the parameters it was built with; written last
 """
 
@@ -47,12 +54,13 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from blip2_megatron.data.wds import ShardWriter
+from blip2_megatron.data.annotations import ImagePathResolver, annotations_to_shards, load_caption_records
+from blip2_megatron.data.wds import ShardWriter, iter_shard_samples, vqa_target
 
 logger = logging.getLogger(__name__)
 
 #: Bumped whenever generation changes, so an old dataset on disk is not silently reused.
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 
 SHAPES = ("circle", "square", "triangle")
 COLOURS = {
@@ -95,6 +103,10 @@ DESCRIPTIONS = (
 VQA_IMAGE_TEMPLATE = "val/{image_id:06d}.jpg"
 COCO_TRAIN_IMAGES = 800
 CC_SBU_ALIGN_IMAGES = 200
+#: One VQA training question is asked about every this many training images.
+VQA_TRAIN_EVERY = 4
+#: Shards of the VQA training source and of the cc_sbu_align shards (two: two readers can share them).
+SMALL_SOURCE_SHARDS = 2
 
 
 @dataclass(frozen=True)
@@ -154,6 +166,10 @@ class SampleDatasetPaths:
     """VQA image paths under image_root, by image id."""
     cc_sbu_align_annotation: Path
     """MiniGPT-4 stage-2 filter_cap.json (images in the image/ folder beside it)."""
+    vqa_train_shards: str
+    """Brace pattern of the VQA training shards (json "question" / "answers"; data.source_tasks "vqa")."""
+    conversation_shards: str
+    """Brace pattern of the cc_sbu_align descriptions as shards (data.source_tasks "conversation")."""
 
 
 def random_scene(rng: np.random.Generator, allow_held_out: bool) -> ShapeScene:
@@ -296,6 +312,62 @@ def _write_cc_sbu_align(root: Path, count: int, rng: np.random.Generator, image_
     (folder / "filter_cap.json").write_text(json.dumps({"annotations": annotations}, indent=1))
 
 
+def _distractor(answer: str, rng: np.random.Generator) -> str:
+    """A wrong answer of the same kind (another colour or shape, the other of yes / no, a count)."""
+    for values in (list(COLOURS), list(SHAPES), ["yes", "no"]):
+        if answer in values:
+            others = [value for value in values if value != answer]
+            return others[rng.integers(len(others))]
+    return str(int(answer) + 1) if answer.isdigit() else "unknown"
+
+
+def _write_vqa_train(root: Path, rng: np.random.Generator) -> None:
+    """VQA training shards: one question (VQA val style) about every VQA_TRAIN_EVERY-th train image.
+
+    The images are the train shards' own bytes, read back in shard order. Each question
+    has ten annotator answers, seven to ten of them right and the rest one wrong answer of
+    the same kind, in random order: the target (the ``.txt``) is the most frequent answer.
+    """
+    train = sorted((root / "train").glob("*.tar"))
+    images = (raw for url in train for raw in iter_shard_samples(str(url), on_error=lambda exn: False))
+    chosen = [raw for index, raw in enumerate(images) if index % VQA_TRAIN_EVERY == 0]
+    per_shard, _ = _shard_layout(len(chosen), SMALL_SOURCE_SHARDS)
+    with ShardWriter(root / "vqa_train", samples_per_shard=per_shard) as writer:
+        for index, raw in enumerate(chosen):
+            meta = json.loads(raw["json"])
+            scene = ShapeScene(meta["shape"], meta["colour"], meta["size"], meta["position"])
+            questions = scene.questions(rng)
+            question, answer, answer_type = questions[rng.integers(len(questions))]
+            right = int(rng.integers(7, 11))
+            answers = [answer] * right + [_distractor(answer, rng)] * (10 - right)
+            answers = [answers[i] for i in rng.permutation(len(answers))]
+            record = {
+                "image_id": f"vqa_train_{index:06d}",
+                "question_id": index,
+                "question": question,
+                "answers": answers,
+                "answer_type": answer_type,
+                **asdict(scene),
+            }
+            writer.write(raw["jpg"], vqa_target(answers), meta=record)
+
+
+def _write_conversation_shards(root: Path) -> None:
+    """The cc_sbu_align descriptions as img2dataset-style shards (the conversation source)."""
+    folder = root / "cc_sbu_align"
+    records = load_caption_records(folder / "filter_cap.json", "cc_sbu_align")
+    per_shard, _ = _shard_layout(len(records), SMALL_SOURCE_SHARDS)
+    annotations_to_shards(
+        records, ImagePathResolver(folder / "image"), root / "cc_sbu_align_wds", per_shard, progress=False
+    )
+
+
+def _shard_layout(count: int, wanted: int) -> tuple[int, int]:
+    """(samples per shard, shards) of ``count`` samples spread over at most ``wanted`` shards."""
+    per_shard = max(1, math.ceil(count / wanted))
+    return per_shard, max(1, math.ceil(count / per_shard))
+
+
 def _write_shards(
     folder: Path,
     prefix: str,
@@ -337,10 +409,18 @@ def build_sample_dataset(
     _write_shards(root / "extra", "extra", extra, 2, np.random.default_rng([seed, 3]), image_size, progress)
     _write_coco_train(root, COCO_TRAIN_IMAGES, np.random.default_rng([seed, 4]), image_size)
     _write_cc_sbu_align(root, CC_SBU_ALIGN_IMAGES, np.random.default_rng([seed, 5]), image_size)
+    _write_vqa_train(root, np.random.default_rng([seed, 6]))
+    _write_conversation_shards(root)
+
+
+def _pattern(folder: Path, shards: int) -> str:
+    return str(folder / f"{{00000..{shards - 1:05d}}}.tar")
 
 
 def _paths(root: Path, num_train: int, num_shards: int) -> SampleDatasetPaths:
     last = num_shards - 1
+    _, vqa_shards = _shard_layout(len(range(0, num_train, VQA_TRAIN_EVERY)), SMALL_SOURCE_SHARDS)
+    _, conversation_shards = _shard_layout(CC_SBU_ALIGN_IMAGES, SMALL_SOURCE_SHARDS)
     return SampleDatasetPaths(
         root=root,
         train_shards=str(root / "train" / f"{{00000..{last:05d}}}.tar"),
@@ -356,6 +436,8 @@ def _paths(root: Path, num_train: int, num_shards: int) -> SampleDatasetPaths:
         vqa_annotations=root / "vqa" / "annotations_val.json",
         vqa_image_template=VQA_IMAGE_TEMPLATE,
         cc_sbu_align_annotation=root / "cc_sbu_align" / "filter_cap.json",
+        vqa_train_shards=_pattern(root / "vqa_train", vqa_shards),
+        conversation_shards=_pattern(root / "cc_sbu_align_wds", conversation_shards),
     )
 
 

@@ -8,6 +8,7 @@ The streaming side is a chain of small stages; ``loader.py`` strings them togeth
       --shuffle_samples--> shuffle buffer (per source, drained at the end of each pass)
       --mix_sources--> one stream drawn from several sources by weight
       --unpack_sample--> (image bytes, caption, image_id), then decode / batch in loader.py
+        (a VQA source: --unpack_vqa_sample--> image, question, most frequent answer, image_id)
 
 All randomness comes from :func:`make_rng` keyed by (seed, epoch, ...), never from global
 state, so a stream can be replayed exactly (resume) and two TP ranks of one DP rank see
@@ -360,6 +361,17 @@ def _decode_metadata(raw: dict[str, Any]) -> dict[str, Any]:
     return meta
 
 
+def _sample_image(raw: dict[str, Any]) -> bytes:
+    """The encoded image of a raw sample; raises SampleError("missing_image") without one."""
+    key = raw.get("__key__")
+    if "__missing_image__" in raw:
+        raise SampleError("missing_image", f"{key}: image file not found: {raw['__missing_image__']}")
+    image = next((raw[ext] for ext in IMAGE_EXTENSIONS if raw.get(ext)), None)
+    if image is None:
+        raise SampleError("missing_image", f"{key}: no image file in sample ({sorted(raw)})")
+    return image
+
+
 def unpack_sample(raw: dict[str, Any], rng: random.Random) -> tuple[bytes, str, Any]:
     """(encoded image, raw caption, image_id) of a raw sample; raises SampleError with a reason.
 
@@ -369,11 +381,7 @@ def unpack_sample(raw: dict[str, Any], rng: random.Random) -> tuple[bytes, str, 
     else the tar key, kept as given (str or int).
     """
     key = raw.get("__key__")
-    if "__missing_image__" in raw:
-        raise SampleError("missing_image", f"{key}: image file not found: {raw['__missing_image__']}")
-    image = next((raw[ext] for ext in IMAGE_EXTENSIONS if raw.get(ext)), None)
-    if image is None:
-        raise SampleError("missing_image", f"{key}: no image file in sample ({sorted(raw)})")
+    image = _sample_image(raw)
     meta = _decode_metadata(raw)
     caption = meta.get("caption")
     if isinstance(caption, list):
@@ -388,6 +396,67 @@ def unpack_sample(raw: dict[str, Any], rng: random.Random) -> tuple[bytes, str, 
         raise SampleError("missing_caption", f"{key}: no caption")
     image_id = meta.get("image_id", meta.get("key", key))
     return image, caption, image_id
+
+
+def vqa_target(answers: Sequence[str], weights: Sequence[float] | None = None) -> str:
+    """The training target of a VQA question: its most frequent answer (ties: the first seen).
+
+    ``weights`` (one per answer, e.g. VQAv2 annotator confidence) count instead of 1 each.
+    A pure function of the list, so a resumed run trains on the same targets.
+    """
+    if not answers:
+        raise ValueError("a VQA question needs at least one answer")
+    if weights is not None and len(weights) != len(answers):
+        raise ValueError(f"{len(answers)} answers but {len(weights)} weights")
+    totals: dict[str, float] = {}  # insertion order = first seen, which max() keeps on ties
+    for index, answer in enumerate(answers):
+        totals[answer] = totals.get(answer, 0.0) + (1.0 if weights is None else float(weights[index]))
+    return max(totals, key=totals.__getitem__)
+
+
+@dataclass
+class VQASample:
+    """The fields of a VQA training sample (:func:`unpack_vqa_sample`)."""
+
+    image: bytes
+    question: str
+    answer: str
+    """The target: :func:`vqa_target` of the answers."""
+    image_id: Any
+
+
+def unpack_vqa_sample(raw: dict[str, Any]) -> VQASample:
+    """A VQA sample: json "question" and "answers" (strings, or VQAv2's ``{"answer": ...}`` entries).
+
+    Optional json "answer_weights" (one number per answer) weigh the vote for the target.
+    Raises SampleError "missing_question" / "missing_answer" / "bad_json" with the key.
+    """
+    key = raw.get("__key__")
+    image = _sample_image(raw)
+    meta = _decode_metadata(raw)
+    question = meta.get("question")
+    if not isinstance(question, str) or not question.strip():
+        raise SampleError("missing_question", f"{key}: no json 'question' (a VQA source needs one)")
+    answers = meta.get("answers")
+    if not isinstance(answers, list):
+        raise SampleError("missing_answer", f"{key}: no json 'answers' list (a VQA source needs one)")
+    texts = [entry.get("answer") if isinstance(entry, dict) else entry for entry in answers]
+    weights = meta.get("answer_weights")
+    if weights is not None and (not isinstance(weights, list) or len(weights) != len(texts)):
+        raise SampleError("bad_json", f"{key}: 'answer_weights' must be a list of one number per answer")
+    kept = [
+        (text.strip(), index) for index, text in enumerate(texts) if isinstance(text, str) and text.strip()
+    ]
+    if not kept:
+        raise SampleError("missing_answer", f"{key}: no non-empty answer")
+    try:
+        answer = vqa_target(
+            [text for text, _ in kept], None if weights is None else [float(weights[i]) for _, i in kept]
+        )
+    except (TypeError, ValueError):
+        raise SampleError("bad_json", f"{key}: 'answer_weights' must be numbers") from None
+    image_id = meta.get("image_id", meta.get("key", key))
+    return VQASample(image, question, answer, image_id)
 
 
 # ----------------------------------------------------------------------------- writing
