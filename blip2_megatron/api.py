@@ -1,7 +1,7 @@
 """The entry points users call from Python and ``launch/``, in LAVIS's spirit.
 
 * :func:`load_model_and_preprocess`: ``(model, image_processors, text_processors)`` from a
-  local Hugging Face Blip2 directory, a run or checkpoint directory of ours (any TP x PP
+  local Hugging Face Blip2 or InstructBlip directory, a run or checkpoint directory of ours (any TP x PP
   layout), or a flavour name (random weights unless overrides name weight files).
 * :func:`load_trained_model`: the model of a run (or a job config) for evaluation.
 * :func:`export_to_hf`: a run as a directory ``transformers`` loads.
@@ -115,4 +115,10 @@ def export_to_hf(
         raise ConfigError(
             "a stage-1 model has no LLM: transformers' Blip2ForConditionalGeneration cannot hold it"
         )
-    return export_hf_blip2(model.module, out, tokenizer=model.tokenizer, overwrite=overwrite)
+    return export_hf_blip2(
+        model.module,
+        out,
+        tokenizer=model.tokenizer,
+        overwrite=overwrite,
+        qformer_tokenizer=getattr(model.builder, "qformer_tokenizer", None),
+    )

@@ -3,8 +3,9 @@
 Where starting weights come from:
 
 * ``model.init_checkpoint``: comma-separated sources for the vision encoder, Q-Former,
-  queries, projection (and stage-1 heads): a Hugging Face Blip2 directory, LAVIS ``.pth``
-  files (``blip2_pretrained.pth``, ``blip2_pretrained_opt2.7b.pth``, ``eva_vit_g.pth``),
+  queries, projection (and stage-1 heads): a Hugging Face Blip2 or InstructBlip directory,
+  LAVIS ``.pth`` files (``blip2_pretrained.pth``, ``blip2_pretrained_opt2.7b.pth``,
+  ``eva_vit_g.pth``, InstructBLIP's ``instruct_blip_vicuna7b_trimmed.pth``),
   MiniGPT-4 checkpoints (their ``llama_proj`` is our projection), a safetensors file with
   our own names, or a run directory of ours (LAVIS's stage-1 ->
   stage-2 hand-off: the run's base weights, then what it trained). Later sources override
@@ -37,6 +38,7 @@ from blip2_megatron.convert.hf_blip2 import (
     PROJECTION_PREFIX,
     check_hf_blip2_checkpoint,
     hf_blip2_model_config,
+    is_instructblip_dir,
 )
 from blip2_megatron.convert.hf_llm import llm_config_from_hf, load_hf_llm_weights, read_hf_config
 from blip2_megatron.convert.run_checkpoint import (
@@ -133,7 +135,7 @@ def _collect(path: Path, cfg: Blip2Config, weights: _InitialWeights) -> None:
         _collect_run(path, cfg, weights)
     elif path.is_dir():
         raw = _read_hf_dir(path)
-        ours, rest = hf_vision_qformer_to_ours(raw, prefix=prefix)
+        ours, rest = hf_vision_qformer_to_ours(raw, prefix=prefix, instructblip=is_instructblip_dir(path))
         weights.ours.update(ours)
         weights.ours.update({k: raw[k] for k in rest if k.startswith(PROJECTION_PREFIX)})
         llm = {k[len(HF_LLM_PREFIX) :]: raw[k] for k in rest if k.startswith(HF_LLM_PREFIX)}
@@ -331,7 +333,7 @@ def build_pipeline_stage(
 def build_from_hf_blip2(
     model_dir: str | Path, device: torch.device | str | None = None, **overrides: Any
 ) -> tuple[Blip2ForLLM, Blip2Config, LLMBatchBuilder]:
-    """``(model in eval mode, its config, batch builder)`` from a local transformers Blip2 directory.
+    """``(model in eval mode, its config, batch builder)`` from a local transformers Blip2 / InstructBlip directory.
 
     The tokenizer is read from the same directory (or ``llm.tokenizer``). ``overrides`` are
     Blip2Config fields, dotted or nested (``**{"llm.tp": 2}``, ``prompt=""``). Model-parallel
@@ -350,7 +352,11 @@ def build_from_hf_blip2(
     model = build_model(cfg, device=device)
     model.eval()
     logger.info(
-        "loaded a transformers Blip2 (%s, %d layers) from %s", cfg.llm.arch, cfg.llm.num_layers, model_dir
+        "loaded a transformers %s (%s, %d layers) from %s",
+        "InstructBlip" if cfg.instruction_aware else "Blip2",
+        cfg.llm.arch,
+        cfg.llm.num_layers,
+        model_dir,
     )
     return model, cfg, builder
 

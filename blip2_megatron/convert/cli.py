@@ -1,10 +1,12 @@
 """The file conversions behind ``launch/convert.py`` that need no model.
 
-* :func:`hf_to_ours`: a transformers Blip2 directory -> one safetensors file with our
-  names for the vision encoder, Q-Former, queries and projection (``query_encoder.*``,
-  ``language_projection.*``; for ``model.init_checkpoint``) and, optionally, the LLM as a
-  transformers OPT / LLaMA / Qwen2 / Mistral / T5 directory (for ``model.llm.weights``, which every TP rank reads
-  shard by shard instead of loading the whole Blip2 file).
+* :func:`hf_to_ours`: a transformers Blip2 / InstructBlip directory -> one safetensors file
+  with our names for the vision encoder, Q-Former, queries and projection
+  (``query_encoder.*``, ``language_projection.*``; for ``model.init_checkpoint``) and,
+  optionally, the LLM as a transformers OPT / LLaMA / Qwen2 / Mistral / T5 directory (for
+  ``model.llm.weights``, which every TP rank reads shard by shard instead of loading the
+  whole Blip2 file); an InstructBlip's Q-Former tokenizer goes with it, in its
+  ``qformer_tokenizer`` folder (for ``model.qformer.tokenizer``).
 * :func:`reshard_run`: a checkpoint of a run saved at any TP x PP -> a run directory for
   another TP x PP (its saved weights re-cut; base weights stay where the job names them).
 
@@ -25,7 +27,15 @@ from typing import Any
 import torch
 
 from blip2_megatron.config import ConfigError, load_job_config, save_job_config
-from blip2_megatron.convert.hf_blip2 import HF_LLM_PREFIX, PROJECTION_PREFIX, full_hf_config, read_hf_config
+from blip2_megatron.convert.hf_blip2 import (
+    BLIP2_MODEL_TYPE,
+    HF_LLM_PREFIX,
+    INSTRUCTBLIP_MODEL_TYPE,
+    PROJECTION_PREFIX,
+    QFORMER_TOKENIZER_DIR,
+    full_hf_config,
+    read_hf_config,
+)
 from blip2_megatron.convert.run_checkpoint import (
     CHECKPOINTS,
     CONFIG,
@@ -81,12 +91,14 @@ def _write_llm_dir(
         for name in TOKENIZER_FILES:
             if (hf_dir / name).is_file():
                 shutil.copy2(hf_dir / name, partial / name)
+        if (hf_dir / QFORMER_TOKENIZER_DIR).is_dir():  # InstructBlip: for model.qformer.tokenizer
+            shutil.copytree(hf_dir / QFORMER_TOKENIZER_DIR, partial / QFORMER_TOKENIZER_DIR)
 
 
 def hf_to_ours(
     hf_dir: str | Path, out: str | Path, llm_out: str | Path | None = None, overwrite: bool = False
 ) -> dict[str, int]:
-    """Split a transformers Blip2 directory into our query-encoder file (+ an LLM directory).
+    """Split a transformers Blip2 / InstructBlip directory into our query-encoder file (+ an LLM directory).
 
     Returns the number of tensors written to each output.
     """
@@ -94,10 +106,11 @@ def hf_to_ours(
 
     hf_dir, out = Path(hf_dir), Path(out)
     raw = read_hf_config(hf_dir)
-    if raw.get("model_type") != "blip-2":
+    if raw.get("model_type") not in (BLIP2_MODEL_TYPE, INSTRUCTBLIP_MODEL_TYPE):
         raise ConfigError(
-            f"{hf_dir} is not a transformers Blip2 directory (model_type {raw.get('model_type')!r})"
+            f"{hf_dir} is not a transformers Blip2 / InstructBlip directory (model_type {raw.get('model_type')!r})"
         )
+    instructblip = raw["model_type"] == INSTRUCTBLIP_MODEL_TYPE
     if out.suffix != ".safetensors":
         raise ConfigError(f"--out {out} must be a .safetensors file")
     for target in (out, llm_out):
@@ -109,7 +122,7 @@ def hf_to_ours(
     ignored: list[str] = []
     for path in iter_checkpoint_files(hf_dir):
         tensors = load_state_dict_file(path)
-        converted, rest = hf_vision_qformer_to_ours(tensors)
+        converted, rest = hf_vision_qformer_to_ours(tensors, instructblip=instructblip)
         ours.update(converted)
         for key in rest:
             if key.startswith(PROJECTION_PREFIX):

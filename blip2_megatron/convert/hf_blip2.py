@@ -1,4 +1,4 @@
-"""Hugging Face ``Blip2ForConditionalGeneration`` <-> ours: configs, weights, inputs.
+"""Hugging Face ``Blip2ForConditionalGeneration`` / ``InstructBlipForConditionalGeneration`` <-> ours.
 
 Our module names follow transformers' (``vision_model``, ``qformer``, ``query_tokens``,
 ``language_projection``, ``language_model``) one level down (``query_encoder.`` holds the
@@ -24,6 +24,14 @@ whose ``lm_head`` differs, so the export always writes ``lm_head``.
 The end of a caption: BLIP-2's OPT models end captions with "\\n" (50118 with OPT's
 tokenizer; Salesforce's checkpoints store it as ``text_config.eos_token_id``, which is
 where transformers' ``generate`` stops); LLaMA-family models end with the tokenizer's eos.
+
+InstructBLIP (``model_type`` "instructblip", ours ``model.instruction_aware``): the same
+layout plus the Q-Former's text embeddings (``qformer.embeddings.word_embeddings`` /
+``position_embeddings``; BERT's embedding LayerNorm is ``qformer.embeddings.layernorm``
+there, ``qformer.layernorm`` in ours and Blip2's) and text FFNs. Its directory keeps the
+Q-Former's BERT tokenizer in a ``qformer_tokenizer`` sub-folder (as
+``InstructBlipProcessor.save_pretrained`` writes it), and its ``qformer_config.vocab_size``
+counts the embedding's rows ([DEC] included), where Blip2's leaves [DEC] out.
 """
 
 from __future__ import annotations
@@ -39,7 +47,7 @@ import torch
 import transformers
 from torch import nn
 
-from blip2_megatron.config import Blip2Config, ConfigError, LLMConfig, from_dict, merge_dicts
+from blip2_megatron.config import Blip2Config, ConfigError, LLMConfig, QFormerConfig, from_dict, merge_dicts
 from blip2_megatron.convert.hf_llm import (
     IGNORED_HF_KEYS,
     export_hf_state_dict,
@@ -75,6 +83,11 @@ OPT_CAPTION_END = "\n"  # BLIP-2 OPT captions end here (LAVIS: the first id of t
 BICUBIC = 3  # PIL.Image.BICUBIC, the resampling of our eval transform
 # LLM families whose model transformers ships, so that its Blip2 can hold them (not InternLM2).
 TRANSFORMERS_LLM_FAMILIES = ("opt", "llama", "qwen2", "mistral", "t5")
+BLIP2_MODEL_TYPE, INSTRUCTBLIP_MODEL_TYPE = "blip-2", "instructblip"
+#: Sub-folder of an InstructBlip directory with the Q-Former's BERT tokenizer (InstructBlipProcessor's).
+QFORMER_TOKENIZER_DIR = "qformer_tokenizer"
+#: Q-Former tokens an instruction is cut to (LAVIS's max_txt_len of the instruct models).
+INSTRUCTION_MAX_TOKENS = 128
 
 
 def image_token_id(llm: LLMConfig) -> int:
@@ -106,8 +119,11 @@ def hf_text_config(llm: LLMConfig) -> transformers.PretrainedConfig:
     return transformers.AutoConfig.for_model(**fields)
 
 
-def hf_config_from_ours(cfg: Blip2Config) -> transformers.Blip2Config:
+def hf_config_from_ours(cfg: Blip2Config) -> transformers.Blip2Config | transformers.InstructBlipConfig:
     """A transformers Blip2Config with our sizes (dropout as ours; inverse of :func:`ours_config_from_hf`).
+
+    An instruction-aware model gives an InstructBlipConfig (its Q-Former's vocabulary
+    counts [DEC]: it holds the word embeddings).
 
     transformers' ViT applies ``vision.layer_norm_eps`` to ``post_layernorm`` too: a model
     whose ``ln_vision_eps`` differs (LAVIS uses 1e-5 there) is exported with a small
@@ -128,48 +144,66 @@ def hf_config_from_ours(cfg: Blip2Config) -> transformers.Blip2Config:
         raise ConfigError(
             "transformers' Blip2 vision model has no pre_layernorm (CLIP ViT-L): cannot export it"
         )
-    hf = transformers.Blip2Config(
-        vision_config=dict(
-            hidden_size=vision.hidden_size,
-            intermediate_size=vision.intermediate_size,
-            num_hidden_layers=vision.num_layers,
-            num_attention_heads=vision.num_heads,
-            image_size=vision.image_size,
-            patch_size=vision.patch_size,
-            hidden_act=vision.hidden_act,
-            layer_norm_eps=vision.layer_norm_eps,
-            qkv_bias=vision.qkv_bias,
-        ),
-        qformer_config=dict(
-            vocab_size=qformer.vocab_size - 1,  # ours counts the [DEC] bos token, transformers does not
-            hidden_size=qformer.hidden_size,
-            num_hidden_layers=qformer.num_layers,
-            num_attention_heads=qformer.num_heads,
-            intermediate_size=qformer.intermediate_size,
-            hidden_dropout_prob=qformer.hidden_dropout_prob,
-            attention_probs_dropout_prob=qformer.attention_dropout_prob,
-            max_position_embeddings=qformer.max_position_embeddings,
-            layer_norm_eps=qformer.layer_norm_eps,
-            initializer_range=qformer.initializer_range,
-            pad_token_id=qformer.pad_token_id,
-            cross_attention_frequency=qformer.cross_attention_frequency,
-            encoder_hidden_size=vision.hidden_size,
-        ),
+    vision_config = dict(
+        hidden_size=vision.hidden_size,
+        intermediate_size=vision.intermediate_size,
+        num_hidden_layers=vision.num_layers,
+        num_attention_heads=vision.num_heads,
+        image_size=vision.image_size,
+        patch_size=vision.patch_size,
+        hidden_act=vision.hidden_act,
+        layer_norm_eps=vision.layer_norm_eps,
+        qkv_bias=vision.qkv_bias,
+    )
+    qformer_config = dict(
+        # Blip2 has no Q-Former word embeddings and leaves [DEC] out; InstructBlip's has its rows.
+        vocab_size=qformer.vocab_size if cfg.instruction_aware else qformer.vocab_size - 1,
+        hidden_size=qformer.hidden_size,
+        num_hidden_layers=qformer.num_layers,
+        num_attention_heads=qformer.num_heads,
+        intermediate_size=qformer.intermediate_size,
+        hidden_dropout_prob=qformer.hidden_dropout_prob,
+        attention_probs_dropout_prob=qformer.attention_dropout_prob,
+        max_position_embeddings=qformer.max_position_embeddings,
+        layer_norm_eps=qformer.layer_norm_eps,
+        initializer_range=qformer.initializer_range,
+        pad_token_id=qformer.pad_token_id,
+        cross_attention_frequency=qformer.cross_attention_frequency,
+        encoder_hidden_size=vision.hidden_size,
+    )
+    common = dict(
+        vision_config=vision_config,
+        qformer_config=qformer_config,
         text_config=hf_text_config(cfg.llm).to_dict(),
         num_query_tokens=qformer.num_query_tokens,
-        image_text_hidden_size=qformer.embed_dim,
         image_token_index=image_token_id(cfg.llm),
     )
-    hf.architectures = ["Blip2ForConditionalGeneration"]
+    if cfg.instruction_aware:
+        hf = transformers.InstructBlipConfig(**common)
+        hf.architectures = ["InstructBlipForConditionalGeneration"]
+    else:
+        hf = transformers.Blip2Config(**common, image_text_hidden_size=qformer.embed_dim)
+        hf.architectures = ["Blip2ForConditionalGeneration"]
     return hf
 
 
-def full_hf_config(hf: Mapping[str, Any] | transformers.Blip2Config) -> dict[str, Any]:
-    """A Blip2 config dict with transformers' defaults filled in (checkpoints store only changes)."""
-    if not isinstance(hf, transformers.Blip2Config):
-        if hf.get("model_type") not in (None, "blip-2"):
-            raise ConfigError(f"model_type {hf.get('model_type')!r} is not a Blip2 model ('blip-2')")
-        hf = transformers.Blip2Config.from_dict(dict(hf))
+def full_hf_config(
+    hf: Mapping[str, Any] | transformers.Blip2Config | transformers.InstructBlipConfig,
+) -> dict[str, Any]:
+    """A Blip2 / InstructBlip config dict with transformers' defaults filled in (checkpoints store only changes)."""
+    if not isinstance(hf, (transformers.Blip2Config, transformers.InstructBlipConfig)):
+        model_type = hf.get("model_type")
+        if model_type not in (None, BLIP2_MODEL_TYPE, INSTRUCTBLIP_MODEL_TYPE):
+            raise ConfigError(
+                f"model_type {model_type!r} is not a Blip2 model ('{BLIP2_MODEL_TYPE}') nor an InstructBlip "
+                f"model ('{INSTRUCTBLIP_MODEL_TYPE}')"
+            )
+        config_class = (
+            transformers.InstructBlipConfig
+            if model_type == INSTRUCTBLIP_MODEL_TYPE
+            else transformers.Blip2Config
+        )
+        hf = config_class.from_dict(dict(hf))
     return hf.to_dict()
 
 
@@ -194,9 +228,15 @@ def ours_config_from_hf(
     With ``tokenizer`` the caption end follows it (see :func:`caption_eos_token_id`);
     without, ``text_config.eos_token_id``. ``overrides`` is a nested dict of Blip2Config
     fields (``{"llm": {"tp": 2}, "prompt": ""}``), validated with errors naming the key.
+    An InstructBlip config gives an instruction-aware model (no default prompt: the
+    instruction is the prompt; instructions cut to :data:`INSTRUCTION_MAX_TOKENS` Q-Former
+    tokens, or fewer where its positions end).
     """
     hf = full_hf_config(hf)
     v, q, text = hf["vision_config"], hf["qformer_config"], hf["text_config"]
+    instruction_aware = hf.get("model_type") == INSTRUCTBLIP_MODEL_TYPE
+    # Blip2's Q-Former vocabulary leaves [DEC] out (it holds no word embeddings); InstructBlip's counts it.
+    qformer_vocab = q["vocab_size"] if instruction_aware else q["vocab_size"] + 1
     llm = dataclasses.asdict(llm_config_from_hf(text))
     if tokenizer is not None:
         llm["eos_token_id"] = caption_eos_token_id(llm["arch"], tokenizer)
@@ -211,6 +251,10 @@ def ours_config_from_hf(
         end_sym, prompt = "", ""  # T5's tokenizer ends every text with its eos itself
     else:
         end_sym, prompt = (tokenizer.eos_token if tokenizer is not None else "</s>"), ""
+    instruction = {}
+    if instruction_aware:
+        prompt = ""
+        instruction = dict(max_txt_len=min(INSTRUCTION_MAX_TOKENS, q["max_position_embeddings"]))
     data = dict(
         kind="llm",
         vision=dict(
@@ -230,21 +274,25 @@ def ours_config_from_hf(
             num_layers=q["num_hidden_layers"],
             num_heads=q["num_attention_heads"],
             intermediate_size=q["intermediate_size"],
-            vocab_size=q["vocab_size"] + 1,  # + [DEC]
-            bos_token_id=q["vocab_size"],
+            vocab_size=qformer_vocab,
+            bos_token_id=qformer_vocab - 1,  # [DEC], the last id
             max_position_embeddings=q["max_position_embeddings"],
             cross_attention_frequency=q["cross_attention_frequency"],
             num_query_tokens=hf["num_query_tokens"],
-            embed_dim=hf["image_text_hidden_size"],
+            embed_dim=hf.get(
+                "image_text_hidden_size", QFormerConfig.embed_dim
+            ),  # no ITC head in InstructBlip
             hidden_dropout_prob=q["hidden_dropout_prob"],
             attention_dropout_prob=q["attention_probs_dropout_prob"],
             layer_norm_eps=q["layer_norm_eps"],
             initializer_range=q.get("initializer_range", 0.02),
             pad_token_id=q["pad_token_id"] if q.get("pad_token_id") is not None else 0,
+            **instruction,
         ),
         llm=llm,
         prompt=prompt,
         end_sym=end_sym,
+        instruction_aware=instruction_aware,
     )
     return from_dict(Blip2Config, merge_dicts(data, dict(overrides or {})), prefix="model")
 
@@ -263,9 +311,14 @@ def _nested_overrides(overrides: Mapping[str, Any]) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------ names
 def hf_names(model: nn.Module) -> dict[str, str]:
-    """Our parameter names -> transformers ``Blip2ForConditionalGeneration`` names (the parts present)."""
+    """Our parameter names -> transformers ``Blip2ForConditionalGeneration`` names (the parts present).
+
+    An instruction-aware model's: ``InstructBlipForConditionalGeneration`` names.
+    """
     ours = [name for name, _ in model.named_parameters() if not name.startswith(HF_LLM_PREFIX)]
-    renamed, rest = ours_to_hf_vision_qformer({name: name for name in ours})  # values carry our names
+    instructblip = model.cfg.instruction_aware
+    # values carry our names
+    renamed, rest = ours_to_hf_vision_qformer({name: name for name in ours}, instructblip=instructblip)
     names = {our: hf for hf, our in renamed.items()}
     for name in rest:
         if not name.startswith(PROJECTION_PREFIX):
@@ -336,10 +389,34 @@ def _tokenizer_spec(model_dir: Path, llm_overrides: Mapping[str, Any]) -> str:
     return spec
 
 
-def is_hf_blip2_dir(path: str | Path) -> bool:
-    """Whether ``path`` is a transformers Blip2 directory (config.json with model_type blip-2)."""
+def hf_model_type(path: str | Path) -> str | None:
+    """The ``model_type`` of a directory's config.json (None without one)."""
     config = Path(path) / "config.json"
-    return config.is_file() and json.loads(config.read_text()).get("model_type") == "blip-2"
+    return json.loads(config.read_text()).get("model_type") if config.is_file() else None
+
+
+def is_hf_blip2_dir(path: str | Path) -> bool:
+    """Whether ``path`` is a transformers Blip2 or InstructBlip directory (model_type blip-2 / instructblip)."""
+    return hf_model_type(path) in (BLIP2_MODEL_TYPE, INSTRUCTBLIP_MODEL_TYPE)
+
+
+def is_instructblip_dir(path: str | Path) -> bool:
+    """Whether ``path`` is a transformers InstructBlip directory (model_type instructblip)."""
+    return hf_model_type(path) == INSTRUCTBLIP_MODEL_TYPE
+
+
+def _qformer_tokenizer_spec(model_dir: Path, qformer_overrides: Mapping[str, Any]) -> str:
+    """InstructBlip: the Q-Former tokenizer, ``qformer.tokenizer`` or the directory's ``qformer_tokenizer``."""
+    spec = qformer_overrides.get("tokenizer")
+    if spec:
+        return spec
+    folder = model_dir / QFORMER_TOKENIZER_DIR
+    if not holds_tokenizer(folder):
+        raise ConfigError(
+            f"{model_dir} is an InstructBlip directory without a {QFORMER_TOKENIZER_DIR}/ folder holding the "
+            "Q-Former's BERT tokenizer; pass qformer.tokenizer=<local tokenizer directory>"
+        )
+    return str(folder)
 
 
 def _warn_on_token_mismatch(cfg: Blip2Config, tokenizer: Any, text: Mapping[str, Any]) -> None:
@@ -375,7 +452,7 @@ def _stored_dtype_name(raw: Mapping[str, Any]) -> str | None:
 def hf_blip2_model_config(
     model_dir: str | Path, overrides: Mapping[str, Any] | None = None, tp: int | None = None
 ) -> Blip2Config:
-    """Our Blip2Config for a local transformers Blip2 directory (``init_checkpoint`` = the directory).
+    """Our Blip2Config for a local transformers Blip2 / InstructBlip directory (``init_checkpoint`` = the directory).
 
     The caption end follows the directory's tokenizer (or ``llm.tokenizer``); ``overrides``
     are Blip2Config fields, dotted or nested (``{"llm.tp": 2}``, ``{"prompt": ""}``); ``tp``
@@ -389,6 +466,9 @@ def hf_blip2_model_config(
     A directory transformers saved quantized (``quantization_config``, bitsandbytes 8-bit
     or NF4) is loaded dense and quantized again in the same mode (``llm.quantize``, which
     the overrides may change; ``models/quantize.py``).
+
+    An InstructBlip directory gives an instruction-aware model whose Q-Former tokenizer is
+    the directory's ``qformer_tokenizer`` folder (or ``qformer.tokenizer``).
     """
     model_dir = Path(model_dir)
     raw = read_hf_config(model_dir)
@@ -398,6 +478,9 @@ def hf_blip2_model_config(
         llm_overrides.setdefault("quantize", mode_from_quantization_config(raw["quantization_config"]))
     if tp is not None:
         llm_overrides.setdefault("tp", tp)
+    if raw.get("model_type") == INSTRUCTBLIP_MODEL_TYPE:
+        qformer_overrides = nested.setdefault("qformer", {})
+        qformer_overrides["tokenizer"] = _qformer_tokenizer_spec(model_dir, qformer_overrides)
     spec = _tokenizer_spec(model_dir, llm_overrides)
     text = full_hf_config(raw)["text_config"]
     arch = llm_config_from_hf(text).arch
@@ -449,7 +532,11 @@ def _image_processor_config(cfg: Blip2Config) -> dict[str, Any]:
 
 
 def _write_hf_dir(
-    directory: Path, cfg: Blip2Config, tensors: dict[str, torch.Tensor], tokenizer: Any
+    directory: Path,
+    cfg: Blip2Config,
+    tensors: dict[str, torch.Tensor],
+    tokenizer: Any,
+    qformer_tokenizer: Any,
 ) -> None:
     from safetensors.torch import save_file
 
@@ -470,15 +557,33 @@ def _write_hf_dir(
     (directory / "preprocessor_config.json").write_text(json.dumps(_image_processor_config(cfg), indent=2))
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
+    if qformer_tokenizer is not None:
+        qformer_tokenizer.save_pretrained(directory / QFORMER_TOKENIZER_DIR)
+        # Instructions are cut on the left (LAVIS; Salesforce's directories say so too); a side
+        # set after the tokenizer was made is not saved by save_pretrained.
+        settings_file = directory / QFORMER_TOKENIZER_DIR / "tokenizer_config.json"
+        settings = json.loads(settings_file.read_text()) if settings_file.is_file() else {}
+        settings_file.write_text(json.dumps({**settings, "truncation_side": "left"}, indent=2))
+    if cfg.instruction_aware:  # what InstructBlipProcessor.from_pretrained needs besides the tokenizers
+        processor = {
+            "processor_class": "InstructBlipProcessor",
+            "num_query_tokens": cfg.qformer.num_query_tokens,
+        }
+        (directory / "processor_config.json").write_text(json.dumps(processor, indent=2))
 
 
 def export_hf_blip2(
-    model: Blip2ForLLM, out_dir: str | Path, tokenizer: Any = None, overwrite: bool = False
+    model: Blip2ForLLM,
+    out_dir: str | Path,
+    tokenizer: Any = None,
+    overwrite: bool = False,
+    qformer_tokenizer: Any = None,
 ) -> Path:
     """Write ``model`` as a transformers Blip2 directory (config.json, model.safetensors, ...).
 
     ``from_pretrained(out_dir)`` gives the same weights. The tokenizer is written when
-    given. The directory is written under a temporary name and renamed, so it is never
+    given. An instruction-aware model is written as an InstructBlip directory, its
+    ``qformer_tokenizer`` (when given) in the sub-folder InstructBlipProcessor reads. The directory is written under a temporary name and renamed, so it is never
     left half-written; an existing ``out_dir`` is replaced only with ``overwrite``.
     Collective over the TP group; one rank (TP 0, DP 0) writes.
     """
@@ -496,8 +601,9 @@ def export_hf_blip2(
     tensors = hf_state_dict_from_ours(model)
     if state.tp_rank() == 0 and state.dp_rank() == 0:
         with atomic_directory(out_dir, overwrite=overwrite) as partial:
-            _write_hf_dir(partial, model.cfg, tensors, tokenizer)
-        logger.info("wrote a transformers Blip2 directory to %s (%d tensors)", out_dir, len(tensors))
+            _write_hf_dir(partial, model.cfg, tensors, tokenizer, qformer_tokenizer)
+        kind = "InstructBlip" if model.cfg.instruction_aware else "Blip2"
+        logger.info("wrote a transformers %s directory to %s (%d tensors)", kind, out_dir, len(tensors))
     if state.tp_size() > 1:
         torch.distributed.barrier(group=state.tp_group())
     return out_dir
@@ -505,17 +611,21 @@ def export_hf_blip2(
 
 # ------------------------------------------------------------------------------ inputs
 def hf_inputs_from_batch(
-    cfg: Blip2Config, tokenizer: Any, samples: dict[str, Any], hf_cfg: Any
+    cfg: Blip2Config, tokenizer: Any, samples: dict[str, Any], hf_cfg: Any, qformer_tokenizer: Any = None
 ) -> dict[str, torch.Tensor]:
     """transformers Blip2 inputs equal to ours: image-token placeholders in the query slots.
 
     With an encoder-decoder LLM (T5) these are the encoder's inputs, and ``labels`` the
     decoder's targets (transformers' T5 shifts them right behind its start token, as ours does).
+    An instruction-aware model (InstructBlip) needs ``qformer_tokenizer`` and adds the
+    instructions' ``qformer_input_ids`` / ``qformer_attention_mask``.
     """
-    batch = LLMBatchBuilder(tokenizer, cfg)(samples)
+    batch = LLMBatchBuilder(tokenizer, cfg, qformer_tokenizer=qformer_tokenizer)(samples)
+    instruction = {k: batch[k] for k in ("qformer_input_ids", "qformer_attention_mask") if k in batch}
     return {
         "pixel_values": batch["image"],
         "input_ids": batch["input_ids"].masked_fill(batch["image_slots"], hf_cfg.image_token_index),
         "attention_mask": batch["attention_mask"],
         "labels": batch["labels"],
+        **instruction,
     }

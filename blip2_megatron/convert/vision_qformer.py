@@ -24,7 +24,9 @@ Sources:
 * LAVIS ``eva_vit_g.pth`` / ``clip_vit_L.pth``: the same vision names without the
   ``visual_encoder.`` prefix (and one block more than BLIP-2 uses).
 * Hugging Face ``Blip2ForConditionalGeneration`` / ``Blip2ForImageTextRetrieval`` /
-  ``Blip2Model``: prefix renames only.
+  ``Blip2Model`` and ``InstructBlipForConditionalGeneration``: prefix renames only.
+* LAVIS InstructBLIP (``blip2_vicuna_instruct`` / ``blip2_t5_instruct``): the BLIP-2 names,
+  with the Q-Former's text embeddings and text FFN kept (``Qformer.bert.embeddings.*``).
 """
 
 from __future__ import annotations
@@ -163,6 +165,15 @@ HF_PREFIXES: tuple[tuple[str, str], ...] = (
     ("vision_projection.", "vision_proj."),
     ("text_projection.", "text_proj."),
     ("itm_head.", "itm_head."),
+)
+# Hugging Face InstructBlip* -> ours. Its Q-Former holds its own text embeddings and keeps
+# BERT's embedding LayerNorm inside them (``qformer.embeddings.layernorm``), where ours and
+# Blip2's have ``qformer.layernorm``.
+HF_INSTRUCTBLIP_PREFIXES: tuple[tuple[str, str], ...] = (
+    ("vision_model.", "{q}visual_encoder."),
+    ("qformer.embeddings.layernorm.", "{q}qformer.layernorm."),
+    ("qformer.", "{q}qformer."),
+    ("query_tokens", "{q}query_tokens"),
 )
 
 
@@ -393,24 +404,31 @@ def _apply_prefixes(
     return out, unconsumed
 
 
+def _hf_prefixes(instructblip: bool) -> tuple[tuple[str, str], ...]:
+    return HF_INSTRUCTBLIP_PREFIXES if instructblip else HF_PREFIXES
+
+
 def hf_vision_qformer_to_ours(
-    state_dict: Mapping[str, torch.Tensor], prefix: str = QUERY_ENCODER_PREFIX
+    state_dict: Mapping[str, torch.Tensor], prefix: str = QUERY_ENCODER_PREFIX, instructblip: bool = False
 ) -> tuple[Tensors, list[str]]:
     """Hugging Face ``Blip2*`` (vision_model, qformer, query_tokens, retrieval heads) -> ours.
 
     Returns ``(ours, unconsumed_keys)``; the LLM parts (``language_projection``,
     ``language_model.*``) come back unconsumed for the LLM converter. The state dict of
     a bare ``Blip2VisionModel`` / ``Blip2QFormerModel`` needs no conversion: it loads
-    into :class:`VisionEncoder` / :class:`QFormer` as it is.
+    into :class:`VisionEncoder` / :class:`QFormer` as it is. ``instructblip``: the names of
+    ``InstructBlipForConditionalGeneration`` (:data:`HF_INSTRUCTBLIP_PREFIXES`).
     """
-    return _apply_prefixes(state_dict, [(src, dst.format(q=prefix)) for src, dst in HF_PREFIXES])
+    renames = [(src, dst.format(q=prefix)) for src, dst in _hf_prefixes(instructblip)]
+    return _apply_prefixes(state_dict, renames)
 
 
 def ours_to_hf_vision_qformer(
-    state_dict: Mapping[str, torch.Tensor], prefix: str = QUERY_ENCODER_PREFIX
+    state_dict: Mapping[str, torch.Tensor], prefix: str = QUERY_ENCODER_PREFIX, instructblip: bool = False
 ) -> tuple[Tensors, list[str]]:
     """Inverse of :func:`hf_vision_qformer_to_ours`; ``temp`` and ``lm_head.*`` (no HF home) stay unconsumed."""
-    return _apply_prefixes(state_dict, [(dst.format(q=prefix), src) for src, dst in HF_PREFIXES])
+    renames = [(dst.format(q=prefix), src) for src, dst in _hf_prefixes(instructblip)]
+    return _apply_prefixes(state_dict, renames)
 
 
 def detect_source_format(state_dict: Mapping[str, torch.Tensor]) -> str:

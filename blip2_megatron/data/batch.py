@@ -52,6 +52,14 @@ Training batches (what the loader yields and the engine feeds the model)::
 
     stage 1: {"image", "input_ids", "attention_mask", "image_codes"}
     LLM:     {"image", "input_ids", "attention_mask", "image_slots", "labels", "first_label"}
+             + {"qformer_input_ids", "qformer_attention_mask"} when model.instruction_aware
+
+InstructBLIP (``model.instruction_aware``): each sample's prompt is its instruction. The
+LLM sees it where BLIP-2 puts a prompt, and the Q-Former reads it too, as BERT tokens of
+the Q-Former's tokenizer (``qformer.tokenizer``): ``[CLS] instruction [SEP]``, cut on the
+left to ``qformer.max_txt_len`` tokens and padded on the right to the batch's longest, as
+LAVIS does (with prefix language modelling, the instruction is the prompt before a
+caption prefix joins it).
 
 ``first_label`` (an int, computed here on the host) is the first position that holds a
 label in any row: the model computes logits and the loss from there on only (BLIP-2's
@@ -180,10 +188,18 @@ class LLMBatchBuilder:
     """Prompts and targets -> the LLM sequence layout with image slots and labels.
 
     ``tokenizer`` is the LLM's; ``cfg`` the model config (kind, number of image slots,
-    prompt, template, prompt file, end symbol, ``max_txt_len``).
+    prompt, template, prompt file, end symbol, ``max_txt_len``). ``qformer_tokenizer``: the
+    Q-Former's BERT tokenizer, needed by an instruction-aware model (set to cut on the
+    left and pad on the right, as LAVIS's does).
     """
 
-    def __init__(self, tokenizer: Any, cfg: Blip2Config, pad_to_multiple_of: int = PAD_TO_MULTIPLE_OF):
+    def __init__(
+        self,
+        tokenizer: Any,
+        cfg: Blip2Config,
+        pad_to_multiple_of: int = PAD_TO_MULTIPLE_OF,
+        qformer_tokenizer: Any = None,
+    ):
         if cfg.llm is None:
             raise ConfigError("an LLM batch builder needs model.llm (model.kind 'llm' or 'minigpt4')")
         if tokenizer.pad_token_id is None:
@@ -222,6 +238,17 @@ class LLMBatchBuilder:
         self.seq2seq = cfg.llm.is_encoder_decoder
         for instruction in [cfg.prompt, *self.instructions] if cfg.kind == "minigpt4" else []:
             self.conversation(instruction)  # an image placed twice fails here, not mid-training
+        self.qformer_tokenizer = None
+        if cfg.instruction_aware:
+            if qformer_tokenizer is None:
+                raise ConfigError(
+                    "model.instruction_aware=true: the batch builder needs the Q-Former's tokenizer "
+                    "(qformer.tokenizer) for the instructions"
+                )
+            check_qformer_tokenizer(qformer_tokenizer, cfg)
+            # As LAVIS's: an instruction keeps its end, and its positions start at 0 (right padding).
+            qformer_tokenizer.truncation_side, qformer_tokenizer.padding_side = "left", "right"
+            self.qformer_tokenizer = qformer_tokenizer
 
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
@@ -352,6 +379,26 @@ class LLMBatchBuilder:
                 labels[b, start + loss_from : start + n] = torch.tensor(ids[loss_from:])
         return LLMInputs(input_ids, attention_mask, image_slots, labels if targets is not None else None)
 
+    def instruction_tokens(self, instructions: Sequence[str]) -> dict[str, torch.Tensor]:
+        """InstructBLIP: ``qformer_input_ids`` / ``qformer_attention_mask`` ``[B, Tq]`` of the instructions.
+
+        BERT tokens (``[CLS] ... [SEP]``), cut on the left to ``qformer.max_txt_len``,
+        right-padded to the longest; ``{}`` for a model that is not instruction-aware.
+        """
+        if self.qformer_tokenizer is None:
+            return {}
+        encoded = self.qformer_tokenizer(
+            list(instructions),
+            padding="longest",
+            truncation=True,
+            max_length=self.cfg.qformer.max_txt_len,
+            return_tensors="pt",
+        )
+        return {
+            "qformer_input_ids": encoded["input_ids"],
+            "qformer_attention_mask": encoded["attention_mask"],
+        }
+
     def __call__(self, samples: dict[str, Any]) -> dict[str, Any]:
         """A training batch from processed samples.
 
@@ -371,6 +418,7 @@ class LLMBatchBuilder:
                 )
             prompts = [self.instruction_for(key) for key in samples[SAMPLE_KEY]]
         prompts = list(prompts or [self.cfg.prompt] * len(targets))
+        instruction = self.instruction_tokens(prompts)
         if self.cfg.prefix_lm:
             keys = samples.get(SAMPLE_KEY) or targets
             prompts, targets = map(
@@ -388,15 +436,18 @@ class LLMBatchBuilder:
             "labels": inputs.labels,
             # The decoder's labels start at its first position.
             "first_label": 0 if self.seq2seq else first_labelled_position(inputs.labels),
+            **instruction,
         }
 
     def generation_inputs(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
-        """Left-padded ``input_ids`` / ``attention_mask`` / ``image_slots`` for generation."""
+        """Left-padded ``input_ids`` / ``attention_mask`` / ``image_slots`` for generation
+        (and, instruction-aware, the prompts' ``qformer_input_ids`` / ``qformer_attention_mask``)."""
         inputs = self.layout(list(prompts), None, padding_side="left")
         return {
             "input_ids": inputs.input_ids,
             "attention_mask": inputs.attention_mask,
             "image_slots": inputs.image_slots,
+            **self.instruction_tokens(prompts),
         }
 
     def decode(self, tokens: torch.Tensor) -> list[str]:
@@ -422,31 +473,40 @@ def first_labelled_position(labels: torch.Tensor) -> int:
     return int(labelled[0]) if len(labelled) else 0
 
 
+def check_qformer_tokenizer(tokenizer: Any, cfg: Blip2Config, needs_bos: bool = False) -> None:
+    """Refuse a Q-Former tokenizer that does not fit ``cfg.qformer`` (pad id, vocabulary, length).
+
+    ``needs_bos``: its bos must be ``qformer.bos_token_id`` ([DEC], which stage 1's ITG
+    starts with).
+    """
+    q = cfg.qformer
+    bos = tokenizer.bos_token_id
+    if needs_bos and bos != q.bos_token_id:
+        raise ConfigError(
+            f"the Q-Former tokenizer's bos token ({tokenizer.bos_token!r}, id {bos}) differs from "
+            f"qformer.bos_token_id={q.bos_token_id}; it needs [DEC] as bos (BERT + [DEC])"
+        )
+    if tokenizer.pad_token_id != q.pad_token_id:
+        raise ConfigError(
+            f"the Q-Former tokenizer's pad id {tokenizer.pad_token_id} differs from "
+            f"qformer.pad_token_id={q.pad_token_id}"
+        )
+    if len(tokenizer) > q.vocab_size:
+        raise ConfigError(
+            f"the Q-Former tokenizer has {len(tokenizer)} tokens but qformer.vocab_size={q.vocab_size}"
+        )
+    if q.max_txt_len > q.max_position_embeddings:
+        raise ConfigError(
+            f"qformer.max_txt_len={q.max_txt_len} exceeds qformer.max_position_embeddings="
+            f"{q.max_position_embeddings}"
+        )
+
+
 class Stage1BatchBuilder:
     """Captions -> Q-Former tokens (BERT + [DEC]), and image ids -> codes, for stage 1."""
 
     def __init__(self, tokenizer: Any, cfg: Blip2Config):
-        q = cfg.qformer
-        bos = tokenizer.bos_token_id
-        if bos != q.bos_token_id:
-            raise ConfigError(
-                f"the Q-Former tokenizer's bos token ({tokenizer.bos_token!r}, id {bos}) differs from "
-                f"qformer.bos_token_id={q.bos_token_id}; it needs [DEC] as bos (BERT + [DEC])"
-            )
-        if tokenizer.pad_token_id != q.pad_token_id:
-            raise ConfigError(
-                f"the Q-Former tokenizer's pad id {tokenizer.pad_token_id} differs from "
-                f"qformer.pad_token_id={q.pad_token_id}"
-            )
-        if len(tokenizer) > q.vocab_size:
-            raise ConfigError(
-                f"the Q-Former tokenizer has {len(tokenizer)} tokens but qformer.vocab_size={q.vocab_size}"
-            )
-        if q.max_txt_len > q.max_position_embeddings:
-            raise ConfigError(
-                f"qformer.max_txt_len={q.max_txt_len} exceeds qformer.max_position_embeddings="
-                f"{q.max_position_embeddings}"
-            )
+        check_qformer_tokenizer(tokenizer, cfg, needs_bos=True)
         self.tokenizer = tokenizer
         self.cfg = cfg
 
@@ -481,4 +541,5 @@ def build_batch_builder(cfg: Blip2Config, pad_to_multiple_of: int = PAD_TO_MULTI
     if cfg.kind == "stage1":
         return Stage1BatchBuilder(build_tokenizer(cfg.qformer.tokenizer, "qformer"), cfg)
     tokenizer = build_tokenizer(llm_tokenizer_spec(cfg), "llm", arch=cfg.llm.arch)
-    return LLMBatchBuilder(tokenizer, cfg, pad_to_multiple_of)
+    qformer_tokenizer = build_tokenizer(cfg.qformer.tokenizer, "qformer") if cfg.instruction_aware else None
+    return LLMBatchBuilder(tokenizer, cfg, pad_to_multiple_of, qformer_tokenizer=qformer_tokenizer)

@@ -152,22 +152,62 @@ class Blip2ForLLM(nn.Module):
         return self.patch_encoder if self.cfg.image_encoder == "patches" else self.query_encoder
 
     # ----------------------------------------------------------------- forward
-    def image_features(self, image: torch.Tensor, batch: int) -> torch.Tensor:
+    def _instruction(
+        self, qformer_input_ids: torch.Tensor | None, qformer_attention_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, ...]:
+        """The instruction's Q-Former tokens as the query encoder's extra inputs (none without)."""
+        if not self.cfg.instruction_aware:
+            if qformer_input_ids is not None:
+                raise ValueError(
+                    "qformer_input_ids given, but this model is not instruction-aware "
+                    "(model.instruction_aware=false: its Q-Former reads no text)"
+                )
+            return ()
+        if qformer_input_ids is None:
+            raise ValueError(
+                "an instruction-aware model (InstructBLIP) needs the instruction's Q-Former tokens: "
+                "qformer_input_ids / qformer_attention_mask from the batch builder"
+            )
+        if qformer_attention_mask is None:
+            qformer_attention_mask = torch.ones_like(qformer_input_ids)
+        return qformer_input_ids, qformer_attention_mask
+
+    def image_features(
+        self,
+        image: torch.Tensor,
+        batch: int,
+        qformer_input_ids: torch.Tensor | None = None,
+        qformer_attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """This model's part of the image path on this TP rank's rows of a batch of ``batch``.
 
         ``image``: images (whole model, or the pipeline stage with ViT block 0) or the
         previous stage's ViT hidden states (this rank's rows already). Returns query outputs
         (or grouped patches) where the bridge is here, else the ViT's raw hidden states.
+        An instruction-aware model reads each image's instruction (``qformer_input_ids`` /
+        ``qformer_attention_mask``, all ``batch`` rows) in the Q-Former; with the images
+        split over TP ranks, each rank takes the instruction rows of its images.
         """
-        encoder = self.image_encoder if self.stage.has_bridge else self.image_encoder.visual_encoder
+        if not self.stage.has_bridge:
+            encoder, instruction = self.image_encoder.visual_encoder, ()
+        else:
+            encoder = self.image_encoder
+            instruction = self._instruction(qformer_input_ids, qformer_attention_mask)
         if not self.split_images:
-            return encoder(image)
+            return encoder(image, *instruction)
         if self.stage.reads_image:
             image = rows_of_this_rank(image, batch)
+        instruction = tuple(rows_of_this_rank(rows, batch) for rows in instruction)
         with own_random_stream():
-            return encoder(image)
+            return encoder(image, *instruction)
 
-    def image_embeddings(self, image: torch.Tensor, batch: int | None = None) -> torch.Tensor:
+    def image_embeddings(
+        self,
+        image: torch.Tensor,
+        batch: int | None = None,
+        qformer_input_ids: torch.Tensor | None = None,
+        qformer_attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Projected image features [B, num_image_slots, llm hidden] of a batch of ``batch``.
 
         With tensor parallelism each TP rank encodes ``ceil(B / TP)`` of the images and the
@@ -175,18 +215,26 @@ class Blip2ForLLM(nn.Module):
         repeats another's ViT and Q-Former work. ``image`` holds the whole batch's images or,
         as the train loader decodes them, only this rank's (or, on a pipeline stage after
         the first ViT blocks, this rank's rows of the ViT's hidden states). Collective over
-        the TP group.
+        the TP group. ``qformer_input_ids`` / ``qformer_attention_mask``: an instruction-aware
+        model's instruction tokens (see :meth:`image_features`).
         """
         batch = image.shape[0] if batch is None else batch
-        features = self.image_features(image, batch)
+        features = self.image_features(image, batch, qformer_input_ids, qformer_attention_mask)
         embeds = self.language_projection(features.to(self.language_projection.weight.dtype))
         return gather_rows(embeds, batch) if self.split_images else embeds
 
     def input_embeddings(
-        self, image: torch.Tensor, input_ids: torch.Tensor, image_slots: torch.Tensor
+        self,
+        image: torch.Tensor,
+        input_ids: torch.Tensor,
+        image_slots: torch.Tensor,
+        qformer_input_ids: torch.Tensor | None = None,
+        qformer_attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Token embeddings with the projected image features scattered into the image slots (the bridge)."""
-        image_embeds = self.image_embeddings(image, input_ids.shape[0])
+        image_embeds = self.image_embeddings(
+            image, input_ids.shape[0], qformer_input_ids, qformer_attention_mask
+        )
         token_embeds = self.language_model.get_input_embeddings()(input_ids)
         if isinstance(token_embeds, tuple):
             token_embeds = token_embeds[0]
@@ -199,9 +247,16 @@ class Blip2ForLLM(nn.Module):
         ``batch``: ``image [B, 3, S, S]``, ``input_ids``, ``attention_mask``, ``image_slots``
         and ``labels``, each ``[B, T]``, and optionally ``first_label`` (see
         ``blip2_megatron.data.batch``). With an encoder-decoder LLM the first four are the
-        encoder's input and ``labels [B, L]`` the decoder's targets.
+        encoder's input and ``labels [B, L]`` the decoder's targets. An instruction-aware
+        model also reads ``qformer_input_ids`` / ``qformer_attention_mask`` ``[B, Tq]``.
         """
-        embeds = self.input_embeddings(batch["image"], batch["input_ids"], batch["image_slots"])
+        embeds = self.input_embeddings(
+            batch["image"],
+            batch["input_ids"],
+            batch["image_slots"],
+            batch.get("qformer_input_ids"),
+            batch.get("qformer_attention_mask"),
+        )
         if self.cfg.llm.is_encoder_decoder:
             out = self.language_model(
                 inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"]
@@ -231,11 +286,14 @@ class Blip2ForLLM(nn.Module):
         repetition_penalty: float = 1.0,
         num_return_sequences: int = 1,
         pad_token_id: int | None = None,
+        qformer_input_ids: torch.Tensor | None = None,
+        qformer_attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """New token ids ``[B * num_return_sequences, <= max_new_tokens]`` after left-padded prompts.
 
-        ``input_ids`` / ``attention_mask`` / ``image_slots`` come from the batch builder's
-        ``generation_inputs``. Lengths count new tokens only. Collective over the
+        ``input_ids`` / ``attention_mask`` / ``image_slots`` (and, for an instruction-aware
+        model, ``qformer_input_ids`` / ``qformer_attention_mask``) come from the batch
+        builder's ``generation_inputs``. Lengths count new tokens only. Collective over the
         tensor-parallel group: every TP rank calls it with the same inputs.
         """
         if not self.holds_whole_model:
@@ -243,7 +301,9 @@ class Blip2ForLLM(nn.Module):
                 "generation needs the whole model on one rank: load the run with model.llm.pp=1 "
                 "(any run loads in any layout; see launch/convert.py reshard)"
             )
-        embeds = self.input_embeddings(image, input_ids, image_slots)
+        embeds = self.input_embeddings(
+            image, input_ids, image_slots, qformer_input_ids, qformer_attention_mask
+        )
         return generation.generate(
             self.language_model,
             embeds,

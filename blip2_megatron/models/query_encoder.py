@@ -24,14 +24,16 @@ logger = logging.getLogger(__name__)
 class QueryEncoder(nn.Module):
     """Vision encoder + Q-Former + learned query tokens.
 
-    ``with_text`` keeps the Q-Former's text embeddings and text FFNs; by default only the
-    stage-1 model has them (stage 2 drops them, as LAVIS and Hugging Face do).
+    ``with_text`` keeps the Q-Former's text embeddings and text FFNs; by default the stage-1
+    model and an instruction-aware one (InstructBLIP, ``model.instruction_aware``) have them
+    (BLIP-2's stage 2 drops them, as LAVIS and Hugging Face do).
     """
 
     def __init__(self, cfg: Blip2Config, with_text: bool | None = None):
         super().__init__()
         self.cfg = cfg
-        with_text = cfg.kind == "stage1" if with_text is None else with_text
+        if with_text is None:
+            with_text = cfg.kind == "stage1" or cfg.instruction_aware
         self.visual_encoder = VisionEncoder(cfg.vision)
         self.qformer = QFormer(cfg.qformer, with_text=with_text)
         q = cfg.qformer
@@ -52,6 +54,36 @@ class QueryEncoder(nn.Module):
         queries = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
         return self.qformer(queries, image_embeds, return_key_values=return_key_values)
 
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        """Query outputs ``[B, Q, qformer hidden]`` for a batch of images."""
-        return self.query_output(self.encode_image(image)).last_hidden_state
+    def instructed_query_output(
+        self,
+        image_embeds: torch.Tensor,
+        qformer_input_ids: torch.Tensor,
+        qformer_attention_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """InstructBLIP: the query outputs ``[B, Q, H]`` of queries and instruction read together (mode (c)).
+
+        The instruction's tokens ``[B, T]`` (padding masked) attend with the queries in the
+        Q-Former's self-attention; only the queries cross-attend to the image, and only
+        their outputs are kept.
+        """
+        queries = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
+        out = self.qformer.encode_query_text(queries, qformer_input_ids, qformer_attention_mask, image_embeds)
+        return out.last_hidden_state[:, : self.num_query_tokens]
+
+    def forward(
+        self,
+        image: torch.Tensor,
+        qformer_input_ids: torch.Tensor | None = None,
+        qformer_attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Query outputs ``[B, Q, qformer hidden]`` for a batch of images (and their instructions).
+
+        With ``qformer_input_ids`` (InstructBLIP) the queries read the instruction too; the
+        mask defaults to all ones.
+        """
+        image_embeds = self.encode_image(image)
+        if qformer_input_ids is None:
+            return self.query_output(image_embeds).last_hidden_state
+        if qformer_attention_mask is None:
+            qformer_attention_mask = torch.ones_like(qformer_input_ids)
+        return self.instructed_query_output(image_embeds, qformer_input_ids, qformer_attention_mask)
