@@ -195,7 +195,13 @@ class Chat:
             generator = torch.Generator(device=device).manual_seed(options.seed)
         start = time.perf_counter()
         with self.model.autocast():
-            embeds = module.input_embeddings(self.image, inputs["input_ids"], inputs["image_slots"])
+            embeds = module.input_embeddings(
+                self.image,
+                inputs["input_ids"],
+                inputs["image_slots"],
+                inputs.get("qformer_input_ids"),
+                inputs.get("qformer_attention_mask"),
+            )
             tokens = generation.generate(
                 module.language_model,
                 embeds,

@@ -37,6 +37,8 @@ TINY_FLAVOURS = {
     "internlm2": "tiny_internlm2",
     "t5": "tiny_flant5",
 }
+# The same for instruction-aware (InstructBLIP) jobs, whose Q-Former reads the instruction.
+TINY_INSTRUCT_FLAVOURS = {"llama": "tiny_instructblip_llama", "t5": "tiny_instructblip_flant5"}
 
 
 def env(**extra: str) -> dict[str, str]:
@@ -105,12 +107,17 @@ def tiny_flavour_for(job: Any) -> str:
     if job.model.llm is None:
         return "tiny_stage1"
     family = job.model.llm.hf_family
-    if family not in TINY_FLAVOURS:
+    flavours, table = (
+        (TINY_INSTRUCT_FLAVOURS, "TINY_INSTRUCT_FLAVOURS")
+        if job.model.instruction_aware
+        else (TINY_FLAVOURS, "TINY_FLAVOURS")
+    )
+    if family not in flavours:
         raise KeyError(
             f"job {job.name!r} has an LLM of family {family!r}, which has no tiny flavour; add one to "
-            f"blip2_megatron/config/model.py and to journeys.TINY_FLAVOURS (known: {sorted(TINY_FLAVOURS)})"
+            f"blip2_megatron/config/model.py and to journeys.{table} (known: {sorted(flavours)})"
         )
-    return TINY_FLAVOURS[family]
+    return flavours[family]
 
 
 def tiny_overrides(job_name: str, sample: Any) -> list[str]:
@@ -139,7 +146,15 @@ def tiny_overrides(job_name: str, sample: Any) -> list[str]:
         f"data.val_gt={sample.val_gt}",
         f"data.test_gt={sample.test_gt}",
     ]
-    if data.kind == "wds":
+    if data.kind == "wds" and data.source_tasks:  # each source the built-in one of its task
+        by_task = {
+            "caption": sample.train_shards,
+            "vqa": sample.vqa_train_shards,
+            "conversation": sample.conversation_shards,
+        }
+        sources = [by_task[task] for task in data.source_tasks]
+        overrides.append(f"data.train_shards={json.dumps(sources)}")
+    elif data.kind == "wds":
         sources = [sample.train_shards, sample.extra_shards][: len(data.train_shards)]
         overrides.append(f"data.train_shards={json.dumps(sources)}")
     elif data.kind == "coco":

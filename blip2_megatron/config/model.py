@@ -364,6 +364,9 @@ class Blip2Config:
     # With llm.tp > 1 each TP rank encodes 1/TP of the images (parallel/tp_split.py); false:
     # every TP rank encodes all of them (the replicated layout, kept for comparison).
     tp_split_images: bool = True
+    # InstructBLIP: the instruction (each sample's prompt, BERT tokens up to qformer.max_txt_len)
+    # runs through the Q-Former beside the queries; the Q-Former keeps its text embeddings and FFN.
+    instruction_aware: bool = False
 
     def __post_init__(self) -> None:
         check_choice("model.kind", self.kind, ("stage1", "llm", "minigpt4"))
@@ -391,6 +394,29 @@ class Blip2Config:
                 f"model.kind={self.kind!r} uses model.prompt only"
             )
         check_positive("model.max_txt_len", self.max_txt_len)
+        if self.instruction_aware:
+            self._check_instruction_aware()
+
+    def _check_instruction_aware(self) -> None:
+        if self.kind != "llm" or self.image_encoder != "qformer":
+            raise ConfigError(
+                f"model.instruction_aware=true (InstructBLIP) feeds the instruction to the Q-Former beside its "
+                f"queries; it needs model.kind='llm' and model.image_encoder='qformer', not "
+                f"kind={self.kind!r}, image_encoder={self.image_encoder!r}"
+            )
+        if self.llm.pp > 1:
+            raise ConfigError(
+                f"llm.pp={self.llm.pp} with model.instruction_aware=true: the pipeline stages exchange "
+                "(image, input_ids, attention_mask, image_slots), which does not carry the instruction's "
+                "Q-Former tokens (qformer_input_ids / qformer_attention_mask); use llm.pp=1 with tensor "
+                "and data parallelism"
+            )
+        check_positive("qformer.max_txt_len", self.qformer.max_txt_len)
+        if self.qformer.max_txt_len > self.qformer.max_position_embeddings:
+            raise ConfigError(
+                f"qformer.max_txt_len={self.qformer.max_txt_len} (the instruction's Q-Former tokens) exceeds "
+                f"qformer.max_position_embeddings={self.qformer.max_position_embeddings}"
+            )
 
     def _check_patches(self) -> None:
         if self.kind == "stage1":
@@ -667,6 +693,14 @@ _TINY_T5 = dict(
     dtype="fp32",
 )
 _BLIP2_T5 = dict(kind="llm", prompt="", end_sym="")
+# InstructBLIP (LAVIS blip2_vicuna_instruct / blip2_t5_instruct): the Q-Former reads each sample's
+# instruction (its prompt) beside the queries, in BERT tokens up to 128; the LLM text (instruction +
+# target) is bounded by 256 tokens. Vicuna's tokenizer gains "[PAD]", so its vocabulary is 32001.
+_INSTRUCTBLIP = dict(
+    kind="llm", instruction_aware=True, prompt="", max_txt_len=256, qformer=dict(max_txt_len=128)
+)
+_INSTRUCTBLIP_VICUNA = dict(_INSTRUCTBLIP, vision=_EVA_VIT_G, end_sym="</s>")
+_TINY_INSTRUCTBLIP = dict(_INSTRUCTBLIP, vision=_TINY_VISION, qformer=dict(_TINY_QFORMER, max_txt_len=64))
 
 # Named model flavours. Each is a partial Blip2Config dict; the defaults fill the rest.
 FLAVOURS: dict[str, dict[str, Any]] = {
@@ -713,6 +747,14 @@ FLAVOURS: dict[str, dict[str, Any]] = {
     "tiny_flant5": dict(_BLIP2_T5, vision=_TINY_VISION, qformer=_TINY_QFORMER, llm=_TINY_T5),
     "blip2_flant5xl": dict(_BLIP2_T5, vision=_EVA_VIT_G, llm=_FLANT5_XL),
     "blip2_flant5xxl": dict(_BLIP2_T5, vision=_EVA_VIT_G, llm=_FLANT5_XXL),
+    "instructblip_vicuna7b": dict(_INSTRUCTBLIP_VICUNA, llm=dict(_VICUNA_7B, vocab_size=32001)),
+    "instructblip_vicuna13b": dict(_INSTRUCTBLIP_VICUNA, llm=dict(_VICUNA_13B, vocab_size=32001)),
+    "instructblip_flant5xl": dict(_INSTRUCTBLIP, vision=_EVA_VIT_G, llm=_FLANT5_XL, end_sym=""),
+    "instructblip_flant5xxl": dict(_INSTRUCTBLIP, vision=_EVA_VIT_G, llm=_FLANT5_XXL, end_sym=""),
+    # Tiny InstructBLIP of each family the real ones have. The built-in tokenizers spell unknown
+    # words letter by letter, so an instruction takes all of the tiny Q-Former's 64 positions.
+    "tiny_instructblip_llama": dict(_TINY_INSTRUCTBLIP, llm=_TINY_LLAMA, end_sym="</s>"),
+    "tiny_instructblip_flant5": dict(_TINY_INSTRUCTBLIP, llm=_TINY_T5, end_sym=""),
 }
 
 

@@ -182,12 +182,20 @@ class ConversationLayout:
         return ids, slots
 
     def inputs(self, turns: Sequence[Turn]) -> dict[str, torch.Tensor]:
-        """``input_ids`` / ``attention_mask`` / ``image_slots``, each ``[1, T]``, for generation."""
+        """``input_ids`` / ``attention_mask`` / ``image_slots``, each ``[1, T]``, for generation.
+
+        An instruction-aware model (InstructBLIP) also gets the conversation's text as the
+        Q-Former's instruction (``qformer_input_ids`` / ``qformer_attention_mask``): the text
+        the LLM reads, cut on the left to the Q-Former's length so the open question stays,
+        as LAVIS's InstructBLIP reads one prompt with both.
+        """
         ids, slots = self.token_ids(turns)
+        text = "".join(piece for piece in self.pieces(turns) if piece != IMAGE_PLACEHOLDER)
         return {
             "input_ids": torch.tensor([ids], dtype=torch.long),
             "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
             "image_slots": torch.tensor([slots], dtype=torch.bool),
+            **self.builder.instruction_tokens([text]),
         }
 
     def decoder(self) -> AnswerDecoder:
