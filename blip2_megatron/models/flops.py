@@ -88,7 +88,11 @@ def llm_head_forward_flops(cfg: LLMConfig, seq_len: int) -> float:
 
 
 def train_flops_by_part(
-    cfg: Blip2Config, lengths: list[int], first_label: int = 0, target_lengths: list[int] | None = None
+    cfg: Blip2Config,
+    lengths: list[int],
+    first_label: int = 0,
+    target_lengths: list[int] | None = None,
+    instruction_lengths: list[int] | None = None,
 ) -> dict[str, float]:
     """Training FLOPs of one batch by part (``vision``, ``qformer``, ``llm``), from its real lengths.
 
@@ -98,7 +102,9 @@ def train_flops_by_part(
     ``first_label``: the batch's first labelled position (``data.batch``): the head's
     logits before the position ahead of it predict nothing, so they do not count either.
     ``target_lengths``: an encoder-decoder LLM's decoder tokens per sample (``lengths`` are
-    then its encoder's; default ``max_txt_len``).
+    then its encoder's; default ``max_txt_len``). ``instruction_lengths``: an
+    instruction-aware Q-Former's instruction tokens per sample (InstructBLIP; they run
+    through its self-attention and text FFN beside the queries).
     """
     q = cfg.qformer.num_query_tokens
     image_tokens = cfg.vision.num_positions
@@ -117,7 +123,8 @@ def train_flops_by_part(
     if cfg.image_encoder == "patches":
         parts["qformer"] = 0.0
     else:
-        parts["qformer"] = images * qformer_forward_flops(cfg.qformer, q, 0, image_tokens)
+        texts = instruction_lengths or [0] * images
+        parts["qformer"] = sum(qformer_forward_flops(cfg.qformer, q, t, image_tokens) for t in texts)
         parts["qformer"] *= qformer_passes(cfg)
     parts["qformer"] += images * 2.0 * cfg.num_image_slots * cfg.image_feature_size * cfg.llm.hidden_size * 3
     skipped = max(first_label - 1, 0)

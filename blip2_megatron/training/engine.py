@@ -212,7 +212,14 @@ def _add_flops(total: dict[str, float], cfg: Any, batch: Batch) -> None:
     targets = None
     if cfg.llm is not None and cfg.llm.is_encoder_decoder:  # the decoder's tokens: its labels
         targets = (batch["labels"] != IGNORE_INDEX).sum(dim=1).tolist()
-    add_flops(total, train_flops_by_part(cfg, batch_lengths(batch), batch.get("first_label", 0), targets))
+    instruction = batch.get("qformer_attention_mask")  # InstructBLIP: the Q-Former reads text too
+    instruction_lengths = None if instruction is None else instruction.sum(dim=1).tolist()
+    add_flops(
+        total,
+        train_flops_by_part(
+            cfg, batch_lengths(batch), batch.get("first_label", 0), targets, instruction_lengths
+        ),
+    )
 
 
 @dataclass
