@@ -189,7 +189,7 @@ def load_caption_references(
 # ----------------------------------------------------------------------------- scoring
 
 
-def _tokenize(captions: dict[str, list[str]]) -> dict[str, list[str]]:
+def _tokenize(captions: dict[Any, list[str]]) -> dict[Any, list[str]]:
     """PTB-tokenize (lower-case, punctuation dropped) as COCOEvalCap does, checking the pairing."""
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
@@ -316,9 +316,14 @@ def score_captions(
     candidate_captions = {key: [_single_line(results_by_id[key]["caption"])] for key in references}
     source = "the given ground truth" if isinstance(coco_gt_json, Mapping) else str(coco_gt_json)
     logger.info("scoring %d captions against %s", len(candidate_captions), source)
+    # One tokenizer run (one JVM start) for both sides.
+    tokenized = _tokenize(
+        {("ref", key): texts for key, texts in reference_captions.items()}
+        | {("res", key): texts for key, texts in candidate_captions.items()}
+    )
     scores = _run_scorers(
-        _tokenize(reference_captions),
-        _tokenize(candidate_captions),
+        {key: tokenized["ref", key] for key in reference_captions},
+        {key: tokenized["res", key] for key in candidate_captions},
         run_spice,
         spice_required=bool(with_spice),
     )
