@@ -318,7 +318,22 @@ judge() { # judge PART ARGS...: check, then report
   line=$(check "$@") || ok=1
   report "$1" "$ok" "$line"
 }
-free_port() { "$PYTHON" -c 'from blip2_megatron.parallel.state import free_port; print(free_port())' 2>/dev/null; }
+# A free loopback port below the kernel's ephemeral range (as parallel/state.py's free_port: a
+# port bind(0) hands out can be taken by another process's outgoing connection before use).
+free_port() {
+  "$PYTHON" - <<'PY'
+import random, socket
+low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+for port in random.sample(range(max(1024, low - 12000), low), 64) + [0]:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        print(sock.getsockname()[1])
+        break
+PY
+}
 # The DeepSpeed launcher of $PYTHON (`deepspeed` on PATH may belong to another Python).
 LAUNCHER=("$PYTHON" -m deepspeed.launcher.runner --num_gpus "$NPROC")
 
