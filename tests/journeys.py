@@ -48,7 +48,7 @@ def env(**extra: str) -> dict[str, str]:
 
 
 def launch(
-    script: str, *args: str, nproc: int = 0, timeout: int = 600, check: bool = True
+    script: str, *args: str, nproc: int = 0, timeout: int = 600, check: bool = True, input: str | None = None
 ) -> subprocess.CompletedProcess:
     """Run ``launch/<script>`` with ``python`` (``nproc=0``) or the DeepSpeed launcher (``nproc`` ranks)."""
     path = str(LAUNCH / script)
@@ -56,7 +56,9 @@ def launch(
         command = ["deepspeed", "--num_gpus", str(nproc), "--master_port", str(free_port()), path, *args]
     else:
         command = [sys.executable, path, *args]
-    proc = subprocess.run(command, env=env(), capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    proc = subprocess.run(
+        command, env=env(), input=input, capture_output=True, text=True, timeout=timeout, cwd=REPO
+    )
     if check and proc.returncode != 0:
         raise AssertionError(
             f"{' '.join(command)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}"
@@ -78,6 +80,20 @@ def train_job(
         *overrides,
         nproc=nproc,
         timeout=timeout,
+    )
+
+
+def piped_chat(model: Path | str, image: str, questions: list[str]) -> subprocess.CompletedProcess:
+    """``launch/chat.py`` on ``model`` and ``image`` with ``questions`` piped in, one per line."""
+    return launch(
+        "chat.py",
+        "--model",
+        str(model),
+        "--image",
+        image,
+        "--max-new-tokens",
+        "8",
+        input="\n".join(questions) + "\n",
     )
 
 

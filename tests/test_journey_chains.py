@@ -20,11 +20,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from journeys import DS_CONFIGS, launch, step_records, summary, tiny_overrides, train_job
+from journeys import launch, step_records, summary, tiny_overrides, train_job
 
 pytestmark = [pytest.mark.slow, pytest.mark.journey]
-
-ZERO2 = str(DS_CONFIGS / "zero2.json")
 
 
 def _train(config: str, run: Path, *overrides: str, nproc: int = 1, timeout: int = 900):

@@ -11,18 +11,14 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from journeys import DS_CONFIGS, LAUNCH, REPO, env, launch, step_records, summary, tiny_overrides, train_job
+from journeys import launch, piped_chat, step_records, summary, tiny_overrides, train_job
 
 from blip2_megatron.config import load_job_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.journey]
-
-ZERO2 = str(DS_CONFIGS / "zero2.json")
 
 
 def _train(config: str, run: Path, sample, *overrides: str, nproc: int = 1):
@@ -102,25 +98,7 @@ def test_predict_and_chat_with_the_caption_run(flant5_runs, sample):
     out = launch("predict.py", "--model", str(run), "--image", image, "--question", "what color is the shape")
     lines = [line for line in out.stdout.splitlines() if line.startswith(image)]
     assert len(lines) == 1 and lines[0].split("\t")[1].strip(), out.stdout
-    chat = subprocess.run(
-        [
-            sys.executable,
-            str(LAUNCH / "chat.py"),
-            "--model",
-            str(run),
-            "--image",
-            image,
-            "--max-new-tokens",
-            "8",
-        ],
-        input="what is in the picture\nand what color is it\n",
-        env=env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=REPO,
-    )
-    assert chat.returncode == 0, chat.stdout + chat.stderr
+    chat = piped_chat(run, image, ["what is in the picture", "and what color is it"])
     answers = [line for line in chat.stdout.splitlines() if line.strip()]
     assert len(answers) >= 2, chat.stdout  # both questions answered, the second with the first in context
 

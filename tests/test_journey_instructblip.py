@@ -13,12 +13,10 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from journeys import LAUNCH, env, launch, records, step_records, summary, tiny_overrides, train_job
+from journeys import launch, piped_chat, records, step_records, summary, tiny_overrides, train_job
 
 from blip2_megatron.config import load_job_config
 
@@ -98,23 +96,5 @@ def test_the_run_answers_the_zero_shot_vqa_job_predict_and_chat(instruct_runs, s
     )
     lines = [line for line in answer.stdout.splitlines() if line.startswith(image)]
     assert len(lines) == 1, answer.stdout
-    chat = subprocess.run(
-        [
-            sys.executable,
-            str(LAUNCH / "chat.py"),
-            "--model",
-            str(run),
-            "--image",
-            image,
-            "--max-new-tokens",
-            "8",
-        ],
-        input="what is in the picture\nand what color is it\n",
-        env=env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=run.parent,
-    )
-    assert chat.returncode == 0, chat.stderr[-3000:]
+    chat = piped_chat(run, image, ["what is in the picture", "and what color is it"])
     assert len(chat.stdout.splitlines()) == 2, chat.stdout
