@@ -72,10 +72,9 @@ def test_the_shipped_tensor_parallel_layout_starts_from_the_same_loss(instruct_r
     assert abs(tp1 - tp2) <= 1e-4 * abs(tp1), (tp1, tp2)
 
 
-def test_the_run_answers_the_zero_shot_vqa_job_predict_and_chat(instruct_runs, sample, tmp_path):
-    run = instruct_runs["tp1"]
+def _zero_shot_vqa(run: Path, out: Path, sample, tp: int) -> list[dict]:
+    """The shipped zero-shot VQA job on ``run`` with ``tp`` TP ranks; its answers by question id."""
     name = "vqa_zeroshot_instructblip_vicuna7b"
-    out = tmp_path / "vqa"
     launch(
         "evaluate.py",
         "--config",
@@ -84,11 +83,22 @@ def test_the_run_answers_the_zero_shot_vqa_job_predict_and_chat(instruct_runs, s
         str(out),
         *tiny_overrides(name, sample),
         f"model.init_checkpoint={run}",
+        f"model.llm.tp={tp}",
         "eval.max_samples=16",
         "eval.num_beams=3",
+        nproc=tp if tp > 1 else 0,
     )
     metrics = json.loads((out / "eval" / "metrics_vqa.json").read_text())
     assert metrics["num_evaluated"] == 16 and {"overall", "yes/no", "number", "other"} <= set(metrics)
+    answers = json.loads((out / "eval" / "vqa_answers.json").read_text())
+    return sorted(answers, key=lambda a: a["question_id"])
+
+
+def test_the_run_answers_the_zero_shot_vqa_job_predict_and_chat(instruct_runs, sample, tmp_path):
+    run = instruct_runs["tp1"]
+    answers = _zero_shot_vqa(run, tmp_path / "vqa", sample, tp=1)
+    # At TP 2 each rank encodes half of the images with their instructions: the same answers.
+    assert _zero_shot_vqa(run, tmp_path / "vqa_tp2", sample, tp=2) == answers
 
     image = str(sample.image_root / "test" / "100001.jpg")
     answer = launch(
@@ -96,5 +106,6 @@ def test_the_run_answers_the_zero_shot_vqa_job_predict_and_chat(instruct_runs, s
     )
     lines = [line for line in answer.stdout.splitlines() if line.startswith(image)]
     assert len(lines) == 1, answer.stdout
-    chat = piped_chat(run, image, ["what is in the picture", "and what color is it"])
-    assert len(chat.stdout.splitlines()) == 2, chat.stdout
+    for model in (run, instruct_runs["tp2"]):  # a TP 2 run chats in one process too
+        chat = piped_chat(model, image, ["what is in the picture", "and what color is it"])
+        assert len(chat.stdout.splitlines()) == 2, chat.stdout
