@@ -41,7 +41,7 @@ setup(
     extras_require={
         # selenium drives the web chat demo's browser test (tests/test_chat.py).
         # accelerate: transformers loads its bitsandbytes reference models with it (tests/test_quantize.py).
-        "dev": ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.5", "selenium>=4.20", "accelerate>=1.1"],
+        "dev": ["pytest>=8", "pytest-xdist>=3.6", "ruff>=0.5", "selenium>=4.20", "accelerate>=1.1"],
         "apex": ["apex"],
         # The web chat demo (launch/chat.py --web): gradio 6 (theme at launch, message-format chat).
         "demo": ["gradio>=6.0,<7"],

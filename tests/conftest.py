@@ -10,7 +10,9 @@ import pytest  # noqa: E402
 # `python3 -m pytest` runs two test files at once (pyproject.toml: -n 2 --dist loadfile):
 # most of the suite is subprocesses starting up (imports, the launcher, a JVM), which keep
 # one of two cores busy. Files known to take longest are handed out first, so that no long
-# file starts last. A test that bounds a time shares the CPU with the other worker, so its
+# file starts last (pyproject.toml's --no-loadscope-reorder: pytest-xdist would otherwise hand
+# out the files with the most tests first, and a long file of one test would start last).
+# A test that bounds a time shares the CPU with the other worker, so its
 # bound keeps a wide margin over what it measures on a loaded machine (the killed-rank
 # faults: 7-12 s against 60 s) or it runs on a clock the test drives (the throughput meter).
 
