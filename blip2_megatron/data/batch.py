@@ -97,21 +97,23 @@ IMAGE_IN_FRONT = f"<Img>{IMAGE_PLACEHOLDER}</Img> "
 SAMPLE_KEY = "sample_key"
 
 
-def shipped_prompt_files() -> list[str]:
-    """Names of the instruction files shipped in ``blip2_megatron/configs/prompts``."""
+def shipped_prompt_files(suffix: str = ".txt") -> list[str]:
+    """Names of the prompt files shipped in ``blip2_megatron/configs/prompts`` (``.txt``
+    instruction lists; ``.json`` instruction templates per task)."""
     folder = resources.files("blip2_megatron") / "configs" / "prompts"
-    return sorted(p.name[: -len(".txt")] for p in folder.iterdir() if p.name.endswith(".txt"))
+    return sorted(p.name[: -len(suffix)] for p in folder.iterdir() if p.name.endswith(suffix))
 
 
-def prompt_file_path(spec: str) -> Path:
-    """``model.prompt_file`` as a path: an existing file, else a shipped name (``minigpt4_alignment``)."""
+def prompt_file_path(
+    spec: str, suffix: str = ".txt", key: str = "model.prompt_file", what: str = "prompt file"
+) -> Path:
+    """Config field ``key`` as a path: an existing file, else a shipped name (``minigpt4_alignment``)."""
     if Path(spec).is_file():
         return Path(spec)
-    if spec in shipped_prompt_files():
-        return Path(str(resources.files("blip2_megatron") / "configs" / "prompts" / f"{spec}.txt"))
+    if spec in shipped_prompt_files(suffix):
+        return Path(str(resources.files("blip2_megatron") / "configs" / "prompts" / f"{spec}{suffix}"))
     raise ConfigError(
-        f"model.prompt_file={spec!r} is neither a file nor a shipped prompt file; shipped: "
-        f"{shipped_prompt_files()}"
+        f"{key}={spec!r} is neither a file nor a shipped {what}; shipped: {shipped_prompt_files(suffix)}"
     )
 
 

@@ -76,7 +76,6 @@ import random
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -94,7 +93,7 @@ from blip2_megatron.data.annotations import (
     load_caption_records,
     load_vqa_records,
 )
-from blip2_megatron.data.batch import SAMPLE_KEY
+from blip2_megatron.data.batch import SAMPLE_KEY, prompt_file_path
 from blip2_megatron.data.processors import (
     CaptionProcessor,
     ImageEvalProcessor,
@@ -163,24 +162,6 @@ class StreamSpec:
 # ----------------------------------------------------------------------------- instruction templates
 
 
-def shipped_instruction_templates() -> list[str]:
-    """Names of the instruction template files shipped in ``blip2_megatron/configs/prompts``."""
-    folder = resources.files("blip2_megatron") / "configs" / "prompts"
-    return sorted(p.name[: -len(".json")] for p in folder.iterdir() if p.name.endswith(".json"))
-
-
-def instruction_templates_path(spec: str) -> Path:
-    """``data.instruction_templates`` as a path: an existing file, else a shipped name."""
-    if Path(spec).is_file():
-        return Path(spec)
-    if spec in shipped_instruction_templates():
-        return Path(str(resources.files("blip2_megatron") / "configs" / "prompts" / f"{spec}.json"))
-    raise ConfigError(
-        f"data.instruction_templates={spec!r} is neither a file nor a shipped template file; shipped: "
-        f"{shipped_instruction_templates()}"
-    )
-
-
 def load_instruction_templates(spec: str, tasks: Sequence[str]) -> dict[str, list[str]]:
     """The templates of a json file ``{task: [instruction, ...]}``, checked for the ``tasks`` in use.
 
@@ -188,7 +169,7 @@ def load_instruction_templates(spec: str, tasks: Sequence[str]) -> dict[str, lis
     ``{}`` once (where the question goes), the others none. A key that is not a task is
     an error, so a typo cannot leave a task without instructions.
     """
-    path = instruction_templates_path(spec)
+    path = prompt_file_path(spec, ".json", "data.instruction_templates", "template file")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
