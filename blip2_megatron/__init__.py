@@ -12,8 +12,10 @@ check, a data tool) does not pay for torch.distributed, megatron-core and transf
 from __future__ import annotations
 
 import importlib
+import importlib.abc
 import importlib.util
 import os
+import sys
 from typing import TYPE_CHECKING, Any
 
 
@@ -31,7 +33,60 @@ def _map_cuda_to_npu_first() -> None:
     importlib.import_module("torch_npu.contrib.transfer_to_npu")
 
 
+class _LeanMegatronImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Import megatron-core without the two parts of its import that we never use.
+
+    Importing ``megatron.core`` costs ~11 CPU-seconds, more than half of it in two places:
+    its JIT fuser decorates fused kernels with ``torch.compile`` at import, which loads
+    torch._dynamo and torch._inductor (~3 s), and its inference context imports wandb (~1.5 s,
+    installed here for img2dataset). We use megatron-core's tensor-parallel layers and process
+    groups only, never its fused kernels nor its inference logging, and every process of every
+    job pays the import, so while the package itself runs this finder makes ``torch.compile``
+    return the function undecorated and ``import wandb`` fail (which megatron-core handles).
+    Both are restored afterwards: later code compiles and imports wandb as usual.
+    """
+
+    def __init__(self) -> None:
+        self._loader: importlib.abc.Loader | None = None
+
+    def find_spec(self, name: str, path: Any, target: Any = None) -> Any:
+        if name != "megatron.core":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.loader is None:
+            return spec
+        self._loader = spec.loader
+        spec.loader = self
+        return spec
+
+    def create_module(self, spec: Any) -> Any:
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module: Any) -> None:
+        import torch
+
+        compile_, torch.compile = torch.compile, _leave_uncompiled
+        block_wandb = "wandb" not in sys.modules
+        if block_wandb:
+            sys.modules["wandb"] = None  # type: ignore[assignment]  # makes `import wandb` raise ImportError
+        try:
+            self._loader.exec_module(module)
+            sys.modules["megatron.core.jit"].disable_jit_fuser()
+        finally:
+            torch.compile = compile_
+            if block_wandb and sys.modules.get("wandb", 0) is None:
+                del sys.modules["wandb"]
+
+
+def _leave_uncompiled(model: Any = None, **_options: Any) -> Any:
+    """``torch.compile``'s signature, giving back what it is given (a decorator when called bare)."""
+    return model if model is not None else (lambda fn: fn)
+
+
 _map_cuda_to_npu_first()
+if "megatron.core" not in sys.modules:
+    sys.meta_path.insert(0, _LeanMegatronImport())
 
 _EXPORTS = {
     "load_model_and_preprocess": "blip2_megatron.api",

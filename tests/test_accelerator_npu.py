@@ -191,6 +191,30 @@ def test_npu_mapping_is_imported_before_megatron_core(tmp_path):
     assert not record.exists()
 
 
+def test_megatron_core_imports_without_dynamo_or_wandb_and_leaves_both_usable():
+    """The package root keeps megatron-core's import from loading torch._dynamo and wandb.
+
+    Every process of every job imports megatron-core; its import compiles fused kernels we never
+    call (torch._dynamo + torch._inductor, ~3 CPU-s) and imports wandb (~1.5 s). Afterwards
+    ``torch.compile`` is torch's own again and wandb imports as usual.
+    """
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch\n"
+        "real = torch.compile\n"
+        "import blip2_megatron.models.llm\n"
+        "assert 'megatron.core' in sys.modules\n"
+        "heavy = [m for m in ('torch._dynamo', 'torch._inductor', 'wandb') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+        "assert torch.compile is real\n"
+        "import wandb, megatron.core.jit\n"
+        "assert megatron.core.jit.jit_fuser is megatron.core.jit.noop_decorator\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
+
+
 def test_ds_accelerator_npu_imports_adaptors_when_present(monkeypatch, caplog):
     """_ds_accelerator() takes DeepSpeed's choice; on "npu" it imports torch_npu's mapping and survives without it."""
     import deepspeed.accelerator
