@@ -26,6 +26,8 @@ REQUIREMENTS = [
     "protobuf>=4.21",
     # llm.quantize (int8 / nf4 frozen LLMs); its wheels carry CPU and CUDA kernels, torch is not pulled.
     "bitsandbytes>=0.48,<0.51",
+    # How much memory CPU generation may use for packed LLM weights (models/cpu_linear.py).
+    "psutil>=5.9",
 ]
 
 setup(

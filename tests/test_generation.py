@@ -11,6 +11,7 @@ import pytest
 import torch
 from test_llm_parity import HIDDEN, make_hf_model, make_ours
 
+from blip2_megatron.models import cpu_linear
 from blip2_megatron.models.generation import generate
 
 transformers = pytest.importorskip("transformers")
@@ -94,6 +95,11 @@ def test_generation_is_token_identical_to_transformers(single_process_group, nam
         assert out.shape == ref.shape and torch.equal(out, ref), f"{case}:\nours {out}\nHF   {ref}"
         ended += int(torch.isin(out, torch.tensor(eos_ids)).any())
     assert ended >= 3, "the end-of-text token should end some hypotheses"
+    # Our side generated through packed oneDNN weights (models/cpu_linear.py), head included.
+    if torch.backends.mkldnn.is_available():
+        head = ours.embed_tokens.weight if ours._head_reads_embedding else ours.lm_head.weight
+        assert id(head) in cpu_linear._packed
+        assert all(id(p) in cpu_linear._packed for p in ours.layers[0].mlp.parameters() if p.dim() == 2)
 
 
 def test_repetition_penalty_matches_transformers_without_padding(single_process_group):

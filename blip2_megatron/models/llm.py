@@ -58,6 +58,7 @@ from torch.utils.checkpoint import checkpoint
 from blip2_megatron import accelerator
 from blip2_megatron.config import LLMConfig
 from blip2_megatron.data.batch import IGNORE_INDEX
+from blip2_megatron.models import cpu_linear
 from blip2_megatron.parallel import state
 
 logger = logging.getLogger(__name__)
@@ -410,10 +411,11 @@ def _plain_linear(layer: nn.Module) -> bool:
 
 def _plain_forward(layer: nn.Module, input_: torch.Tensor, weight: torch.Tensor):
     """megatron's ``(output, bias)`` pair from one ``F.linear``: the bias inside it unless
-    ``skip_bias_add`` hands it back for the caller to add."""
+    ``skip_bias_add`` hands it back for the caller to add. CPU generation computes it with a
+    packed oneDNN weight (:mod:`~blip2_megatron.models.cpu_linear`)."""
     if layer.skip_bias_add:
-        return F.linear(input_, weight), layer.bias
-    return F.linear(input_, weight, layer.bias), None
+        return cpu_linear.linear(input_, weight), layer.bias
+    return cpu_linear.linear(input_, weight, layer.bias), None
 
 
 @contextlib.contextmanager
