@@ -1,4 +1,4 @@
-"""Linear layers of a frozen LLM at inference on CPU: oneDNN with weights packed once.
+"""The LLM's linear layers at inference on CPU: oneDNN with weights packed once.
 
 Generating a token multiplies a few rows (the batch, or batch x beams) by every weight of
 the LLM, so each step is bound by reading the weights, not by arithmetic. ``F.linear``
