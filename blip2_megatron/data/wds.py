@@ -111,7 +111,8 @@ def read_remote_stats(url: str) -> dict[str, Any]:
     except (OSError, ValueError) as err:
         raise ValueError(
             f"cannot count the samples of remote shard {url}: its stats file {stats_url} could not be "
-            f"read ({err}); is the shard there? (data.samples_per_epoch set skips counting)"
+            f"read ({err}); is the shard there? (data.samples_per_epoch set skips counting, except "
+            "under data.mix_weights=sqrt, which weighs sources by their counted samples)"
         ) from None
     if not isinstance(stats, dict) or "successes" not in stats:
         raise ValueError(f"{stats_url} has no 'successes' count: not an img2dataset stats file")
@@ -144,7 +145,9 @@ def count_samples(urls: Sequence[str]) -> int:
     remote = sum(is_remote(url) for url in urls)
     if remote:
         logger.info(
-            "counting samples from %d remote _stats.json file(s) (data.samples_per_epoch skips it)", remote
+            "counting samples from %d remote _stats.json file(s) (data.samples_per_epoch skips it, "
+            "except under data.mix_weights=sqrt)",
+            remote,
         )
     return sum(count_shard_samples(url) for url in urls)
 
