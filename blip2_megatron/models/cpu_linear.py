@@ -49,12 +49,12 @@ _state = {"usable": torch.backends.mkldnn.is_available(), "memory_warned": False
 
 def _applies(input_: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     return (
-        _state["usable"]
+        not torch.is_grad_enabled()  # first: training leaves here
+        and _state["usable"]
         and input_.device.type == "cpu"
         and weight.dim() == 2
         and input_.dtype == weight.dtype == torch.float32
         and (bias is None or bias.dtype == torch.float32)
-        and not torch.is_grad_enabled()
         and not torch.is_autocast_enabled("cpu")
     )
 
