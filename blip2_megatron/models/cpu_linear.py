@@ -16,7 +16,8 @@ of our CI, fp32, OPT-125M shapes (ms per call, F.linear -> packed):
 come from memory and the packed products run at ~9-10 GB/s, F.linear's at 2-4 GB/s.)
 The ViT's 1576 rows gain ~5%, not worth a second copy of its weights: it keeps F.linear.
 So the LLM's linears (decoder-only and FlanT5, head included) compute through
-:func:`linear`, which uses a packed copy of the weight when all of these hold: the tensors
+:func:`linear` at TP 1, where they are a plain product (``llm._plain_forward``; at TP > 1
+megatron's split product keeps its own matmul), and :func:`linear` uses a packed copy of the weight when all of these hold: the tensors
 are fp32 on the CPU, autograd is off (generation; training keeps ``F.linear``, whose
 backward the packed op lacks), no autocast is active, and the packed copy fits in memory
 (it is an extra copy of the weight: we pack only while at least a fifth of the machine's
