@@ -40,7 +40,12 @@ from blip2_megatron.convert.hf_blip2 import (
     hf_blip2_model_config,
     is_instructblip_dir,
 )
-from blip2_megatron.convert.hf_llm import llm_config_from_hf, load_hf_llm_weights, read_hf_config
+from blip2_megatron.convert.hf_llm import (
+    llm_config_from_hf,
+    load_hf_llm_weights,
+    read_dequantized_dir,
+    read_hf_config,
+)
 from blip2_megatron.convert.run_checkpoint import (
     CONFIG,
     WEIGHTS,
@@ -59,11 +64,11 @@ from blip2_megatron.convert.vision_qformer import (
 )
 from blip2_megatron.data.batch import BatchBuilder, LLMBatchBuilder, build_batch_builder
 from blip2_megatron.inference import Blip2Predictor
-from blip2_megatron.io import iter_checkpoint_files, load_state_dict_file
+from blip2_megatron.io import load_state_dict_file
 from blip2_megatron.models.blip2 import Blip2ForLLM, Blip2PipeStage
 from blip2_megatron.models.flops import pipeline_partition
 from blip2_megatron.models.llm import ParallelCausalLM
-from blip2_megatron.models.quantize import dequantize_bnb_tensors, quantize_llm
+from blip2_megatron.models.quantize import quantize_llm
 from blip2_megatron.models.stage1 import Blip2Stage1
 from blip2_megatron.parallel import state
 from blip2_megatron.parallel.pipeline import PipelineStage
@@ -77,13 +82,6 @@ LAVIS_PROJECTION_PREFIXES = ("opt_proj.", "llm_proj.", "llama_proj.", "t5_proj."
 # ------------------------------------------------------------------------------ sources
 def _sources(cfg: Blip2Config) -> list[Path]:
     return [Path(p.strip()) for p in cfg.init_checkpoint.split(",") if p.strip()]
-
-
-def _read_hf_dir(path: Path) -> dict[str, torch.Tensor]:
-    tensors: dict[str, torch.Tensor] = {}
-    for file in iter_checkpoint_files(path):
-        tensors.update(load_state_dict_file(file))
-    return dequantize_bnb_tensors(tensors)  # a directory transformers saved quantized
 
 
 @dataclass
@@ -134,7 +132,7 @@ def _collect(path: Path, cfg: Blip2Config, weights: _InitialWeights) -> None:
     if path.is_dir() and find_checkpoint(path) is not None:
         _collect_run(path, cfg, weights)
     elif path.is_dir():
-        raw = _read_hf_dir(path)
+        raw = read_dequantized_dir(path)
         ours, rest = hf_vision_qformer_to_ours(raw, prefix=prefix, instructblip=is_instructblip_dir(path))
         weights.ours.update(ours)
         weights.ours.update({k: raw[k] for k in rest if k.startswith(PROJECTION_PREFIX)})

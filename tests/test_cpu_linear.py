@@ -1,4 +1,5 @@
-"""CPU generation's linear layers: a packed oneDNN weight where it applies, F.linear elsewhere.
+"""CPU inference's linear layers: oneDNN where it applies (packed weights for the LLM, the
+weights as they are for the image path), F.linear elsewhere.
 
 The generation parity tests (test_generation, test_blip2_hf, test_blip2_t5, test_llm_tp,
 test_instructblip) compare tokens with transformers through this path; here: the product
@@ -13,7 +14,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from blip2_megatron.config import QFormerConfig, VisionConfig
 from blip2_megatron.models import cpu_linear
+from blip2_megatron.models.qformer import QFormer
+from blip2_megatron.models.vision import VisionEncoder
 
 pytestmark = pytest.mark.skipif(
     not torch.backends.mkldnn.is_available(), reason="this torch has no oneDNN: F.linear is the only path"
@@ -101,3 +105,67 @@ def test_without_room_for_a_packed_copy_it_stays_f_linear(monkeypatch, caplog):
     assert id(weight) not in cpu_linear._packed
     assert [r.message for r in caplog.records].count(caplog.records[0].message) == 1  # warned once
     assert "not packing" in caplog.records[0].message
+
+
+def _refuse_f_linear(monkeypatch):
+    def refused(*args, **kwargs):
+        raise AssertionError("F.linear was called: the oneDNN path did not apply")
+
+    monkeypatch.setattr(cpu_linear.F, "linear", refused)
+
+
+@pytest.mark.parametrize("rows", [1, 197, 600])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_unpacked_product_equals_f_linear_and_keeps_no_copy(monkeypatch, rows, with_bias):
+    weight, bias = _weights(96, 64)
+    bias = bias if with_bias else None
+    x = torch.randn(2, rows, 64)
+    expected = F.linear(x, weight, bias)
+    _refuse_f_linear(monkeypatch)
+    with torch.no_grad():
+        got = cpu_linear.linear(x, weight, bias, pack=False)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert id(weight) not in cpu_linear._packed
+
+
+def test_linear_module_is_an_nn_linear_with_its_names_and_its_training(monkeypatch):
+    """The image path's layer: nn.Linear's parameters, state dict and gradients; oneDNN only
+    without autograd."""
+    reference = torch.nn.Linear(32, 48)
+    layer = cpu_linear.Linear(32, 48)
+    layer.load_state_dict(reference.state_dict())
+    assert isinstance(layer, torch.nn.Linear)
+    assert list(layer.state_dict()) == ["weight", "bias"]
+    x = torch.randn(5, 7, 32, requires_grad=True)
+    out = layer(x)
+    assert torch.equal(out, reference(x))  # training: F.linear itself
+    out.sum().backward()
+    assert layer.weight.grad is not None and x.grad is not None
+    expected = reference(x).detach()
+    _refuse_f_linear(monkeypatch)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+    assert id(layer.weight) not in cpu_linear._packed
+
+
+def test_every_linear_of_the_image_path_is_the_oneDNN_layer():
+    """A plain nn.Linear added to the ViT or the Q-Former would silently run at MKL's speed."""
+    vision = VisionEncoder(
+        VisionConfig(
+            image_size=32, patch_size=8, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=256
+        )
+    )
+    qformer = QFormer(
+        QFormerConfig(
+            hidden_size=64,
+            num_layers=2,
+            num_heads=4,
+            intermediate_size=128,
+            vocab_size=100,
+            bos_token_id=99,
+            encoder_hidden_size=64,
+        )
+    )
+    linears = [m for part in (vision, qformer) for m in part.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(linears) > 10
+    assert all(type(m) is cpu_linear.Linear for m in linears)

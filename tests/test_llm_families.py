@@ -442,8 +442,11 @@ def test_unmodelled_features_are_refused_by_name():
         )
     with pytest.raises(ConfigError, match=r"not modelled \['beta_fast'\]"):
         llm_config_from_hf(dict(llama, rope_parameters=dict(llama["rope_parameters"], beta_fast=32)))
-    with pytest.raises(ConfigError, match="keys not modelled: {'quantization_config'"):
+    # Quantized weights: bitsandbytes' 8-bit / NF4 are read as llm.quantize, other methods refused.
+    with pytest.raises(ConfigError, match="quantization_config quant_method=None: only bitsandbytes"):
         llm_config_from_hf(dict(llama, quantization_config={"bits": 4}))
+    int8 = {"quant_method": "bitsandbytes", "load_in_8bit": True}
+    assert llm_config_from_hf(dict(llama, quantization_config=int8)).quantize == "int8"
     with pytest.raises(ConfigError, match="mlp_bias=True"):
         llm_config_from_hf(dict(llama, mlp_bias=True))
     qwen = make_reference("qwen2").config.to_dict()

@@ -20,15 +20,18 @@ from pathlib import Path
 import pytest
 import torch
 from test_blip2_hf import CAPTIONS, MIXED, SAME, _processor_inputs, images, write_hf_blip2
+from test_llm_parity import make_batch, make_hf_model
 
 from blip2_megatron.api import load_model_and_preprocess
-from blip2_megatron.build import build_model
+from blip2_megatron.build import build_llm_from_hf, build_model
 from blip2_megatron.config import ConfigError, build_model_config
+from blip2_megatron.convert.hf_blip2 import export_hf_blip2
 from blip2_megatron.models.llm import gather_from_tp_ranks
 from blip2_megatron.models.param_count import llm_weight_bytes
 from blip2_megatron.models.quantize import (
     QuantizedParallelLinear,
     mode_from_quantization_config,
+    quantize_llm,
     weight_bytes,
 )
 
@@ -47,17 +50,17 @@ TP2_TOLERANCE = {"int8": {"max": 0.5, "argmax_agreement": 0.9}, "nf4": {"max": 2
 REPO = Path(__file__).resolve().parents[1]
 
 
-def bnb_config(mode: str):
+def bnb_config(mode: str, skip_modules: list[str] = SKIP_MODULES):
     if mode == "int8":
         return transformers.BitsAndBytesConfig(
-            load_in_8bit=True, llm_int8_threshold=6.0, llm_int8_skip_modules=SKIP_MODULES
+            load_in_8bit=True, llm_int8_threshold=6.0, llm_int8_skip_modules=skip_modules
         )
     return transformers.BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=torch.float32,
-        llm_int8_skip_modules=SKIP_MODULES,
+        llm_int8_skip_modules=skip_modules,
     )
 
 
@@ -101,7 +104,7 @@ def assert_quantized_like_transformers(model, mode: str) -> None:
 
 # ------------------------------------------------------------------------------ parity
 @pytest.mark.parametrize("mode", MODES)
-def test_greedy_tokens_equal_transformers_with_bitsandbytes(single_process_group, opt_dir, mode):
+def test_greedy_tokens_equal_transformers_with_bitsandbytes(single_process_group, opt_dir, tmp_path, mode):
     model, _, _ = load_model_and_preprocess(str(opt_dir), quantize=mode)
     assert model.cfg.llm.quantize == mode
     assert_quantized_like_transformers(model, mode)
@@ -112,6 +115,10 @@ def test_greedy_tokens_equal_transformers_with_bitsandbytes(single_process_group
     # the quantization changes the logits (else the comparison would not test it)
     dense_logits, _ = _logits_and_tokens(load_model_and_preprocess(str(opt_dir))[0])
     assert (_logits_and_tokens(model)[0] - dense_logits).abs().max() > 1e-3
+    # Export writes dense Hugging Face tensors: a quantized LLM is refused, nothing written.
+    with pytest.raises(ValueError, match=f"cannot export an LLM quantized to {mode}"):
+        export_hf_blip2(model.module, tmp_path / "export")
+    assert not (tmp_path / "export").exists()
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -136,6 +143,42 @@ def test_directory_saved_quantized_by_transformers_loads(single_process_group, o
         stored = reference.language_model.model.decoder.layers[0].fc1
         ours_fc1 = model.module.language_model.layers[0].mlp.fc1.quantized
         assert torch.equal(ours_fc1.weight.data, stored.weight.data)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_llm_directory_saved_quantized_by_transformers_loads_as_llm_weights(
+    single_process_group, tmp_path, mode
+):
+    """A stand-alone LLM transformers saved quantized (an 8-bit Vicuna, say), as ``llm.weights`` reads it."""
+    dense_dir, saved = tmp_path / "opt", tmp_path / f"opt_{mode}"
+    make_hf_model("opt").save_pretrained(dense_dir)
+    transformers.OPTForCausalLM.from_pretrained(
+        dense_dir, quantization_config=bnb_config(mode, ["lm_head"]), attn_implementation="eager"
+    ).save_pretrained(saved)
+    reference = transformers.OPTForCausalLM.from_pretrained(saved, attn_implementation="eager").eval()
+
+    ours = build_llm_from_hf(saved)
+    assert ours.cfg.quantize == mode  # read from the directory's quantization_config
+    quantize_llm(ours.eval(), mode)
+    from_dense = build_llm_from_hf(dense_dir, quantize=mode)  # the same LLM quantized by us
+    quantize_llm(from_dense.eval(), mode)
+    input_ids, mask, _ = make_batch(padding="left")
+    with torch.no_grad():
+        logits = ours(input_ids=input_ids, attention_mask=mask).logits
+        dense_logits = from_dense(input_ids=input_ids, attention_mask=mask).logits
+        ref = reference(input_ids=input_ids, attention_mask=mask).logits
+    real = mask.bool()
+    if mode == "int8":  # the stored int8 rows come back bit for bit, so the model is the same
+        stored = reference.model.decoder.layers[0].fc1.weight.data
+        assert torch.equal(ours.layers[0].mlp.fc1.quantized.weight.data, stored)
+        assert torch.equal(logits, dense_logits)
+    else:  # NF4 codes come back exactly; the double-quantized scales may move by their last 8-bit step
+        torch.testing.assert_close(logits, dense_logits, rtol=0, atol=1e-2)
+    # transformers' model on the saved directory picks the same next tokens
+    assert torch.equal(logits[real].argmax(-1), ref[real].argmax(-1))
+
+    with pytest.raises(ConfigError, match=f"holds bitsandbytes {mode} weights.*llm.quantize={mode}"):
+        build_llm_from_hf(saved, quantize="none")
 
 
 def test_quantization_configs_other_than_bitsandbytes_int8_and_nf4_are_refused():

@@ -503,13 +503,14 @@ def hf_state_dict_from_ours(model: Blip2ForLLM) -> dict[str, torch.Tensor]:
     Collective over the TP group (every TP rank calls it). A tied head appears as
     ``language_model.lm_head.weight`` too, as transformers' ``state_dict()`` has it.
     """
+    llm = export_hf_state_dict(model.language_model)  # first: it refuses a quantized LLM by name
     names = hf_names(model)
     tensors = {
         names[name]: param.detach().cpu()
         for name, param in model.named_parameters()
         if not name.startswith(HF_LLM_PREFIX)
     }
-    for name, tensor in export_hf_state_dict(model.language_model).items():
+    for name, tensor in llm.items():
         tensors[HF_LLM_PREFIX + name] = tensor
     return tensors
 

@@ -55,8 +55,14 @@ import torch
 
 from blip2_megatron.config import ConfigError, LLMConfig
 from blip2_megatron.config.model import LLM_ACTIVATIONS
-from blip2_megatron.io import CheckpointMismatchError, UnsafeCheckpointError, iter_checkpoint_files
+from blip2_megatron.io import (
+    CheckpointMismatchError,
+    UnsafeCheckpointError,
+    iter_checkpoint_files,
+    load_state_dict_file,
+)
 from blip2_megatron.models.llm import ParallelCausalLM, gather_from_tp_ranks
+from blip2_megatron.models.quantize import dequantize_bnb_tensors, mode_from_quantization_config
 from blip2_megatron.parallel import state
 
 logger = logging.getLogger(__name__)
@@ -563,7 +569,8 @@ def llm_config_from_hf(hf_config: Mapping[str, Any], **overrides: Any) -> LLMCon
     Read strictly: variants we do not implement (OPT-350M's post-LN and projections, RoPE
     types other than default / linear / dynamic / llama3, MLP biases, non-SiLU activations,
     Qwen2's sliding window) are refused with the offending key named, and so is any key
-    that is neither read nor listed in :data:`HF_METADATA_KEYS`.
+    that is neither read nor listed in :data:`HF_METADATA_KEYS`. A directory transformers
+    saved quantized (``quantization_config``) gives ``quantize`` its mode (int8 / nf4).
     """
     hf = _HFConfigReader(hf_config)
     reader = HF_CONFIG_READERS.get(hf.model_type)
@@ -572,6 +579,9 @@ def llm_config_from_hf(hf_config: Mapping[str, Any], **overrides: Any) -> LLMCon
             f"model_type {hf.model_type!r} is not supported; supported: {sorted(HF_CONFIG_READERS)}"
         )
     fields = reader(hf, overrides)
+    quantization = hf.get("quantization_config", None)
+    if quantization:
+        fields["quantize"] = mode_from_quantization_config(quantization)
     hf.check_all_read()
     fields.update(overrides)
     return LLMConfig(**fields)
@@ -621,8 +631,10 @@ def _maths(cfg: LLMConfig) -> dict[str, Any]:
 
 
 def check_hf_config_matches(cfg: LLMConfig, hf_config: Mapping[str, Any], where: str | Path) -> None:
-    """Raise :class:`ConfigError` naming every maths field where ``cfg`` and a ``config.json`` differ."""
-    theirs = _maths(llm_config_from_hf(hf_config))
+    """Raise :class:`ConfigError` naming every maths field where ``cfg`` and a ``config.json`` differ,
+    or a quantized directory's mode where ``llm.quantize`` is another."""
+    stored = llm_config_from_hf(hf_config)
+    theirs = _maths(stored)
     ours = _maths(cfg)
     differ = {name: (ours.get(name), theirs.get(name)) for name in sorted(set(ours) | set(theirs))}
     differ = {name: pair for name, pair in differ.items() if pair[0] != pair[1]}
@@ -631,6 +643,12 @@ def check_hf_config_matches(cfg: LLMConfig, hf_config: Mapping[str, Any], where:
         raise ConfigError(
             f"{where}/config.json describes another model than the config: {listed} "
             "(set these llm.* fields, or use the flavour that matches the checkpoint)"
+        )
+    if stored.quantize != "none" and cfg.quantize != stored.quantize:
+        raise ConfigError(
+            f"{where} holds bitsandbytes {stored.quantize} weights (quantization_config in its config.json), "
+            f"but llm.quantize={cfg.quantize!r}: set llm.quantize={stored.quantize} (--quantize "
+            f"{stored.quantize}) to load them"
         )
 
 
@@ -1033,6 +1051,20 @@ def _expected_hf_shape(model: ParallelCausalLM, name: str, param: torch.Tensor) 
 
 
 # --------------------------------------------------------------------------- loading
+def read_dequantized_dir(model_dir: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a Hugging Face directory, bitsandbytes-quantized weights made dense again.
+
+    Read whole (packed 4-bit weights cannot be sliced by rows before dequantizing): an LLM
+    directory saved quantized is in memory dense once on each rank while it loads, and the
+    model quantizes it again (``models/quantize.py``: int8 gives back the stored rows and
+    scales bit for bit).
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    for file in iter_checkpoint_files(model_dir):
+        tensors.update(load_state_dict_file(file))
+    return dequantize_bnb_tensors(tensors)
+
+
 @torch.no_grad()
 def load_hf_llm_weights(
     model: ParallelCausalLM, source: str | Path | Mapping[str, torch.Tensor] | HFTensors, strict: bool = True
@@ -1048,8 +1080,12 @@ def load_hf_llm_weights(
     """
     cfg = model.cfg
     if isinstance(source, (str, Path)):
-        check_hf_config_matches(cfg, read_hf_config(source), source)
-        source = HFTensors.from_directory(source, cfg.hf_family)
+        hf_config = read_hf_config(source)
+        check_hf_config_matches(cfg, hf_config, source)
+        if hf_config.get("quantization_config"):
+            source = HFTensors.from_state_dict(read_dequantized_dir(source), cfg.hf_family)
+        else:
+            source = HFTensors.from_directory(source, cfg.hf_family)
     elif not isinstance(source, HFTensors):
         source = HFTensors.from_state_dict(source, cfg.hf_family)
     expected = expected_hf_keys(cfg)
@@ -1139,8 +1175,17 @@ def export_hf_state_dict(model: ParallelCausalLM) -> dict[str, torch.Tensor]:
     dropped; InternLM2's q/k/v are fused into its wqkv again. A tied head is exported as the
     head's name too (the same tensor as the embedding), as ``*ForCausalLM.state_dict()``
     does. With pipeline stages each stage exports its own part; merging the dicts gives the
-    whole model.
+    whole model. A quantized LLM (``llm.quantize``) is refused: export the dense weights and
+    let the reader quantize them (transformers' ``BitsAndBytesConfig``), as we do on loading.
     """
+    mode = getattr(model, "quantization", "none")
+    if mode != "none":
+        raise ValueError(
+            f"cannot export an LLM quantized to {mode} (llm.quantize={mode}): its weights are bitsandbytes' "
+            "packed form, not Hugging Face's dense tensors; export the model loaded without quantization "
+            "(llm.quantize=none, no --quantize) and quantize it where it is loaded "
+            "(transformers: quantization_config=BitsAndBytesConfig(...))"
+        )
     full: dict[str, torch.Tensor] = {}
     for our_name, param in model.named_parameters():
         dim = _partition(param)

@@ -1,33 +1,51 @@
-"""The LLM's linear layers at inference on CPU: oneDNN with weights packed once.
+"""Linear layers at inference on CPU: oneDNN instead of MKL's sgemm.
 
-Generating a token multiplies a few rows (the batch, or batch x beams) by every weight of
-the LLM, so each step is bound by reading the weights, not by arithmetic. ``F.linear``
-goes to MKL's sgemm, which repacks the weight into its panel layout on every call: at 8
-or 40 rows that repacking is most of the time. oneDNN can pack a weight once into its
-blocked layout and then read it at close to memory bandwidth. Measured on the 2-core CPU
-of our CI, fp32, OPT-125M shapes (ms per call, F.linear -> packed):
+``F.linear`` on a CPU goes to MKL's sgemm. At inference (autograd off, fp32) oneDNN's
+product is as fast or faster at every size we run, for two reasons:
+
+* **Few rows (the LLM's token steps).** Generating a token multiplies 8 rows (the batch) or
+  40 (batch x beams) by every weight of the LLM, so a step is bound by reading weights.
+  sgemm repacks the weight into its panel layout on every call, which at 8 or 40 rows is
+  most of the time; oneDNN can pack a weight once into its blocked layout and then read it
+  at close to memory bandwidth.
+* **Many rows (the image path).** The ViT multiplies 197 rows per image, the Q-Former's
+  cross-attention reads them: here oneDNN's own kernels, with the weight as it is (no
+  packed copy), beat sgemm on the AVX2 AMD CPU of our CI (figures below; on other CPUs
+  the two may be closer).
+
+Measured on that 2-core CPU, fp32. The LLM's products (ms per call, F.linear -> packed;
+repeated calls on one weight, so partly from cache; inside a generation step the weights
+come from memory and the packed products run at ~9-10 GB/s, F.linear's at 2-4 GB/s):
 
     rows   768x768    768->3072   3072->768   head 768->50272
       8    0.25->0.14  2.67->0.45  1.60->0.44  50.5->16.5
      40    0.80->0.55  2.94->2.06  2.43->2.30  89.5->34.2
-   1576    16.9->15.9  63.6->60.4  65.3->58.4       -
 
-(Repeated calls on one weight, so partly from cache; inside a generation step the weights
-come from memory and the packed products run at ~9-10 GB/s, F.linear's at 2-4 GB/s.)
-The ViT's 1576 rows gain ~5%, not worth a second copy of its weights: it keeps F.linear.
-So the LLM's linears (decoder-only and FlanT5, head included) compute through
-:func:`linear` at TP 1, where they are a plain product (``llm._plain_forward``; at TP > 1
-megatron's split product keeps its own matmul), and :func:`linear` uses a packed copy of the weight when all of these hold: the tensors
-are fp32 on the CPU, autograd is off (generation; training keeps ``F.linear``, whose
-backward the packed op lacks), no autocast is active, and the packed copy fits in memory
-(it is an extra copy of the weight: we pack only while at least a fifth of the machine's
-memory would stay available). Anything else, or a torch without oneDNN, is ``F.linear``.
-The packed copy is kept per weight tensor and made again when the weight changes (a new
-storage or an in-place write: loading weights, an optimizer step).
+The image path (ViT 12x768 and Q-Former 12x768 on 8 images, projected; alternating calls,
+median of 5): 4.30 s through F.linear, 3.70 s through unpacked oneDNN. Single products at
+1576 rows gain 0-25% by shape (768->3072 the most, 3072->768 the least), and a packed
+weight does no better there than an unpacked one.
 
+So two entry points, both ``F.linear`` wherever they do not apply:
+
+* :func:`linear` (``pack=True``): the LLM's linears (decoder-only and FlanT5, head
+  included) at TP 1, where they are a plain product (``llm._plain_forward``; at TP > 1
+  megatron's split product keeps its own matmul). The packed copy is an extra copy of the
+  weight: we pack only while at least a fifth of the machine's memory would stay
+  available. It is kept per weight tensor and made again when the weight changes (a new
+  storage or an in-place write: loading weights, an optimizer step).
+* :class:`Linear` (``pack=False``): ``nn.Linear`` of the ViT and the Q-Former (same
+  parameters and state-dict names). No copy: a ViT-g would need 4 GB more, and at their
+  row counts the packed weight buys nothing.
+
+Either applies when all of these hold: the tensors are fp32 on the CPU, autograd is off
+(generation, evaluation's scoring, prediction, chat; training keeps ``F.linear``, whose
+backward the oneDNN op lacks, frozen encoders included), no autocast is active, and this
+torch has oneDNN.
 The products equal ``F.linear``'s to float rounding (oneDNN sums in another order: max
-|diff| ~1e-4 on logits of magnitude ~30 at the sizes above); the generation tests compare
-tokens against transformers through this path.
+|diff| ~1e-4 on logits of magnitude ~30 at the sizes above, ~4e-6 on the projected image
+embeddings of the mid-size model); the generation tests compare tokens against
+transformers through this path.
 """
 
 from __future__ import annotations
@@ -38,6 +56,7 @@ import weakref
 import psutil
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +86,7 @@ def _room_for(nbytes: int) -> bool:
     if not _state["memory_warned"]:
         _state["memory_warned"] = True
         logger.warning(
-            "CPU generation: not packing more LLM weights for oneDNN (%.1f GiB available of %.1f GiB); "
+            "CPU inference: not packing more LLM weights for oneDNN (%.1f GiB available of %.1f GiB); "
             "the rest run through F.linear, slower but in place",
             memory.available / 2**30,
             memory.total / 2**30,
@@ -90,20 +109,34 @@ def _packed_weight(weight: torch.Tensor) -> torch.Tensor | None:
     return packed
 
 
-def linear(input_: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear(input_, weight, bias)``, through a packed oneDNN weight where that applies
-    (see the module docstring)."""
+def linear(
+    input_: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, pack: bool = True
+) -> torch.Tensor:
+    """``F.linear(input_, weight, bias)``, through oneDNN where that applies (see the module
+    docstring): with a packed copy of ``weight`` kept for later calls (``pack``), or with
+    ``weight`` as it is."""
     if not _applies(input_, weight, bias):
         return F.linear(input_, weight, bias)
-    packed = _packed_weight(weight)
-    if packed is None:
-        return F.linear(input_, weight, bias)
+    if pack:
+        weight_arg = _packed_weight(weight)
+        if weight_arg is None:
+            return F.linear(input_, weight, bias)
+    else:
+        weight_arg = weight.contiguous()
     rows = input_.reshape(-1, input_.shape[-1]).contiguous()
     try:
-        out = torch.ops.mkldnn._linear_pointwise(rows, packed, bias, "none", [], "")
+        out = torch.ops.mkldnn._linear_pointwise(rows, weight_arg, bias, "none", [], "")
     except RuntimeError as err:  # a build whose oneDNN lacks the op: use F.linear from now on
         _state["usable"] = False
         _packed.clear()
-        logger.warning("CPU generation: oneDNN linear unavailable (%s); using F.linear", err)
+        logger.warning("CPU inference: oneDNN linear unavailable (%s); using F.linear", err)
         return F.linear(input_, weight, bias)
     return out.reshape(*input_.shape[:-1], weight.shape[0])
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` whose CPU inference product is oneDNN's, on the weight as it is
+    (:func:`linear` with ``pack=False``); the image path's layers."""
+
+    def forward(self, input_: torch.Tensor) -> torch.Tensor:
+        return linear(input_, self.weight, self.bias, pack=False)

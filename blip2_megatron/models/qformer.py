@@ -38,6 +38,7 @@ from torch.utils.checkpoint import checkpoint
 
 from blip2_megatron import accelerator
 from blip2_megatron.config import QFormerConfig
+from blip2_megatron.models import cpu_linear
 
 logger = logging.getLogger(__name__)
 
@@ -102,9 +103,9 @@ class QFormerMultiHeadAttention(nn.Module):
         self.head_dim = cfg.hidden_size // cfg.num_heads
         self.dropout_prob = cfg.attention_dropout_prob
         kv_width = cfg.encoder_hidden_size if is_cross_attention else cfg.hidden_size
-        self.query = nn.Linear(cfg.hidden_size, cfg.hidden_size)
-        self.key = nn.Linear(kv_width, cfg.hidden_size)
-        self.value = nn.Linear(kv_width, cfg.hidden_size)
+        self.query = cpu_linear.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.key = cpu_linear.Linear(kv_width, cfg.hidden_size)
+        self.value = cpu_linear.Linear(kv_width, cfg.hidden_size)
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         return x.view(*x.shape[:2], self.num_heads, self.head_dim).transpose(1, 2)
@@ -139,7 +140,7 @@ class QFormerSelfOutput(nn.Module):
 
     def __init__(self, cfg: QFormerConfig, in_features: int):
         super().__init__()
-        self.dense = nn.Linear(in_features, cfg.hidden_size)
+        self.dense = cpu_linear.Linear(in_features, cfg.hidden_size)
         self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
 
@@ -169,7 +170,7 @@ class QFormerAttention(nn.Module):
 class QFormerIntermediate(nn.Module):
     def __init__(self, cfg: QFormerConfig):
         super().__init__()
-        self.dense = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.dense = cpu_linear.Linear(cfg.hidden_size, cfg.intermediate_size)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return F.gelu(self.dense(hidden_states))

@@ -52,9 +52,11 @@ within rows). The test holds TP 2 to: largest difference <= 0.5 (int8) / 2.0 (nf
 mean difference below quantized-vs-dense, argmax agreement >= 90%, int8 tokens identical.
 
 Loading a directory that transformers saved quantized (``quantization_config`` with
-``quant_method: bitsandbytes``): :func:`dequantize_bnb_tensors` turns its int8 / 4-bit
-tensors back into the dense weights they encode and the LLM is quantized again on
-loading, in the mode :func:`mode_from_quantization_config` reads. For int8 this gives
+``quant_method: bitsandbytes``; a whole Blip2 directory, or a stand-alone LLM directory as
+``llm.weights``, whose mode ``llm.quantize`` must then match):
+:func:`dequantize_bnb_tensors` turns its int8 / 4-bit tensors back into the dense weights
+they encode and the LLM is quantized again on loading, in the mode
+:func:`mode_from_quantization_config` reads. For int8 this gives
 back the stored int8 weights and scales bit for bit (the stored scale is the row's
 largest magnitude, an fp16 value, which dequantizing and re-quantizing reproduces). For
 NF4 the 4-bit codes and first-level scales come back exactly; the double quantization

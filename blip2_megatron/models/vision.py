@@ -24,6 +24,7 @@ from torch.utils.checkpoint import checkpoint
 
 from blip2_megatron import accelerator
 from blip2_megatron.config import VisionConfig
+from blip2_megatron.models import cpu_linear
 
 logger = logging.getLogger(__name__)
 
@@ -125,8 +126,8 @@ class VisionAttention(nn.Module):
         self.num_heads = cfg.num_heads
         self.head_dim = cfg.hidden_size // cfg.num_heads
         self.train_key_bias = cfg.arch == "clip_vit_l"
-        self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=cfg.qkv_bias)
-        self.projection = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.qkv = cpu_linear.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=cfg.qkv_bias)
+        self.projection = cpu_linear.Linear(cfg.hidden_size, cfg.hidden_size)
 
     def _qkv_bias(self) -> torch.Tensor | None:
         bias = self.qkv.bias
@@ -138,7 +139,7 @@ class VisionAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, tokens, _ = x.shape
         weight = self.qkv.weight
-        qkv = F.linear(x.to(weight.dtype), weight, self._qkv_bias())
+        qkv = cpu_linear.linear(x.to(weight.dtype), weight, self._qkv_bias(), pack=False)
         q, k, v = qkv.reshape(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         # The accelerator picks the kernel for this head size (EVA's 88 needs padding on Ascend).
         out = accelerator.attention_function(self.head_dim)(q, k, v)
@@ -148,8 +149,8 @@ class VisionAttention(nn.Module):
 class VisionMLP(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
-        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
-        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.fc1 = cpu_linear.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.fc2 = cpu_linear.Linear(cfg.intermediate_size, cfg.hidden_size)
         self.activation = quick_gelu if cfg.hidden_act == "quick_gelu" else F.gelu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
